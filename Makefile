@@ -1,0 +1,40 @@
+# onprem.mesh developer entry points. Every target sets up what it needs first (tools/bootstrap.sh).
+SHELL := /bin/bash
+VENV ?= $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+export PATH := $(VENV)/bin:$(PATH)
+export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
+
+.PHONY: setup test demo units integration static molecule sanity lint clean
+
+setup:
+	@bash tools/bootstrap.sh
+
+## The whole test suite: every layer in one pytest session (ends with pytest's summary line).
+test: setup
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+## The main job on the built-in local lab (issue: local mesh lab).
+demo: setup
+	$(PY) lab/demo.py
+
+units: setup
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: setup
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+static: setup
+	$(PY) -m pytest tests/layers/test_static.py $(PYTEST_ARGS)
+
+sanity: setup
+	$(PY) -m pytest tests/layers/test_static.py -k sanity $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m pytest tests/layers/test_static.py -k lint $(PYTEST_ARGS)
+
+molecule: setup
+	$(PY) -m pytest tests/layers/test_molecule.py $(PYTEST_ARGS)
+
+clean:
+	rm -rf .build tests/output .pytest_cache
