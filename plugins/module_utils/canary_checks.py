@@ -932,7 +932,7 @@ def evaluate_gate(params, target, k8s=None, http=None, clock=time.monotonic, sle
     else:
         verdict = PASS
     ended_wall = wall_clock()
-    return {
+    gate = {
         "verdict": verdict,
         "checks": checks_out,
         "started": _iso(started_wall),
@@ -940,6 +940,8 @@ def evaluate_gate(params, target, k8s=None, http=None, clock=time.monotonic, sle
         "duration": round(elapsed, 3),
         "rounds": rounds,
     }
+    gate["reason"] = summarize(gate)
+    return gate
 
 
 def summarize(gate):
@@ -948,3 +950,37 @@ def summarize(gate):
     if not bad:
         return "all %d checks passed" % len(gate["checks"])
     return "; ".join("%s (%s): %s - %s" % (c["name"], c["type"], c["verdict"], c["reason"]) for c in bad)
+
+
+class CanaryGate:
+    """The gate object canary_rollout drives: start_window() at the start of a step, evaluate(token) at its end.
+
+    gate = CanaryGate(params, target, k8s=api_client)
+    token = gate.start_window()        # take_baseline(): restart counts, the window's start time
+    result = gate.evaluate(token)      # evaluate_gate(..., window_start=token)
+    """
+
+    def __init__(self, params, target, k8s=None, http=None, prometheus=None, clock=time.monotonic, sleep=time.sleep,
+                 wall_clock=time.time):
+        self.params = validate(params, target)
+        self.target = CanaryTarget.from_any(target)
+        self.k8s = k8s
+        self.http = http
+        self.prometheus = prometheus
+        self.clock = clock
+        self.sleep = sleep
+        self.wall_clock = wall_clock
+        self.reader = None
+        if any(c["type"] in K8S_TYPES for c in self.params["checks"]):
+            try:
+                self.reader = as_reader(k8s)
+            except K8sReadError:
+                self.reader = None  # evaluate_gate reports it through on_error
+
+    def start_window(self):
+        return take_baseline(self.params, self.target, k8s=self.reader, wall_clock=self.wall_clock)
+
+    def evaluate(self, token=None):
+        return evaluate_gate(self.params, self.target, k8s=self.reader if self.reader is not None else self.k8s, http=self.http,
+                             clock=self.clock, sleep=self.sleep, window_start=token, prometheus=self.prometheus,
+                             wall_clock=self.wall_clock)
