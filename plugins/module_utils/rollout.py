@@ -1,0 +1,322 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) onprem.mesh contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The staged canary rollout: plan, state machine, lease, resume, rollback and hold.
+
+Plain Python. Talks to the cluster through a ``WeightChange`` (traffic.py) and to health checks
+through a *gate*: an object with ``start_window()`` (returns a token, e.g. a restart baseline)
+and ``evaluate(token)`` (returns a dict with ``verdict`` pass/fail/inconclusive and ``checks``).
+Time comes from injected ``now``/``sleep`` so unit tests run a 5-step rollout in milliseconds.
+
+What the rollout records on the VirtualService (annotations, so a rerun can pick it up):
+
+``mesh.onprem.io/canary-rollout``
+    JSON: canary and stable subsets, the planned weights, the step being analysed, the phase
+    (``progressing``, ``held``, ``promoted``, ``rolled_back``), failures so far, a reason.
+``mesh.onprem.io/canary-lease``
+    JSON: holder and expiry. Another run refuses to start while an unexpired lease is held by
+    someone else, unless forced. Renewed with every step's write, dropped at the end.
+
+Every step costs one write (weights, state and lease in one JSON patch) and one read before it,
+plus the reads of waiting for the mesh when that is asked for.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import json
+import re
+import time
+import uuid
+from datetime import datetime, timezone
+
+from ansible_collections.onprem.mesh.plugins.module_utils.traffic import TrafficError, annotation_ops, current_weights
+
+STATE_ANNOTATION = "mesh.onprem.io/canary-rollout"
+LEASE_ANNOTATION = "mesh.onprem.io/canary-lease"
+ACTIVE_PHASES = ("progressing", "held")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+
+
+class RolloutError(TrafficError):
+    """The rollout cannot start or go on; the message says why and what to set."""
+
+
+class LeaseHeld(RolloutError):
+    pass
+
+
+def parse_duration(value, field):
+    """Seconds from 30, '30', '30s', '2m', '1h', '500ms'."""
+    if isinstance(value, bool):
+        raise RolloutError("%s: expected a duration such as 30s, 2m or 1h, got %r" % (field, value))
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value or ""))
+        if not match:
+            raise RolloutError("%s: expected a duration such as 30s, 2m or 1h, got %r" % (field, value))
+        seconds = float(match.group(1)) * {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600}[match.group(2)]
+    if seconds < 0:
+        raise RolloutError("%s: a duration cannot be negative, got %r" % (field, value))
+    return seconds
+
+
+def plan_steps(steps=None, step_weight=None, max_weight=None, interval=None):
+    """The analysed steps as a list of ``{"weight": w, "interval": seconds}``, before promotion to 100.
+
+    ``steps``: weights (``[5, 10, 25, 50]``) or dicts (``{weight: 5, interval: 2m}``); a final 100
+    is the promotion itself. Or ``step_weight``/``max_weight`` like Flagger: 10, 20, ... up to max.
+    """
+    default_interval = parse_duration(interval if interval is not None else "1m", "interval")
+    if steps and (step_weight or max_weight):
+        raise RolloutError("steps and step_weight/max_weight are mutually exclusive; set one way of describing the schedule")
+    if not steps:
+        if not step_weight:
+            raise RolloutError("steps: give the weights, e.g. steps: [5, 10, 25, 50], or step_weight (and max_weight)")
+        max_weight = 50 if max_weight is None else max_weight
+        for field, value in (("step_weight", step_weight), ("max_weight", max_weight)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
+                raise RolloutError("%s: a whole number from 1 to 100, got %r" % (field, value))
+        if step_weight > max_weight:
+            raise RolloutError("step_weight (%d) is larger than max_weight (%d); lower step_weight or raise max_weight" % (step_weight, max_weight))
+        steps = list(range(step_weight, max_weight + 1, step_weight))
+    planned = []
+    for i, item in enumerate(steps):
+        field = "steps[%d]" % i
+        if isinstance(item, dict):
+            unknown = set(item) - set(("weight", "interval"))
+            if unknown:
+                raise RolloutError("%s: unknown key %s; a step has weight and interval" % (field, ", ".join(sorted(unknown))))
+            weight, step_interval = item.get("weight"), item.get("interval")
+        else:
+            weight, step_interval = item, None
+        if isinstance(weight, str) and weight.strip().isdigit():
+            weight = int(weight)
+        if isinstance(weight, bool) or not isinstance(weight, int):
+            raise RolloutError("%s: weight must be a whole number from 1 to 100, got %r" % (field, weight))
+        if not 1 <= weight <= 100:
+            raise RolloutError("%s: weight must be from 1 to 100, got %d" % (field, weight))
+        if planned and weight <= planned[-1]["weight"]:
+            raise RolloutError("%s: weights must increase step by step; %d follows %d" % (field, weight, planned[-1]["weight"]))
+        if weight == 100:
+            if i != len(steps) - 1:
+                raise RolloutError("%s: 100 is the promotion and can only be the last step" % field)
+            break
+        planned.append({"weight": weight,
+                        "interval": parse_duration(step_interval, field + ".interval") if step_interval is not None else default_interval})
+    if not planned:
+        raise RolloutError("steps: the schedule needs at least one weight below 100 to analyse before promotion")
+    return planned
+
+
+def iso(timestamp):
+    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
+
+
+def parse_annotation(obj, key):
+    raw = ((obj.get("metadata") or {}).get("annotations") or {}).get(key)
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise RolloutError("annotation %s on VirtualService %s is not valid JSON; remove it (kubectl annotate virtualservice %s %s-) and rerun"
+                           % (key, obj["metadata"]["name"], obj["metadata"]["name"], key))
+    return value if isinstance(value, dict) else None
+
+
+class Rollout:
+    """A staged rollout of ``canary`` next to ``stable`` on one route of one VirtualService."""
+
+    def __init__(self, change, gate, stable, canary, steps, on_failure="rollback", failure_limit=0,
+                 wait_for_mesh=False, mesh_timeout=60.0, lease_seconds=None, force=False, restart=False,
+                 holder=None, now=time.time, sleep=time.sleep, poll_interval=0.5, log=None):
+        if stable == canary:
+            raise RolloutError("stable and canary name the same subset %r; the canary must be another subset" % stable)
+        if on_failure not in ("rollback", "hold"):
+            raise RolloutError("on_failure: rollback or hold, got %r" % on_failure)
+        if isinstance(failure_limit, bool) or not isinstance(failure_limit, int) or failure_limit < 0:
+            raise RolloutError("failure_limit: a whole number of failed analyses to tolerate (0 or more), got %r" % failure_limit)
+        self.change = change
+        self.gate = gate
+        self.stable = stable
+        self.canary = canary
+        self.steps = steps
+        self.on_failure = on_failure
+        self.failure_limit = failure_limit
+        self.wait_for_mesh = wait_for_mesh
+        self.mesh_timeout = mesh_timeout
+        self.lease_seconds = lease_seconds
+        self.force = force
+        self.restart = restart
+        self.holder = holder or "onprem.mesh-%s" % uuid.uuid4().hex[:12]
+        self.now = now
+        self.sleep = sleep
+        self.poll_interval = poll_interval
+        self.log = log or (lambda message: None)
+        self.timeline = []
+
+    # -- plan ---------------------------------------------------------------------------------
+    def weights(self, canary_weight):
+        return {self.stable: 100 - canary_weight, self.canary: canary_weight}
+
+    @property
+    def plan_key(self):
+        return [s["weight"] for s in self.steps]
+
+    def schedule(self, start_index=0):
+        """The planned steps from ``start_index`` with their weights and intervals, then the promotion."""
+        rows = [dict(step=i + 1, weight=s["weight"], weights=self.weights(s["weight"]), interval=s["interval"])
+                for i, s in enumerate(self.steps) if i >= start_index]
+        rows.append(dict(step=len(self.steps) + 1, weight=100, weights=self.weights(100), interval=0, promotion=True))
+        return rows
+
+    # -- state on the object ---------------------------------------------------------------------
+    def _lease_ttl(self, interval):
+        if self.lease_seconds:
+            return self.lease_seconds
+        return interval * (1 + self.failure_limit) + (self.mesh_timeout if self.wait_for_mesh else 0) + 120
+
+    def _check_lease(self, vs):
+        lease = parse_annotation(vs, LEASE_ANNOTATION)
+        if not lease or lease.get("holder") == self.holder or self.force:
+            return
+        expires = float(lease.get("expires", 0))
+        if expires > self.now():
+            raise LeaseHeld("VirtualService %s/%s is held by another rollout (%s) until %s, %d s from now; wait for it to finish,"
+                            " or if that run is dead, wait for the lease to expire or set force: true"
+                            % (self.change.namespace, self.change.name, lease.get("holder"), iso(expires), expires - self.now()))
+
+    def _record(self, vs, phase, index, failures, reason=None, interval=60, release=False):
+        self._check_lease(vs)
+        state = dict(canary=self.canary, stable=self.stable, plan=self.plan_key, step=index, phase=phase,
+                     failures=failures, updated=iso(self.now()), holder=self.holder)
+        if reason:
+            state["reason"] = reason
+        lease = None if release else json.dumps(dict(holder=self.holder, expires=round(self.now() + self._lease_ttl(interval), 3)), sort_keys=True)
+        rv = (vs.get("metadata") or {}).get("resourceVersion")
+        ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": rv}] if rv else []
+        return ops + annotation_ops(vs, {STATE_ANNOTATION: json.dumps(state, sort_keys=True), LEASE_ANNOTATION: lease})
+
+    def _write(self, canary_weight, phase, index, failures, reason=None, interval=60, release=False):
+        return self.change.apply(self.weights(canary_weight), validate=False,
+                                 extra_ops=lambda vs: self._record(vs, phase, index, failures, reason, interval, release))
+
+    def _wait_for_mesh(self, obj):
+        """Poll until the mesh reports the object's generation (status.observedGeneration), bounded by mesh_timeout."""
+        generation = (obj.get("metadata") or {}).get("generation")
+        deadline = self.now() + self.mesh_timeout
+        while True:
+            observed = (obj.get("status") or {}).get("observedGeneration")
+            try:
+                if generation is not None and observed is not None and int(observed) >= int(generation):
+                    return True
+            except (TypeError, ValueError):
+                pass
+            if self.now() >= deadline:
+                return False
+            self.sleep(self.poll_interval)
+            obj = self.change.read()
+
+    # -- where to start --------------------------------------------------------------------------
+    def starting_point(self, vs):
+        """``(index, failures, note)`` to start from, or ``(None, 0, note)`` when there is nothing to do."""
+        self._check_lease(vs)
+        state = parse_annotation(vs, STATE_ANNOTATION)
+        _host, _index, route = self.change.locate(vs)
+        live = current_weights(route)
+        same = state and state.get("canary") == self.canary and state.get("stable") == self.stable
+        if same and not self.restart and state.get("phase") == "promoted" and live.get(self.canary) == 100:
+            return None, 0, "already promoted: %s carries 100%% of the traffic" % self.canary
+        if state and state.get("phase") in ACTIVE_PHASES and not self.restart:
+            if not same or state.get("plan") != self.plan_key:
+                raise RolloutError("VirtualService %s/%s records an unfinished rollout (canary %s, stable %s, steps %s, %s at step %s);"
+                                   " rerun with the same canary, stable and steps to resume it, or set restart: true to start over"
+                                   % (self.change.namespace, self.change.name, state.get("canary"), state.get("stable"), state.get("plan"),
+                                      state.get("phase"), int(state.get("step", 0)) + 1))
+            index = int(state.get("step", 0))
+            if not 0 <= index < len(self.steps):
+                raise RolloutError("the recorded step %r is outside the plan; set restart: true to start over" % state.get("step"))
+            return index, int(state.get("failures", 0)), "resuming %s at step %d (weight %d), as recorded" % (
+                state.get("phase"), index + 1, self.steps[index]["weight"])
+        return 0, 0, "starting"
+
+    # -- run -------------------------------------------------------------------------------------
+    def run(self, check_mode=False):
+        vs = self.change.read()
+        self.change.validate(self.weights(self.steps[0]["weight"]), vs)
+        index, failures, note = self.starting_point(vs)
+        before = current_weights(self.change.locate(vs)[2])
+        base = dict(canary=self.canary, stable=self.stable, holder=self.holder, note=note, weights_before=before)
+        if index is None:
+            return dict(base, changed=False, result="promoted", weights_after=before, timeline=[], schedule=[])
+        schedule = self.schedule(index)
+        if check_mode:
+            total = sum(row["interval"] for row in schedule)
+            return dict(base, changed=True, result="planned", weights_after=self.weights(100), timeline=[], schedule=schedule,
+                        planned_seconds=total)
+        self.log(note)
+        while index < len(self.steps):
+            step = self.steps[index]
+            entry = dict(step=index + 1, weight=step["weight"], weights=self.weights(step["weight"]), started=iso(self.now()))
+            started = self.now()
+            reads_before = dict(getattr(self.change.store, "calls", {}))
+            written = self._write(step["weight"], "progressing", index, failures, interval=step["interval"])
+            if self.wait_for_mesh:
+                if not self._wait_for_mesh(written["object"]):
+                    entry.update(ended=iso(self.now()), verdict="fail", checks=[],
+                                 reason="the mesh did not report generation %s within %ss (status.observedGeneration)"
+                                 % ((written["object"].get("metadata") or {}).get("generation"), self.mesh_timeout))
+                    self.timeline.append(entry)
+                    return self._fail(dict(base, schedule=schedule), index, failures + 1, entry["reason"], step["interval"])
+                entry["mesh_ready"] = iso(self.now())
+            window_start = self.now()
+            token = self.gate.start_window()
+            remaining = step["interval"] - (self.now() - window_start)
+            if remaining > 0:
+                self.sleep(remaining)
+            gate = self.gate.evaluate(token)
+            verdict = gate.get("verdict")
+            entry.update(ended=iso(self.now()), seconds=round(self.now() - started, 3), verdict=verdict, checks=gate.get("checks", []))
+            calls = getattr(self.change.store, "calls", None)
+            if calls is not None:
+                entry["api_calls"] = dict((k, calls[k] - reads_before.get(k, 0)) for k in calls)
+            self.timeline.append(entry)
+            if verdict == "pass":
+                entry["action"] = "advance" if index + 1 < len(self.steps) else "promote"
+                index += 1
+                continue
+            failures += 1
+            reason = "step %d (weight %d): %s" % (index + 1, step["weight"], gate.get("reason") or self._describe(gate))
+            if failures > self.failure_limit:
+                entry["action"] = self.on_failure
+                return self._fail(dict(base, schedule=schedule), index, failures, reason, step["interval"])
+            entry["action"] = "retry"
+            self.log("failed analysis %d of %d tolerated: %s" % (failures, self.failure_limit, reason))
+        self._write(100, "promoted", len(self.steps), failures, release=True)
+        self.timeline.append(dict(step=len(self.steps) + 1, weight=100, weights=self.weights(100), started=iso(self.now()),
+                                  ended=iso(self.now()), action="promoted"))
+        return dict(base, changed=True, result="promoted", weights_after=self.weights(100), timeline=self.timeline, schedule=schedule,
+                    failures=failures)
+
+    @staticmethod
+    def _describe(gate):
+        failed = [c for c in gate.get("checks", []) if c.get("verdict") != "pass"]
+        return "; ".join("%s %s (value %s, threshold %s)" % (c.get("name"), c.get("verdict"), c.get("value"), c.get("threshold"))
+                         for c in failed) or "verdict %s" % gate.get("verdict")
+
+    def _fail(self, base, index, failures, reason, interval):
+        if self.on_failure == "rollback":
+            written = self._write(0, "rolled_back", index, failures, reason=reason, release=True)
+            self.timeline.append(dict(step=index + 1, weight=0, weights=self.weights(0), started=iso(self.now()), ended=iso(self.now()),
+                                      action="rolled_back", reason=reason))
+            return dict(base, changed=True, result="rolled_back", reason=reason, weights_after=current_weights(
+                self.change.locate(written["object"])[2]) if written.get("object") else self.weights(0), timeline=self.timeline, failures=failures)
+        vs = self.change.read()
+        live = current_weights(self.change.locate(vs)[2])
+        self.change.apply(live, validate=False, vs=vs, extra_ops=lambda obj: self._record(obj, "held", index, failures, reason, interval, release=True))
+        self.timeline.append(dict(step=index + 1, weight=live.get(self.canary, 0), weights=live, started=iso(self.now()), ended=iso(self.now()),
+                                  action="held", reason=reason))
+        return dict(base, changed=True, result="held", reason=reason, weights_after=live, timeline=self.timeline, failures=failures)

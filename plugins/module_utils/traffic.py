@@ -1,0 +1,293 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) onprem.mesh contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Weights of one HTTP route of an Istio VirtualService: choose the route, validate, build the patch.
+
+Plain Python on plain dicts (the objects as the API server returns them), no Ansible and no
+cluster, so every rule here is unit-tested directly. The patch this module builds touches only
+the ``weight`` fields of the chosen route (and appends a destination for a subset the route does
+not list yet); every other route, match, mirror, retry, timeout, header and destination is left
+exactly as it was. It starts with ``test`` operations on the route as it was read, so a
+concurrent change makes the server refuse the whole patch instead of mixing two writers.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import copy
+
+from ansible_collections.onprem.mesh.plugins.module_utils.k8s_client import json_pointer
+
+
+class TrafficError(ValueError):
+    """Bad input or an object that cannot be changed as asked; the message names the field and the fix."""
+
+
+def short_host(host, namespace):
+    """``reviews``, ``reviews.default``, ``reviews.default.svc`` and ``reviews.default.svc.cluster.local``
+    all name the same service seen from ``namespace``."""
+    host = (host or "").rstrip(".")
+    for suffix in (".%s.svc.cluster.local" % namespace, ".%s.svc" % namespace, ".%s" % namespace):
+        if host.endswith(suffix):
+            return host[: -len(suffix)]
+    return host
+
+
+def same_host(a, b, namespace):
+    return short_host(a, namespace) == short_host(b, namespace)
+
+
+def route_label(route, index):
+    return "http[%d]%s" % (index, " (name: %s)" % route["name"] if route.get("name") else "")
+
+
+def _is_subset_route(route, host, namespace):
+    dests = route.get("route") or []
+    return bool(dests) and all(
+        same_host((d.get("destination") or {}).get("host"), host, namespace) and (d.get("destination") or {}).get("subset")
+        for d in dests
+    )
+
+
+def select_route(vs, host, namespace, route_name=None, route_index=None):
+    """Return ``(index, route)`` of the HTTP route to change.
+
+    By ``route_name``, by ``route_index``, or else the one route whose destinations are all
+    subsets of ``host``; none or several such routes is an error that lists them.
+    """
+    http = (vs.get("spec") or {}).get("http") or []
+    vs_name = (vs.get("metadata") or {}).get("name")
+    if not http:
+        raise TrafficError("VirtualService %s has no spec.http routes; traffic splitting needs an HTTP route with subset destinations" % vs_name)
+    if route_name is not None and route_index is not None:
+        raise TrafficError("route_name and route_index are mutually exclusive; set only one")
+    if route_name is not None:
+        matches = [i for i, r in enumerate(http) if r.get("name") == route_name]
+        if not matches:
+            names = [r.get("name") for r in http if r.get("name")]
+            raise TrafficError("route_name: VirtualService %s has no HTTP route named %r (named routes: %s)"
+                               % (vs_name, route_name, ", ".join(names) or "none; set route_index instead"))
+        if len(matches) > 1:
+            raise TrafficError("route_name: VirtualService %s has %d HTTP routes named %r; set route_index instead" % (vs_name, len(matches), route_name))
+        index = matches[0]
+    elif route_index is not None:
+        if not 0 <= route_index < len(http):
+            raise TrafficError("route_index: %d is out of range; VirtualService %s has %d HTTP routes (0..%d)"
+                               % (route_index, vs_name, len(http), len(http) - 1))
+        index = route_index
+    else:
+        candidates = [i for i, r in enumerate(http) if _is_subset_route(r, host, namespace)]
+        if not candidates:
+            raise TrafficError("VirtualService %s has no HTTP route whose destinations are all subsets of host %s; check host, or set route_name or route_index"
+                               % (vs_name, host))
+        if len(candidates) > 1:
+            raise TrafficError("the route to change is ambiguous: VirtualService %s has %d HTTP routes to subsets of %s: %s; set route_name or route_index"
+                               % (vs_name, len(candidates), host, ", ".join(route_label(http[i], i) for i in candidates)))
+        index = candidates[0]
+    route = http[index]
+    if not _is_subset_route(route, host, namespace):
+        raise TrafficError("%s of VirtualService %s does not send only to subsets of host %s; choose a route whose destinations all name a subset of %s"
+                           % (route_label(route, index), vs_name, host, host))
+    return index, route
+
+
+def current_weights(route):
+    """Subset -> weight as Istio reads it: a lone destination without weight carries all traffic."""
+    dests = route.get("route") or []
+    weights = {}
+    for d in dests:
+        subset = d["destination"]["subset"]
+        weight = d.get("weight")
+        if weight is None:
+            weight = 100 if len(dests) == 1 else 0
+        weights[subset] = weights.get(subset, 0) + int(weight)
+    return weights
+
+
+def validate_weights(weights, field="weights"):
+    """Integer weights 0..100 that sum to 100; returns them as a dict of ints."""
+    if not isinstance(weights, dict) or not weights:
+        raise TrafficError("%s: give a mapping of subset name to weight, e.g. {v1: 90, v2: 10}" % field)
+    clean = {}
+    for subset, weight in weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float, str)):
+            raise TrafficError("%s.%s: weight must be a whole number from 0 to 100, got %r" % (field, subset, weight))
+        try:
+            number = float(weight)
+        except ValueError:
+            raise TrafficError("%s.%s: weight must be a whole number from 0 to 100, got %r" % (field, subset, weight))
+        if number != int(number):
+            raise TrafficError("%s.%s: weight must be a whole number, got %r; Istio weights are integers" % (field, subset, weight))
+        if not 0 <= number <= 100:
+            raise TrafficError("%s.%s: weight must be between 0 and 100, got %r" % (field, subset, weight))
+        clean[str(subset)] = int(number)
+    total = sum(clean.values())
+    if total != 100:
+        raise TrafficError("%s: weights must sum to 100, they sum to %d (%s)" % (field, total, ", ".join("%s=%d" % kv for kv in sorted(clean.items()))))
+    return clean
+
+
+def destination_rule_subsets(destination_rules, host, namespace):
+    """Subset names that DestinationRules in ``namespace`` define for ``host``."""
+    subsets = set()
+    found = False
+    for dr in destination_rules:
+        spec = dr.get("spec") or {}
+        if same_host(spec.get("host"), host, namespace):
+            found = True
+            subsets.update(s.get("name") for s in spec.get("subsets") or [] if s.get("name"))
+    return found, subsets
+
+
+def check_subsets(weights, destination_rules, host, namespace):
+    found, subsets = destination_rule_subsets(destination_rules, host, namespace)
+    if not found:
+        raise TrafficError("no DestinationRule in namespace %s has host %s; create one that defines the subsets %s"
+                           % (namespace, host, ", ".join(sorted(weights))))
+    unknown = sorted(set(weights) - subsets)
+    if unknown:
+        raise TrafficError("weights: subset %s is not defined in the DestinationRule for host %s (defined: %s); add it to the DestinationRule or fix the name"
+                           % (", ".join(unknown), host, ", ".join(sorted(subsets)) or "none"))
+
+
+def apply_weights(route, weights):
+    """A copy of ``route`` with the new weights; subsets not in ``weights`` get weight 0."""
+    new = copy.deepcopy(route)
+    dests = new.get("route") or []
+    listed = [d["destination"]["subset"] for d in dests]
+    missing = [s for s in weights if s not in listed]
+    for subset in sorted(missing):
+        template = copy.deepcopy(dests[0])
+        template["destination"]["subset"] = subset
+        dests.append(template)
+    for d in dests:
+        d["weight"] = weights.get(d["destination"]["subset"], 0)
+    return new
+
+
+def weight_patch(route_index, old_route, weights):
+    """JSON patch operations that change only the weights of ``spec.http[route_index]``.
+
+    Begins with a ``test`` of the whole route as it was read (RFC 6902), so the server refuses the
+    patch if anyone changed that route since; then replaces or adds each destination's weight and
+    appends destinations for subsets the route did not list.
+    """
+    base = json_pointer("spec", "http", route_index)
+    ops = [{"op": "test", "path": base + "/route", "value": old_route.get("route")}]
+    new_route = apply_weights(old_route, weights)
+    old_dests = old_route.get("route") or []
+    for j, dest in enumerate(new_route["route"]):
+        if j < len(old_dests):
+            if old_dests[j].get("weight") != dest["weight"]:
+                ops.append({"op": "replace" if "weight" in old_dests[j] else "add", "path": "%s/route/%d/weight" % (base, j), "value": dest["weight"]})
+        else:
+            ops.append({"op": "add", "path": base + "/route/-", "value": dest})
+    return ops, new_route
+
+
+def weights_changed(route, weights):
+    current = current_weights(route)
+    return any(current.get(s, 0) != w for s, w in weights.items()) or any(w and s not in weights for s, w in current.items())
+
+
+def annotation_ops(obj, changes):
+    """JSON patch operations that set (value is a str) or remove (value is None) annotations."""
+    annotations = (obj.get("metadata") or {}).get("annotations")
+    if annotations is None:
+        wanted = dict((k, v) for k, v in changes.items() if v is not None)
+        return [{"op": "add", "path": "/metadata/annotations", "value": wanted}] if wanted else []
+    ops = []
+    for key, value in sorted(changes.items()):
+        path = json_pointer("metadata", "annotations", key)
+        if value is None:
+            if key in annotations:
+                ops.append({"op": "remove", "path": path})
+        elif annotations.get(key) != value:
+            ops.append({"op": "replace" if key in annotations else "add", "path": path, "value": value})
+    return ops
+
+
+def default_host(vs, host=None):
+    if host:
+        return host
+    hosts = (vs.get("spec") or {}).get("hosts") or []
+    if len(hosts) == 1:
+        return hosts[0]
+    raise TrafficError("host: VirtualService %s lists %d hosts (%s); set host to the service whose subsets get the weights"
+                       % ((vs.get("metadata") or {}).get("name"), len(hosts), ", ".join(hosts) or "none"))
+
+
+class WeightChange:
+    """One change of the weights of one route, read-validate-patch, retried on conflicts.
+
+    ``store`` is an ``IstioObjects`` (or a fake with ``get``, ``list`` and ``json_patch``).
+    ``extra_ops(vs)`` may add operations (annotations) to the same patch, so that the weights
+    and the rollout's record of them land in one write.
+    """
+
+    def __init__(self, store, namespace, name, host=None, route_name=None, route_index=None, retries=5, sleep=None):
+        self.store = store
+        self.namespace = namespace
+        self.name = name
+        self.host = host
+        self.route_name = route_name
+        self.route_index = route_index
+        self.retries = retries
+        self.sleep = sleep
+        self.destination_rules = None
+
+    def read(self):
+        return self.store.get("virtualservices", self.namespace, self.name)
+
+    def locate(self, vs):
+        host = default_host(vs, self.host)
+        index, route = select_route(vs, host, self.namespace, self.route_name, self.route_index)
+        return host, index, route
+
+    def validate(self, weights, vs=None):
+        """Check the weights and their subsets against the DestinationRules (read once, then kept)."""
+        weights = validate_weights(weights)
+        vs = vs or self.read()
+        host, index, route = self.locate(vs)
+        if self.destination_rules is None:
+            self.destination_rules = self.store.list("destinationrules", self.namespace)
+        check_subsets(weights, self.destination_rules, host, self.namespace)
+        return weights, vs, index, route
+
+    def apply(self, weights, check_mode=False, vs=None, extra_ops=None, validate=True):
+        """Set ``weights``. Returns a dict: changed, before, after, route_index, route_name, object, attempts."""
+        from time import sleep as default_sleep  # pylint: disable=import-outside-toplevel
+        sleep = self.sleep or default_sleep
+        attempts = 0
+        while True:
+            attempts += 1
+            if validate:
+                weights, vs, index, route = self.validate(weights, vs)
+            else:
+                vs = vs or self.read()
+                _host, index, route = self.locate(vs)
+            before = current_weights(route)
+            ops = []
+            after = before
+            if weights_changed(route, weights):
+                ops, new_route = weight_patch(index, route, weights)
+                after = current_weights(new_route)
+            if extra_ops:
+                ops = (ops or [{"op": "test", "path": json_pointer("spec", "http", index, "route"), "value": route.get("route")}]) + extra_ops(vs)
+            changed = len(ops) > 1
+            result = dict(changed=changed, before=before, after=after, route_index=index, route_name=route.get("name"),
+                          object=vs, attempts=attempts, patch=ops if changed else [])
+            if not changed or check_mode:
+                return result
+            try:
+                result["object"] = self.store.json_patch("virtualservices", self.namespace, self.name, ops)
+                return result
+            except Exception as exc:  # K8sError; a conflict is retried with a fresh read
+                if not getattr(exc, "is_conflict", False) or attempts > self.retries:
+                    if getattr(exc, "is_conflict", False):
+                        raise TrafficError("VirtualService %s/%s kept changing under us: %d attempts met a conflict (%s); another writer is"
+                                           " changing this route; stop it, or raise conflict_retries" % (self.namespace, self.name, attempts, exc))
+                    raise
+                vs = None
+                sleep(min(0.1 * attempts, 1.0))

@@ -1,0 +1,206 @@
+# -*- coding: utf-8 -*-
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import copy
+import os
+
+import pytest
+import yaml
+
+from ansible_collections.onprem.mesh.plugins.module_utils import traffic
+from ansible_collections.onprem.mesh.plugins.module_utils.traffic import TrafficError, WeightChange
+from ansible_collections.onprem.mesh.tests.unit.plugins.module_utils.fake_istio import FakeIstio
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SAMPLES = os.path.join(os.environ.get("ONPREM_MESH_ISTIO_DATA") or os.path.join(HERE, "..", "..", "..", "..", "..", "shared", "istio"), "samples")
+
+
+def sample(name):
+    path = os.path.join(SAMPLES, name)
+    if not os.path.exists(path):
+        pytest.skip("Istio samples not found at %s (set ONPREM_MESH_ISTIO_DATA)" % SAMPLES)
+    with open(path) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def vs(routes, hosts=("reviews",), name="reviews"):
+    return {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService", "metadata": {"name": name, "namespace": "default"},
+            "spec": {"hosts": list(hosts), "http": routes}}
+
+
+def dr(subsets=("v1", "v2", "v3"), host="reviews"):
+    return {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule", "metadata": {"name": host, "namespace": "default"},
+            "spec": {"host": host, "subsets": [{"name": s, "labels": {"version": s}} for s in subsets]}}
+
+
+def dest(subset, weight=None, host="reviews"):
+    d = {"destination": {"host": host, "subset": subset}}
+    if weight is not None:
+        d["weight"] = weight
+    return d
+
+
+HEADER_ROUTE = {"name": "jason", "match": [{"headers": {"end-user": {"exact": "jason"}}}], "route": [dest("v2")]}
+DEFAULT_ROUTE = {"name": "default", "route": [dest("v1", 100), dest("v2", 0)], "timeout": "3s",
+                 "retries": {"attempts": 3, "perTryTimeout": "1s"}, "mirror": {"host": "reviews", "subset": "v3"}}
+
+
+@pytest.mark.parametrize("weights, message", [
+    ({"v1": 90, "v2": 20}, "sum to 110"),
+    ({"v1": 110, "v2": -10}, "between 0 and 100"),
+    ({"v1": 89.5, "v2": 10.5}, "whole number"),
+    ({"v1": "ninety", "v2": 10}, "whole number from 0 to 100"),
+    ({"v1": True}, "whole number"),
+    ({}, "mapping of subset name to weight"),
+])
+def test_bad_weights_name_the_field(weights, message):
+    with pytest.raises(TrafficError, match=message):
+        traffic.validate_weights(weights)
+
+
+def test_string_weights_from_surveys_are_accepted():
+    assert traffic.validate_weights({"v1": "90", "v2": "10"}) == {"v1": 90, "v2": 10}
+
+
+def test_short_and_full_host_names_match():
+    assert traffic.same_host("reviews", "reviews.default.svc.cluster.local", "default")
+    assert not traffic.same_host("reviews", "reviews.other.svc.cluster.local", "default")
+
+
+def test_default_route_choice_is_ambiguous_with_header_route():
+    with pytest.raises(TrafficError, match=r"ambiguous.*http\[0\] \(name: jason\), http\[1\] \(name: default\).*route_name or route_index"):
+        traffic.select_route(vs([HEADER_ROUTE, DEFAULT_ROUTE]), "reviews", "default")
+
+
+def test_route_by_name_index_and_default():
+    obj = vs([HEADER_ROUTE, DEFAULT_ROUTE])
+    assert traffic.select_route(obj, "reviews", "default", route_name="default")[0] == 1
+    assert traffic.select_route(obj, "reviews", "default", route_index=0)[0] == 0
+    assert traffic.select_route(vs([DEFAULT_ROUTE]), "reviews", "default")[0] == 0
+    with pytest.raises(TrafficError, match="no HTTP route named 'nope'.*jason, default"):
+        traffic.select_route(obj, "reviews", "default", route_name="nope")
+    with pytest.raises(TrafficError, match="route_index: 5 is out of range"):
+        traffic.select_route(obj, "reviews", "default", route_index=5)
+
+
+def test_route_to_other_host_is_refused():
+    other = {"route": [dest("v1", host="ratings")]}
+    with pytest.raises(TrafficError, match="does not send only to subsets of host reviews"):
+        traffic.select_route(vs([other]), "reviews", "default", route_index=0)
+
+
+def test_lone_destination_without_weight_carries_everything():
+    assert traffic.current_weights({"route": [dest("v3")]}) == {"v3": 100}
+    assert traffic.current_weights({"route": [dest("v1", 90), dest("v2", 10)]}) == {"v1": 90, "v2": 10}
+
+
+def test_patch_touches_only_weights_and_starts_with_a_test():
+    ops, new_route = traffic.weight_patch(1, DEFAULT_ROUTE, {"v1": 90, "v2": 10})
+    assert ops[0] == {"op": "test", "path": "/spec/http/1/route", "value": DEFAULT_ROUTE["route"]}
+    assert ops[1:] == [{"op": "replace", "path": "/spec/http/1/route/0/weight", "value": 90},
+                       {"op": "replace", "path": "/spec/http/1/route/1/weight", "value": 10}]
+    assert new_route["timeout"] == "3s" and new_route["mirror"] == DEFAULT_ROUTE["mirror"]
+
+
+def test_new_subset_is_appended_as_copy_of_first_destination():
+    route = {"route": [{"destination": {"host": "reviews", "subset": "v1", "port": {"number": 9080}}, "headers": {"request": {"set": {"x": "1"}}}}]}
+    ops, new_route = traffic.weight_patch(0, route, {"v1": 95, "v2": 5})
+    assert ops[1] == {"op": "add", "path": "/spec/http/0/route/0/weight", "value": 95}
+    added = ops[2]["value"]
+    assert ops[2]["path"] == "/spec/http/0/route/-"
+    assert added == {"destination": {"host": "reviews", "subset": "v2", "port": {"number": 9080}}, "headers": {"request": {"set": {"x": "1"}}}, "weight": 5}
+    assert traffic.current_weights(new_route) == {"v1": 95, "v2": 5}
+
+
+def test_apply_changes_weights_and_nothing_else():
+    obj = vs([HEADER_ROUTE, DEFAULT_ROUTE])
+    store = FakeIstio([obj, dr()])
+    change = WeightChange(store, "default", "reviews", route_name="default")
+    result = change.apply({"v1": 75, "v2": 25})
+    assert result["changed"] and result["before"] == {"v1": 100, "v2": 0} and result["after"] == {"v1": 75, "v2": 25}
+    stored = store.objects[("virtualservices", "default", "reviews")]
+    expected = copy.deepcopy(obj["spec"])
+    expected["http"][1]["route"][0]["weight"] = 75
+    expected["http"][1]["route"][1]["weight"] = 25
+    assert stored["spec"] == expected
+    assert store.calls == {"read": 2, "write": 1}
+
+
+def test_apply_is_idempotent():
+    store = FakeIstio([vs([DEFAULT_ROUTE]), dr()])
+    change = WeightChange(store, "default", "reviews")
+    assert change.apply({"v1": 100, "v2": 0})["changed"] is False
+    assert store.calls["write"] == 0
+
+
+def test_check_mode_writes_nothing_but_reports_the_patch():
+    store = FakeIstio([vs([DEFAULT_ROUTE]), dr()])
+    result = WeightChange(store, "default", "reviews").apply({"v1": 50, "v2": 50}, check_mode=True)
+    assert result["changed"] and result["after"] == {"v1": 50, "v2": 50} and len(result["patch"]) == 3
+    assert store.calls["write"] == 0 and store.route()["route"][0]["weight"] == 100
+
+
+def test_unknown_subset_is_refused_before_any_write():
+    store = FakeIstio([vs([DEFAULT_ROUTE]), dr(subsets=("v1", "v2"))])
+    with pytest.raises(TrafficError, match="subset v9 is not defined in the DestinationRule for host reviews.*v1, v2"):
+        WeightChange(store, "default", "reviews").apply({"v1": 90, "v9": 10})
+    assert store.calls["write"] == 0
+
+
+def test_missing_destination_rule_is_refused():
+    store = FakeIstio([vs([DEFAULT_ROUTE])])
+    with pytest.raises(TrafficError, match="no DestinationRule in namespace default has host reviews"):
+        WeightChange(store, "default", "reviews").apply({"v1": 90, "v2": 10})
+
+
+def test_conflict_is_retried_with_a_fresh_read():
+    store = FakeIstio([vs([HEADER_ROUTE, DEFAULT_ROUTE]), dr()])
+
+    def other_writer(obj):
+        obj["spec"]["http"][1]["route"][0]["weight"] = 60
+        obj["spec"]["http"][1]["route"][1]["weight"] = 40
+
+    store.interfere.append(other_writer)
+    result = WeightChange(store, "default", "reviews", route_name="default", sleep=lambda s: None).apply({"v1": 90, "v2": 10})
+    assert result["attempts"] == 2 and result["before"] == {"v1": 60, "v2": 40}
+    assert traffic.current_weights(store.route(index=1)) == {"v1": 90, "v2": 10}
+
+
+def test_conflict_past_the_retries_leaves_the_object_as_the_other_writer_left_it():
+    store = FakeIstio([vs([DEFAULT_ROUTE]), dr()])
+    counter = {"n": 0}
+
+    def other_writer(obj):
+        counter["n"] += 1
+        obj["spec"]["http"][0]["route"][0]["weight"] = 100 - counter["n"]
+        obj["spec"]["http"][0]["route"][1]["weight"] = counter["n"]
+
+    store.interfere.extend([other_writer] * 10)
+    with pytest.raises(TrafficError, match="kept changing under us: 3 attempts met a conflict.*conflict_retries"):
+        WeightChange(store, "default", "reviews", retries=2, sleep=lambda s: None).apply({"v1": 50, "v2": 50})
+    assert traffic.current_weights(store.route()) == {"v1": 97, "v2": 3}
+
+
+def test_bookinfo_header_route_sample_keeps_its_match():
+    objects = sample("virtual-service-reviews-jason-v2-v3.yaml") + sample("destination-rule-all.yaml")
+    store = FakeIstio(objects)
+    before = copy.deepcopy(store.route(index=0))
+    result = WeightChange(store, "default", "reviews", route_index=1).apply({"v3": 80, "v1": 20})
+    assert result["before"] == {"v3": 100} and result["after"] == {"v3": 80, "v1": 20}
+    assert store.route(index=0) == before
+
+
+def test_bookinfo_90_10_to_80_20():
+    store = FakeIstio(sample("virtual-service-reviews-90-10.yaml") + sample("destination-rule-all.yaml"))
+    result = WeightChange(store, "default", "reviews").apply({"v1": 80, "v2": 20})
+    assert result["before"] == {"v1": 90, "v2": 10}
+    assert [d["weight"] for d in store.route()["route"]] == [80, 20]
+
+
+def test_annotation_ops_escape_slashes_and_create_the_map():
+    assert traffic.annotation_ops({"metadata": {}}, {"a/b": "1", "c": None}) == [{"op": "add", "path": "/metadata/annotations", "value": {"a/b": "1"}}]
+    ops = traffic.annotation_ops({"metadata": {"annotations": {"a/b": "0", "c": "x"}}}, {"a/b": "1", "c": None})
+    assert ops == [{"op": "replace", "path": "/metadata/annotations/a~1b", "value": "1"}, {"op": "remove", "path": "/metadata/annotations/c"}]
