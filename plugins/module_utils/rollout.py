@@ -157,6 +157,7 @@ class Rollout:
         self.poll_interval = poll_interval
         self.log = log or (lambda message: None)
         self.timeline = []
+        self._started = False
 
     # -- plan ---------------------------------------------------------------------------------
     def weights(self, canary_weight):
@@ -258,12 +259,29 @@ class Rollout:
             return dict(base, changed=True, result="planned", weights_after=self.weights(100), timeline=[], schedule=schedule,
                         planned_seconds=total)
         self.log(note)
+        try:
+            return self._steps(base, schedule, index, failures)
+        except LeaseHeld:
+            raise  # another run took over (force); the VirtualService is theirs now
+        except Exception as exc:  # an API error or a crashed check in the middle: do not leave the canary half-shifted
+            if not self.timeline and not self._started:
+                raise
+            reason = "the rollout stopped on an error: %s" % exc
+            try:
+                outcome = self._fail(dict(base, schedule=schedule), index, failures, reason, 60)
+            except Exception as second:
+                raise RolloutError("%s; and the %s that followed failed too: %s. Check the VirtualService %s/%s by hand"
+                                   % (reason, self.on_failure, second, self.change.namespace, self.change.name))
+            raise RolloutError("%s; %s done: weights now %s" % (reason, outcome["result"].replace("_", " "), outcome["weights_after"]))
+
+    def _steps(self, base, schedule, index, failures):
         while index < len(self.steps):
             step = self.steps[index]
             entry = dict(step=index + 1, weight=step["weight"], weights=self.weights(step["weight"]), started=iso(self.now()))
             started = self.now()
             reads_before = dict(getattr(self.change.store, "calls", {}))
             written = self._write(step["weight"], "progressing", index, failures, interval=step["interval"])
+            self._started = True
             if self.wait_for_mesh:
                 if not self._wait_for_mesh(written["object"]):
                     entry.update(ended=iso(self.now()), verdict="fail", checks=[],

@@ -291,3 +291,14 @@ class WeightChange:
                     raise
                 vs = None
                 sleep(min(0.1 * attempts, 1.0))
+
+
+def subset_labels(destination_rules, host, namespace, subset):
+    """The labels a DestinationRule gives ``subset`` of ``host`` (empty when not found)."""
+    for dr in destination_rules or []:
+        spec = dr.get("spec") or {}
+        if same_host(spec.get("host"), host, namespace):
+            for item in spec.get("subsets") or []:
+                if item.get("name") == subset:
+                    return dict(item.get("labels") or {})
+    return {}

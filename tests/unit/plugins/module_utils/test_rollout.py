@@ -1,0 +1,293 @@
+# -*- coding: utf-8 -*-
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import json
+
+import pytest
+
+from ansible_collections.onprem.mesh.plugins.module_utils import rollout as ro
+from ansible_collections.onprem.mesh.plugins.module_utils.traffic import WeightChange, current_weights
+from ansible_collections.onprem.mesh.tests.unit.plugins.module_utils.fake_istio import FakeIstio
+
+HEADER_ROUTE = {"name": "jason", "match": [{"headers": {"end-user": {"exact": "jason"}}}], "route": [{"destination": {"host": "payment", "subset": "v2"}}]}
+MAIN_ROUTE = {"name": "primary", "timeout": "2s", "route": [{"destination": {"host": "payment", "subset": "v1"}, "weight": 100},
+                                                           {"destination": {"host": "payment", "subset": "v2"}, "weight": 0}]}
+
+
+def objects():
+    return [{"kind": "VirtualService", "metadata": {"name": "payment", "namespace": "shop"},
+             "spec": {"hosts": ["payment"], "http": [HEADER_ROUTE, MAIN_ROUTE]}},
+            {"kind": "DestinationRule", "metadata": {"name": "payment", "namespace": "shop"},
+             "spec": {"host": "payment", "subsets": [{"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}]}}]
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1_700_000_000.0
+        self.slept = []
+
+    def now(self):
+        return self.t
+
+    def sleep(self, seconds):
+        self.slept.append(seconds)
+        self.t += seconds
+
+
+class Gate:
+    """Verdicts in order; records the weights live on the object when each window ends."""
+
+    def __init__(self, store, verdicts=None, default="pass"):
+        self.store = store
+        self.verdicts = list(verdicts or [])
+        self.default = default
+        self.seen = []
+        self.windows = 0
+
+    def start_window(self):
+        self.windows += 1
+        return {"window": self.windows}
+
+    def evaluate(self, token):
+        self.seen.append(current_weights(self.store.route("payment", "shop", 1))["v2"])
+        verdict = self.verdicts.pop(0) if self.verdicts else self.default
+        return {"verdict": verdict, "checks": [{"name": "success-rate", "verdict": verdict, "value": 99.9 if verdict == "pass" else 80.0, "threshold": ">= 99"}]}
+
+
+def make(store=None, verdicts=None, clock=None, steps=(5, 10, 25, 50), **kwargs):
+    store = store or FakeIstio(objects())
+    clock = clock or Clock()
+    gate = Gate(store, verdicts)
+    change = WeightChange(store, "shop", "payment", route_name="primary", sleep=lambda s: None)
+    plan = ro.plan_steps(list(steps), interval=kwargs.pop("interval", "30s"))
+    rollout = ro.Rollout(change, gate, "v1", "v2", plan, now=clock.now, sleep=clock.sleep, **kwargs)
+    return store, gate, clock, rollout
+
+
+def state(store):
+    return json.loads(store.objects[("virtualservices", "shop", "payment")]["metadata"]["annotations"][ro.STATE_ANNOTATION])
+
+
+def annotations(store):
+    return store.objects[("virtualservices", "shop", "payment")]["metadata"].get("annotations", {})
+
+
+def test_plan_from_list_and_from_step_max():
+    assert [s["weight"] for s in ro.plan_steps([5, 10, 25, 50, 100])] == [5, 10, 25, 50]
+    assert [s["weight"] for s in ro.plan_steps(step_weight=10, max_weight=30)] == [10, 20, 30]
+    plan = ro.plan_steps([{"weight": 5, "interval": "2m"}, 50], interval="30s")
+    assert plan == [{"weight": 5, "interval": 120.0}, {"weight": 50, "interval": 30.0}]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(steps=[10, 5]), r"steps\[1\]: weights must increase"),
+    (dict(steps=[0, 5]), r"steps\[0\]: weight must be from 1 to 100"),
+    (dict(steps=[5, 100, 50]), r"steps\[1\]: 100 is the promotion"),
+    (dict(steps=[5.5]), r"steps\[0\]: weight must be a whole number"),
+    (dict(steps=[100]), "at least one weight below 100"),
+    (dict(steps=[5], interval="soon"), "interval: expected a duration"),
+    (dict(step_weight=60, max_weight=50), "step_weight .60. is larger than max_weight"),
+    (dict(steps=[{"weight": 5, "pause": 1}]), r"steps\[0\]: unknown key pause"),
+    (dict(), "steps: give the weights"),
+])
+def test_bad_schedules_name_the_field(kwargs, message):
+    with pytest.raises(ro.RolloutError, match=message):
+        ro.plan_steps(**kwargs)
+
+
+def test_healthy_rollout_walks_every_step_and_promotes():
+    store, gate, clock, rollout = make()
+    result = rollout.run()
+    assert result["result"] == "promoted"
+    assert gate.seen == [5, 10, 25, 50]
+    assert current_weights(store.route("payment", "shop", 1)) == {"v1": 0, "v2": 100}
+    assert [e.get("action") for e in result["timeline"]] == ["advance", "advance", "advance", "promote", "promoted"]
+    assert sum(clock.slept) == pytest.approx(120.0)
+    # one write per step and one for the promotion; the lease is gone at the end
+    assert store.calls["write"] == 5
+    assert ro.LEASE_ANNOTATION not in annotations(store)
+    assert state(store)["phase"] == "promoted"
+    # other routes untouched
+    assert store.route("payment", "shop", 0) == HEADER_ROUTE
+    assert store.route("payment", "shop", 1)["timeout"] == "2s"
+
+
+def test_each_step_costs_one_write_and_one_read():
+    _store, _gate, _clock, rollout = make()
+    result = rollout.run()
+    for entry in result["timeline"][:4]:
+        assert entry["api_calls"] == {"read": 1, "write": 1}
+
+
+def test_failed_check_rolls_back_to_stable():
+    store, gate, _clock, rollout = make(verdicts=["pass", "pass", "fail"])
+    result = rollout.run()
+    assert result["result"] == "rolled_back"
+    assert "step 3 (weight 25)" in result["reason"] and "success-rate fail (value 80.0" in result["reason"]
+    assert current_weights(store.route("payment", "shop", 1)) == {"v1": 100, "v2": 0}
+    assert state(store)["phase"] == "rolled_back" and ro.LEASE_ANNOTATION not in annotations(store)
+    assert gate.seen == [5, 10, 25]
+
+
+def test_hold_freezes_at_the_failing_weight_and_a_rerun_resumes_there():
+    store, gate, _clock, rollout = make(verdicts=["pass", "fail"], on_failure="hold")
+    result = rollout.run()
+    assert result["result"] == "held" and result["weights_after"] == {"v1": 90, "v2": 10}
+    assert current_weights(store.route("payment", "shop", 1)) == {"v1": 90, "v2": 10}
+    assert state(store)["phase"] == "held" and state(store)["step"] == 1
+    _s, gate2, _c, rerun = make(store=store, on_failure="hold")
+    result = rerun.run()
+    assert result["result"] == "promoted" and "resuming held at step 2 (weight 10)" in result["note"]
+    assert gate2.seen == [10, 25, 50]
+
+
+def test_inconclusive_is_never_a_pass():
+    store, _gate, _clock, rollout = make(verdicts=["inconclusive"])
+    assert rollout.run()["result"] == "rolled_back"
+    assert current_weights(store.route("payment", "shop", 1))["v2"] == 0
+
+
+def test_failure_limit_tolerates_failed_analyses_at_the_same_weight():
+    _store, gate, _clock, rollout = make(verdicts=["pass", "fail", "pass", "fail", "pass"], failure_limit=2)
+    result = rollout.run()
+    assert result["result"] == "promoted" and result["failures"] == 2
+    assert gate.seen == [5, 10, 10, 25, 25, 50]
+    _store, gate, _clock, rollout = make(verdicts=["fail", "fail", "fail"], failure_limit=2)
+    assert rollout.run()["result"] == "rolled_back" and gate.seen == [5, 5, 5]
+
+
+def test_resume_after_a_killed_run_neither_restarts_nor_skips():
+    store, _gate, clock, first = make(lease_seconds=60)
+
+    class Killed(BaseException):  # like SIGTERM or Ctrl-C: no rollback, the record stays for a rerun
+        pass
+
+    def kill_on_third(token):
+        if first.gate.windows == 3:
+            raise Killed()
+        return Gate.evaluate(first.gate, token)
+
+    first.gate.evaluate = kill_on_third
+    with pytest.raises(Killed):
+        first.run()
+    assert state(store)["step"] == 2 and current_weights(store.route("payment", "shop", 1))["v2"] == 25
+    # the dead run's lease still holds
+    _s, _g, _c, blocked = make(store=store, clock=clock)
+    with pytest.raises(ro.LeaseHeld, match="held by another rollout .*force: true"):
+        blocked.run()
+    clock.t += 61
+    _s, gate, _c, rerun = make(store=store, clock=clock)
+    result = rerun.run()
+    assert "resuming progressing at step 3 (weight 25)" in result["note"]
+    assert gate.seen == [25, 50] and result["result"] == "promoted"
+
+
+def test_force_takes_over_a_live_lease():
+    store, _gate, clock, first = make()
+    first._write(5, "progressing", 0, 0, interval=600)
+    _s, gate, _c, forced = make(store=store, clock=clock, force=True)
+    assert forced.run()["result"] == "promoted" and gate.seen == [5, 10, 25, 50]
+
+
+def test_two_rollouts_at_once_the_second_refuses():
+    store, _gate, clock, first = make()
+    results = {}
+
+    def second_starts_during_first_window(token):
+        _s, _g, _c, second = make(store=store, clock=clock)
+        with pytest.raises(ro.LeaseHeld) as err:
+            second.run()
+        results["second"] = str(err.value)
+        first.gate.evaluate = lambda t: Gate.evaluate(first.gate, t)
+        return Gate.evaluate(first.gate, token)
+
+    first.gate.evaluate = second_starts_during_first_window
+    assert first.run()["result"] == "promoted"
+    assert "held by another rollout (%s)" % first.holder in results["second"]
+
+
+def test_a_different_plan_does_not_resume_someone_elses_rollout():
+    store, _gate, _clock, first = make(verdicts=["pass", "fail"], on_failure="hold")
+    first.run()
+    _s, _g, _c, other = make(store=store, steps=(20, 40))
+    with pytest.raises(ro.RolloutError, match="unfinished rollout .*steps \\[5, 10, 25, 50\\].*restart: true"):
+        other.run()
+    _s, gate, _c, restart = make(store=store, steps=(20, 40), restart=True)
+    assert restart.run()["result"] == "promoted" and gate.seen == [20, 40]
+
+
+def test_promoted_rerun_changes_nothing():
+    store, _gate, _clock, rollout = make()
+    rollout.run()
+    writes = store.calls["write"]
+    _s, gate, _c, rerun = make(store=store)
+    result = rerun.run()
+    assert result["changed"] is False and result["result"] == "promoted" and store.calls["write"] == writes and gate.seen == []
+
+
+def test_check_mode_plans_and_writes_nothing():
+    store, gate, _clock, rollout = make()
+    result = rollout.run(check_mode=True)
+    assert result["result"] == "planned" and store.calls["write"] == 0 and gate.seen == []
+    assert [row["weight"] for row in result["schedule"]] == [5, 10, 25, 50, 100]
+    assert result["planned_seconds"] == 120.0
+
+
+def test_wait_for_mesh_times_out_into_rollback():
+    store, gate, _clock, rollout = make(wait_for_mesh=True, mesh_timeout=5, poll_interval=1)
+    result = rollout.run()
+    assert result["result"] == "rolled_back" and "did not report generation" in result["reason"]
+    assert gate.seen == []
+
+
+def test_wait_for_mesh_starts_the_window_once_the_generation_is_observed():
+    store, gate, clock, rollout = make(wait_for_mesh=True, mesh_timeout=30, poll_interval=1)
+    original_get = store.get
+
+    def get_with_translator(plural, namespace, name):
+        obj = store.objects[(plural, namespace, name)]
+        obj["status"] = {"observedGeneration": obj["metadata"]["generation"]}
+        return original_get(plural, namespace, name)
+
+    store.get = get_with_translator
+    result = rollout.run()
+    assert result["result"] == "promoted" and all("mesh_ready" in e for e in result["timeline"][:4])
+
+
+def test_unknown_canary_subset_is_refused_before_any_write():
+    store = FakeIstio(objects())
+    change = WeightChange(store, "shop", "payment", route_name="primary")
+    rollout = ro.Rollout(change, Gate(store), "v1", "v3", ro.plan_steps([5]))
+    with pytest.raises(ro.TrafficError, match="subset v3 is not defined"):
+        rollout.run()
+    assert store.calls["write"] == 0
+
+
+def test_same_stable_and_canary_is_refused():
+    with pytest.raises(ro.RolloutError, match="same subset"):
+        ro.Rollout(None, None, "v1", "v1", ro.plan_steps([5]))
+
+
+def test_an_api_error_mid_rollout_rolls_back_and_says_so():
+    store, gate, _clock, rollout = make()
+
+    def crash(token):
+        if gate.windows == 2:
+            raise RuntimeError("prometheus client crashed")
+        return Gate.evaluate(gate, token)
+
+    gate.evaluate = crash
+    with pytest.raises(ro.RolloutError, match="stopped on an error: prometheus client crashed; rolled back done: weights now {'v1': 100, 'v2': 0}"):
+        rollout.run()
+    assert current_weights(store.route("payment", "shop", 1)) == {"v1": 100, "v2": 0}
+
+
+def test_forbidden_before_any_write_changes_nothing():
+    store, _gate, _clock, rollout = make()
+    store.forbidden = True
+    with pytest.raises(Exception, match="403"):
+        rollout.run()
+    assert current_weights(store.route("payment", "shop", 1)) == {"v1": 100, "v2": 0}
