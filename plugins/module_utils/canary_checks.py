@@ -144,7 +144,7 @@ class CanaryTarget:
     host            the service host (for custom queries and http checks: {{ host }})
     """
 
-    def __init__(self, namespace, workload, version=None, stable_version=None, host=None):
+    def __init__(self, namespace=None, workload=None, version=None, stable_version=None, host=None):
         self.namespace = namespace
         self.workload = workload
         self.version = version
@@ -394,6 +394,8 @@ def _fmt_number(value):
         return "none"
     if isinstance(value, float) and math.isnan(value):
         return "NaN"
+    if isinstance(value, float) and math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
     if isinstance(value, float) and value == int(value) and abs(value) < 1e15:
         return str(int(value))
     return "%.6g" % value

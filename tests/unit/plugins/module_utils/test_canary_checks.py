@@ -1,0 +1,739 @@
+# -*- coding: utf-8 -*-
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The health-check engine with fakes: no Prometheus, no cluster, no real time."""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from ansible_collections.onprem.mesh.plugins.module_utils import canary_checks as cc
+from ansible_collections.onprem.mesh.plugins.module_utils.prometheus import (
+    PrometheusClient,
+    PrometheusError,
+    TransportError,
+    urls_transport,
+)
+
+NAN = float("nan")
+TARGET = dict(namespace="shop", workload="reviews-v2", version="v2", stable_version="v1", host="reviews.shop.svc")
+
+
+# ------------------------------------------------------------------------------------------------
+# Fakes
+# ------------------------------------------------------------------------------------------------
+
+class FakeClock:
+    """Monotonic clock whose sleep() advances it; counts sleeps."""
+
+    def __init__(self):
+        self.now = 1000.0
+        self.sleeps = []
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+class FakeProm:
+    """query(promql) answered by the first matching rule: (substring, answer or list of answers per call)."""
+
+    def __init__(self, traffic=100.0, **answers):
+        self.queries = []
+        self.traffic = traffic
+        self.answers = answers  # keys: success_rate, latency, custom
+        self.calls = {}
+
+    def _answer(self, key):
+        answer = self.answers.get(key, [])
+        if isinstance(answer, list) and answer and isinstance(answer[0], list):  # a sequence of answers per call
+            n = self.calls.get(key, 0)
+            self.calls[key] = n + 1
+            answer = answer[min(n, len(answer) - 1)]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def query(self, promql):
+        self.queries.append(promql)
+        if promql.startswith("sum(increase(istio_requests_total"):
+            if isinstance(self.traffic, Exception):
+                raise self.traffic
+            return [] if self.traffic is None else [({}, float(self.traffic))]
+        if promql.startswith("histogram_quantile"):
+            return self._answer("latency")
+        if "istio_requests_total" in promql and "response_code!~" in promql:
+            return self._answer("success_rate")
+        return self._answer("custom")
+
+
+class FakeReader:
+    def __init__(self, deployment=None, pods=None, error=None):
+        self.deployment = deployment
+        self.pods = pods or []
+        self.error = error
+        self.selectors = []
+
+    def read_deployment(self, namespace, name):
+        if self.error:
+            raise self.error
+        return self.deployment
+
+    def list_pods(self, namespace, label_selector):
+        self.selectors.append(label_selector)
+        return self.pods
+
+
+def deployment(replicas=3, available=3, updated=3, generation=2, observed=2):
+    return {"metadata": {"name": "reviews-v2", "namespace": "shop", "generation": generation},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "reviews", "version": "v2"}}},
+            "status": {"availableReplicas": available, "updatedReplicas": updated, "observedGeneration": observed}}
+
+
+def pod(name, restarts=0, finished=None, created="2025-01-01T00:00:00Z", uid=None, container="app"):
+    status = {"name": container, "restartCount": restarts}
+    if finished:
+        status["lastState"] = {"terminated": {"finishedAt": finished}}
+    return {"metadata": {"name": name, "uid": uid or name + "-uid", "creationTimestamp": created},
+            "status": {"containerStatuses": [status]}}
+
+
+def params(*checks, **top):
+    out = dict(prometheus_url="http://127.0.0.1:9", checks=list(checks), retry_inconclusive_for=0)
+    out.update(top)
+    return out
+
+
+def run(p, prom=None, reader=None, http=None, clock=None, window_start=None, target=None, wall=None):
+    clock = clock or FakeClock()
+    return cc.evaluate_gate(p, target or TARGET, k8s=reader, http=http, clock=clock, sleep=clock.sleep,
+                            window_start=window_start, prometheus=prom, wall_clock=wall or (lambda: 1767225600.0))
+
+
+SR = dict(name="errors", type="success_rate", min=99)
+LAT = dict(name="p99", type="latency", max=500)
+
+
+# ------------------------------------------------------------------------------------------------
+# Queries and templates
+# ------------------------------------------------------------------------------------------------
+
+def test_success_rate_query_selects_canary_istio_labels():
+    q = cc.success_rate_query(TARGET, "1m")
+    sel = 'reporter="destination",destination_workload_namespace="shop",destination_workload="reviews-v2",destination_version="v2"'
+    assert q == ('sum(rate(istio_requests_total{%s,response_code!~"5.."}[1m])) / sum(rate(istio_requests_total{%s}[1m])) * 100'
+                 % (sel, sel))
+
+
+def test_latency_query_is_histogram_quantile_summed_by_le():
+    q = cc.latency_query(dict(namespace="shop", workload="reviews-v2"), "30s", 0.95, "source")
+    assert q == ('histogram_quantile(0.95, sum by (le) (rate(istio_request_duration_milliseconds_bucket{reporter="source",'
+                 'destination_workload_namespace="shop",destination_workload="reviews-v2"}[30s])))')
+
+
+def test_label_values_are_escaped():
+    q = cc.request_count_query(dict(namespace='a"b', workload="c\\d"), "1m")
+    assert 'destination_workload_namespace="a\\"b"' in q and 'destination_workload="c\\\\d"' in q
+
+
+def test_render_query_replaces_all_placeholders():
+    out = cc.render_query('x{ns="{{ namespace }}",w="{{workload}}",v="{{  version }}",s="{{ stable_version }}",'
+                          'h="{{ host }}"}[{{ window }}]', TARGET, "2m")
+    assert out == 'x{ns="shop",w="reviews-v2",v="v2",s="v1",h="reviews.shop.svc"}[2m]'
+
+
+def test_custom_query_is_rendered_and_run():
+    prom = FakeProm(custom=[({}, 0.2)])
+    gate = run(params(dict(name="resets", type="promql", query='sum(rate(x{ns="{{ namespace }}"}[{{ window }}]))', max=1),
+                      analysis_window="5m"), prom)
+    assert gate["verdict"] == "pass"
+    assert prom.queries == ['sum(rate(x{ns="shop"}[5m]))']  # no traffic guard unless min_requests is set
+    assert gate["checks"][0]["query"] == 'sum(rate(x{ns="shop"}[5m]))'
+
+
+def test_window_seconds():
+    assert cc.window_seconds("1m30s") == 90
+    assert cc.window_seconds("500ms") == 0.5
+
+
+def test_label_selector_from_match_labels_and_expressions():
+    sel = {"matchLabels": {"version": "v2", "app": "reviews"},
+           "matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "b"]},
+                                {"key": "x", "operator": "NotIn", "values": ["y"]},
+                                {"key": "e", "operator": "Exists"}, {"key": "d", "operator": "DoesNotExist"}]}
+    assert cc.label_selector(sel) == "app=reviews,version=v2,tier in (a,b),x notin (y),e,!d"
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("checks, top, message", [
+    ([SR, dict(name="lat", type="latency")], {}, "checks[1].max: latency check needs max (milliseconds), e.g. max: 500"),
+    ([dict(name="e", type="success_rate")], {}, "checks[0].min: success_rate check needs min (percent of non-5xx requests)"),
+    ([dict(name="e", type="success_rate", min=99.5 * 2)], {}, "checks[0].min: success_rate is a percentage"),
+    ([dict(name="e", type="success_rate", min=99, max=1)], {}, "checks[0].max: a success_rate check does not take max"),
+    ([dict(name="l", type="latency", max=5, quantile=99)], {}, "checks[0].quantile: must be between 0 and 1"),
+    ([dict(name="q", type="promql", min=1)], {}, "checks[0].query: promql check needs a query"),
+    ([dict(name="q", type="promql", query="up")], {}, "checks[0].min: promql check needs min or max"),
+    ([dict(name="q", type="promql", query="up", min=2, max=1)], {}, "checks[0].min: min 2 is greater than max 1"),
+    ([dict(name="q", type="promql", query="x{a='{{ nope }}'}", max=1)], {}, "checks[0].query: unknown placeholder {{ nope }}"),
+    ([dict(name="q", type="bogus")], {}, "checks[0].type: 'bogus' is not a check type"),
+    ([dict(type="latency", max=1)], {}, "checks[0].name: every check needs a name"),
+    ([SR, dict(SR)], {}, "checks[1].name: 'errors' is used twice"),
+    ([dict(SR, on_nan="maybe")], {}, "checks[0].on_nan: 'maybe' is not one of fail, pass, inconclusive"),
+    ([dict(SR, colour="red")], {}, "checks[0]: unknown option(s) colour"),
+    ([dict(name="h", type="http", url="ftp://x")], {}, "checks[0].url: http check needs an http:// or https:// URL"),
+    ([dict(name="h", type="http", url="http://x", method="FETCH")], {}, "checks[0].method: 'FETCH' is not an HTTP method"),
+    ([SR], {"prometheus_url": None}, "prometheus_url: success_rate, latency and promql checks need it"),
+    ([SR], {"analysis_window": "1 minute"}, "analysis_window: '1 minute' is not a PromQL duration"),
+    ([SR], {"retry_inconclusive_for": 7200}, "retry_inconclusive_for: 7200 s is more than the 3600 s limit"),
+    ([SR], {"retry_interval": 0}, "retry_interval: must be at least 1 second"),
+    ([SR], {"on_error": "ignore"}, "on_error: 'ignore' is not one of fail, pass, inconclusive"),
+    ([], {}, "checks: the gate has no checks"),
+])
+def test_spec_errors_name_the_field_and_the_fix(checks, top, message):
+    with pytest.raises(cc.CanaryCheckError) as err:
+        run(params(*checks, **top), FakeProm())
+    assert message in str(err.value)
+    assert isinstance(err.value, ValueError)
+
+
+def test_placeholder_without_target_value_is_an_error():
+    with pytest.raises(cc.CanaryCheckError, match=r"checks\[0\].query: uses \{\{ version \}\} but the target has no version"):
+        run(params(dict(name="q", type="promql", query='x{v="{{ version }}"}', max=1)), FakeProm(),
+            target=dict(namespace="shop", workload="w"))
+
+
+def test_builtin_check_needs_namespace_and_workload():
+    with pytest.raises(cc.CanaryCheckError, match=r"checks\[0\]: a success_rate check needs the target's workload"):
+        run(params(SR), FakeProm(), target=dict(namespace="shop"))
+
+
+def test_unknown_target_key():
+    with pytest.raises(cc.CanaryCheckError, match="target: unknown keys colour"):
+        run(params(SR), FakeProm(), target=dict(TARGET, colour="red"))
+
+
+def test_argspec_has_the_contract_keys():
+    for key in ("prometheus_url", "prometheus_validate_certs", "prometheus_headers", "checks", "analysis_window", "min_requests",
+                "retry_inconclusive_for", "retry_interval", "on_no_data", "on_nan", "on_error", "on_low_traffic"):
+        assert key in cc.CHECKS_ARGSPEC
+    assert cc.CHECKS_ARGSPEC["prometheus_headers"]["no_log"] is True
+    assert cc.CHECKS_ARGSPEC["prometheus_validate_certs"]["default"] is True
+    assert all(cc.CHECKS_ARGSPEC[p]["default"] == "inconclusive" for p in cc.POLICY_NAMES)
+
+
+# ------------------------------------------------------------------------------------------------
+# Verdicts and thresholds
+# ------------------------------------------------------------------------------------------------
+
+def test_healthy_canary_passes_with_values():
+    gate = run(params(SR, LAT), FakeProm(success_rate=[({}, 99.7)], latency=[({}, 120.0)]))
+    assert gate["verdict"] == "pass"
+    assert [(c["name"], c["value"], c["verdict"], c["attempts"]) for c in gate["checks"]] == [
+        ("errors", 99.7, "pass", 1), ("p99", 120.0, "pass", 1)]
+    assert gate["checks"][0]["threshold"] == ">= 99 %" and gate["checks"][1]["threshold"] == "<= 500 ms"
+    assert gate["checks"][0]["requests"] == 100.0
+    assert set(gate) >= {"verdict", "checks", "started", "ended", "duration", "reason"}
+    assert gate["started"].startswith("2026-01-01T00:00:00")
+
+
+@pytest.mark.parametrize("value, verdict", [(99.0, "pass"), (98.999, "fail"), (100.0, "pass"), (0.0, "fail")])
+def test_success_rate_boundary(value, verdict):
+    gate = run(params(SR), FakeProm(success_rate=[({}, value)]))
+    assert gate["checks"][0]["verdict"] == verdict and gate["verdict"] == verdict
+
+
+@pytest.mark.parametrize("value, verdict", [(500.0, "pass"), (500.001, "fail"), (float("inf"), "fail")])
+def test_latency_boundary(value, verdict):
+    gate = run(params(LAT), FakeProm(latency=[({}, value)]))
+    assert gate["checks"][0]["verdict"] == verdict
+
+
+def test_failure_message_names_check_and_value():
+    gate = run(params(SR, LAT), FakeProm(success_rate=[({}, 80.0)], latency=[({}, 100.0)]))
+    assert gate["verdict"] == "fail"
+    assert "errors (success_rate): fail - 80 % is not >= 99 %" in gate["reason"]
+    assert "p99" not in gate["reason"]
+
+
+def test_promql_range_min_and_max():
+    check = dict(name="q", type="promql", query="up", min=1, max=3)
+    assert run(params(check), FakeProm(custom=[({}, 1.0)]))["verdict"] == "pass"
+    assert run(params(check), FakeProm(custom=[({}, 3.0)]))["verdict"] == "pass"
+    assert run(params(check), FakeProm(custom=[({}, 3.5)]))["verdict"] == "fail"
+    assert run(params(check), FakeProm(custom=[({}, 0.5)]))["checks"][0]["threshold"] == "between 1 and 3"
+
+
+def test_multiple_series_every_one_must_pass_and_the_worst_is_reported():
+    check = dict(name="q", type="promql", query="per_pod", max=10)
+    samples = [({"pod": "a"}, 1.0), ({"pod": "b"}, 12.0), ({"pod": "c"}, 5.0)]
+    gate = run(params(check), FakeProm(custom=samples))
+    c = gate["checks"][0]
+    assert c["verdict"] == "fail" and c["value"] == 12.0
+    assert "worst of 3 series: pod=b" in c["reason"]
+    gate = run(params(dict(check, max=None, min=2)), FakeProm(custom=samples))
+    assert gate["checks"][0]["value"] == 1.0 and gate["verdict"] == "fail"
+
+
+def test_scalar_like_result_with_no_labels():
+    gate = run(params(dict(name="q", type="promql", query="scalar(up)", min=1)), FakeProm(custom=[({}, 1.0)]))
+    assert gate["verdict"] == "pass"
+
+
+# ------------------------------------------------------------------------------------------------
+# Policies: nothing passes by accident
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", ["fail", "pass", "inconclusive"])
+def test_empty_vector_follows_on_no_data(policy):
+    gate = run(params(dict(SR, on_no_data=policy), on_still_inconclusive="inconclusive"), FakeProm(success_rate=[]))
+    c = gate["checks"][0]
+    assert c["verdict"] == policy and gate["verdict"] == policy
+    assert "no data" in c["reason"] and "on_no_data: %s" % policy in c["reason"]
+    assert c["value"] is None
+
+
+def test_empty_vector_is_never_pass_by_default():
+    gate = run(params(SR), FakeProm(success_rate=[]))
+    assert gate["verdict"] == "fail"
+    assert "still inconclusive" in gate["checks"][0]["reason"]
+
+
+@pytest.mark.parametrize("policy", ["fail", "pass", "inconclusive"])
+def test_nan_follows_on_nan(policy):
+    gate = run(params(LAT, on_nan=policy, on_still_inconclusive="inconclusive"), FakeProm(latency=[({}, NAN)]))
+    assert gate["checks"][0]["verdict"] == policy
+    assert "NaN" in gate["checks"][0]["reason"]
+
+
+def test_nan_in_one_series_of_several_is_nan():
+    gate = run(params(dict(name="q", type="promql", query="x", max=1)), FakeProm(custom=[({"a": "1"}, 0.5), ({"a": "2"}, NAN)]))
+    assert gate["verdict"] == "fail" and "NaN for 1 of 2 series" in gate["checks"][0]["reason"]
+
+
+@pytest.mark.parametrize("policy", ["fail", "pass", "inconclusive"])
+def test_query_error_follows_on_error(policy):
+    err = PrometheusError("unreachable", "Prometheus at prometheus_url http://127.0.0.1:9 is unreachable: refused")
+    gate = run(params(dict(SR, on_error=policy), on_still_inconclusive="inconclusive"), FakeProm(traffic=err))
+    c = gate["checks"][0]
+    assert c["verdict"] == policy and "prometheus_url http://127.0.0.1:9" in c["reason"]
+
+
+def test_bad_query_400_fails_at_once_even_with_error_policy_pass():
+    err = PrometheusError("bad_query", "Prometheus at http://p rejected the query (HTTP 400 bad_data: parse error). Fix the PromQL: x{",
+                          status=400)
+    clock = FakeClock()
+    gate = run(params(dict(name="q", type="promql", query="x{", max=1, on_error="pass"), retry_inconclusive_for=60),
+               FakeProm(custom=err), clock=clock)
+    c = gate["checks"][0]
+    assert c["verdict"] == "fail" and c["attempts"] == 1 and clock.sleeps == []
+    assert "configuration error, not retried" in c["reason"] and "bad_data: parse error" in c["reason"]
+
+
+@pytest.mark.parametrize("policy", ["fail", "pass", "inconclusive"])
+def test_low_traffic_follows_on_low_traffic(policy):
+    prom = FakeProm(traffic=3, success_rate=[({}, 100.0)])
+    gate = run(params(dict(SR, on_low_traffic=policy), on_still_inconclusive="inconclusive"), prom)
+    c = gate["checks"][0]
+    assert c["verdict"] == policy and c["requests"] == 3
+    assert "low traffic: 3 requests to shop/reviews-v2 in 1m, min_requests is 10" in c["reason"]
+    assert len(prom.queries) == 1  # the metric itself was not judged
+
+
+def test_low_traffic_boundary_and_no_series():
+    assert run(params(SR), FakeProm(traffic=10, success_rate=[({}, 100.0)]))["verdict"] == "pass"
+    gate = run(params(SR), FakeProm(traffic=None, success_rate=[({}, 100.0)]))
+    assert gate["verdict"] == "fail" and "low traffic: 0 requests" in gate["checks"][0]["reason"]
+
+
+def test_min_requests_per_check_and_off():
+    prom = FakeProm(traffic=30, success_rate=[({}, 100.0)])
+    gate = run(params(dict(SR, min_requests=50)), prom)
+    assert "min_requests is 50" in gate["checks"][0]["reason"]
+    prom = FakeProm(traffic=0, success_rate=[({}, 100.0)])
+    assert run(params(SR, min_requests=0), prom)["verdict"] == "pass"
+    assert len(prom.queries) == 1
+
+
+def test_promql_check_with_min_requests_uses_the_traffic_guard():
+    prom = FakeProm(traffic=2, custom=[({}, 0.0)])
+    gate = run(params(dict(name="q", type="promql", query="x", max=1, min_requests=5, on_low_traffic="fail")), prom)
+    assert gate["verdict"] == "fail" and prom.queries[0].startswith("sum(increase(istio_requests_total")
+
+
+def test_global_policy_applies_and_check_policy_overrides():
+    prom = FakeProm(success_rate=[], latency=[])
+    gate = run(params(SR, dict(LAT, on_no_data="fail"), on_no_data="pass"), prom)
+    assert [c["verdict"] for c in gate["checks"]] == ["pass", "fail"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Retries: bounded in count and (fake) time
+# ------------------------------------------------------------------------------------------------
+
+def test_inconclusive_is_retried_then_fails_within_bounded_time():
+    clock = FakeClock()
+    prom = FakeProm(success_rate=[])
+    gate = run(params(SR, retry_inconclusive_for=30, retry_interval=10), prom, clock=clock)
+    c = gate["checks"][0]
+    assert c["verdict"] == "fail" and c["attempts"] == 4
+    assert clock.sleeps == [10, 10, 10]
+    assert gate["duration"] == 30 and gate["rounds"] == 4
+    assert "still inconclusive after 4 attempt(s) in 30s (retry_inconclusive_for 30)" in c["reason"]
+
+
+def test_retry_stops_even_when_the_clock_jumps():
+    clock = FakeClock()
+
+    def slow_sleep(seconds):
+        clock.sleeps.append(seconds)
+        clock.now += seconds * 5  # a slow world: each sleep takes longer than asked
+
+    gate = cc.evaluate_gate(params(SR, retry_inconclusive_for=100, retry_interval=10), TARGET, clock=clock, sleep=slow_sleep,
+                            prometheus=FakeProm(success_rate=[]))
+    assert gate["verdict"] == "fail" and len(clock.sleeps) == 2
+
+
+def test_inconclusive_then_data_arrives_passes():
+    clock = FakeClock()
+    prom = FakeProm(success_rate=[[], [({}, NAN)], [({}, 99.9)]])
+    gate = run(params(SR, retry_inconclusive_for=60, retry_interval=5), prom, clock=clock)
+    c = gate["checks"][0]
+    assert gate["verdict"] == "pass" and c["attempts"] == 3 and c["value"] == 99.9
+    assert clock.sleeps == [5, 5]
+
+
+def test_passing_checks_are_not_rerun_while_others_retry():
+    prom = FakeProm(success_rate=[[], [({}, 99.5)]], latency=[({}, 10.0)])
+    gate = run(params(SR, LAT, retry_inconclusive_for=20, retry_interval=10), prom)
+    assert [c["attempts"] for c in gate["checks"]] == [2, 1]
+    assert gate["verdict"] == "pass"
+
+
+def test_a_failure_ends_the_gate_without_retrying_others():
+    clock = FakeClock()
+    prom = FakeProm(success_rate=[({}, 50.0)], latency=[])
+    gate = run(params(SR, LAT, retry_inconclusive_for=60, retry_interval=10), prom, clock=clock)
+    assert gate["verdict"] == "fail" and clock.sleeps == []
+    assert [c["attempts"] for c in gate["checks"]] == [1, 1]
+
+
+def test_on_still_inconclusive_keeps_the_gate_inconclusive():
+    gate = run(params(SR, on_still_inconclusive="inconclusive"), FakeProm(success_rate=[]))
+    assert gate["verdict"] == "inconclusive"
+    assert "errors (success_rate): inconclusive" in gate["reason"]
+
+
+def test_retry_zero_evaluates_once():
+    clock = FakeClock()
+    gate = run(params(SR, retry_inconclusive_for=0), FakeProm(success_rate=[]), clock=clock)
+    assert gate["checks"][0]["attempts"] == 1 and clock.sleeps == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Prometheus client over a fake transport
+# ------------------------------------------------------------------------------------------------
+
+def transport_answering(status, body, record=None):
+    def transport(url, method="GET", headers=None, data=None, validate_certs=True, timeout=10):
+        if record is not None:
+            record.append(dict(url=url, method=method, headers=headers, validate_certs=validate_certs, timeout=timeout))
+        if isinstance(status, Exception):
+            raise status
+        return status, body if isinstance(body, bytes) else json.dumps(body).encode()
+    return transport
+
+
+def vector(*values):
+    return {"status": "success", "data": {"resultType": "vector", "result": [
+        {"metric": {"i": str(i)}, "value": [1700000000.0, v]} for i, v in enumerate(values)]}}
+
+
+def test_client_parses_vector_nan_and_inf():
+    seen = []
+    client = PrometheusClient("http://p:9090/", headers={"Authorization": "Bearer t"}, validate_certs=False,
+                              transport=transport_answering(200, vector("1.5", "NaN", "+Inf"), seen))
+    samples = client.query('up{job="x"}')
+    assert samples[0] == ({"i": "0"}, 1.5) and math.isnan(samples[1][1]) and samples[2][1] == float("inf")
+    assert seen[0]["url"] == "http://p:9090/api/v1/query?query=up%7Bjob%3D%22x%22%7D"
+    assert seen[0]["method"] == "GET" and seen[0]["headers"]["Authorization"] == "Bearer t" and seen[0]["validate_certs"] is False
+
+
+def test_client_scalar_and_matrix():
+    client = PrometheusClient("http://p", transport=transport_answering(
+        200, {"status": "success", "data": {"resultType": "scalar", "result": [1, "42"]}}))
+    assert client.query("scalar(1)") == [({}, 42.0)]
+    client = PrometheusClient("http://p", transport=transport_answering(
+        200, {"status": "success", "data": {"resultType": "matrix", "result": []}}))
+    with pytest.raises(PrometheusError, match="must return an instant vector or a scalar, it returned a matrix"):
+        client.query("up[5m]")
+
+
+def test_client_400_is_bad_query_quoting_prometheus_and_the_query():
+    body = {"status": "error", "errorType": "bad_data", "error": "1:6: parse error: unexpected end of input"}
+    client = PrometheusClient("http://p", transport=transport_answering(400, body))
+    with pytest.raises(PrometheusError) as err:
+        client.query("sum(x")
+    assert err.value.kind == "bad_query" and err.value.status == 400
+    assert "bad_data: 1:6: parse error: unexpected end of input" in str(err.value) and "sum(x" in str(err.value)
+
+
+def test_client_422_503_and_garbage_are_query_errors():
+    body = {"status": "error", "errorType": "execution", "error": "many-to-many matching not allowed"}
+    with pytest.raises(PrometheusError) as err:
+        PrometheusClient("http://p", transport=transport_answering(422, body)).query("a / b")
+    assert err.value.kind == "query_error" and "HTTP 422" in str(err.value) and "many-to-many" in str(err.value)
+    with pytest.raises(PrometheusError) as err:
+        PrometheusClient("http://p", transport=transport_answering(200, b"<html>login</html>")).query("up")
+    assert err.value.kind == "bad_response" and "did not answer like the Prometheus HTTP API" in str(err.value)
+
+
+def test_client_unreachable_names_prometheus_url():
+    client = PrometheusClient("http://127.0.0.1:9", transport=transport_answering(TransportError("connection refused"), b""))
+    with pytest.raises(PrometheusError) as err:
+        client.query("up")
+    assert err.value.kind == "unreachable" and "prometheus_url http://127.0.0.1:9 is unreachable: connection refused" in str(err.value)
+
+
+def test_gate_through_http_transport_400_and_422():
+    body = {"status": "error", "errorType": "bad_data", "error": "parse error"}
+    gate = run(params(dict(name="q", type="promql", query="x{", max=1), retry_inconclusive_for=30),
+               http=transport_answering(400, body))
+    assert gate["checks"][0]["attempts"] == 1 and "HTTP 400 bad_data: parse error" in gate["checks"][0]["reason"]
+    gate = run(params(dict(name="q", type="promql", query="x", max=1, on_error="fail")),
+               http=transport_answering(422, {"status": "error", "errorType": "execution", "error": "boom"}))
+    assert gate["verdict"] == "fail" and "(on_error: fail)" in gate["checks"][0]["reason"]
+
+
+# ------------------------------------------------------------------------------------------------
+# workload_ready
+# ------------------------------------------------------------------------------------------------
+
+READY = dict(name="ready", type="workload_ready")
+
+
+@pytest.mark.parametrize("dep, verdict, words", [
+    (deployment(), "pass", "3/3 replicas available and updated"),
+    (deployment(available=2), "fail", "2/3 replicas available"),
+    (deployment(updated=1), "fail", "1 updated"),
+    (deployment(replicas=0, available=0, updated=0), "fail", "spec.replicas 0"),
+    (deployment(generation=3, observed=2), "fail", "has not observed generation 3"),
+])
+def test_workload_ready(dep, verdict, words):
+    gate = run(params(READY), reader=FakeReader(dep))
+    assert gate["checks"][0]["verdict"] == verdict and words in gate["checks"][0]["reason"]
+
+
+def test_workload_ready_min_available_boundary():
+    assert run(params(dict(READY, min_available=2)), reader=FakeReader(deployment(available=2)))["verdict"] == "pass"
+    gate = run(params(dict(READY, min_available=2)), reader=FakeReader(deployment(available=1)))
+    assert gate["verdict"] == "fail" and gate["checks"][0]["value"] == 1 and gate["checks"][0]["threshold"] == ">= 2 available"
+
+
+def test_workload_not_found_fails_and_api_errors_follow_on_error():
+    gate = run(params(READY, retry_inconclusive_for=60), reader=FakeReader(error=cc.K8sReadError("reading Deployment: 404", 404)))
+    assert gate["verdict"] == "fail" and gate["checks"][0]["attempts"] == 1 and "must exist" in gate["checks"][0]["reason"]
+    gate = run(params(dict(READY, on_error="pass")), reader=FakeReader(error=cc.K8sReadError("API unreachable")))
+    assert gate["verdict"] == "pass" and "(on_error: pass)" in gate["checks"][0]["reason"]
+
+
+def test_workload_check_without_connection_is_not_a_pass():
+    gate = run(params(READY))
+    assert gate["verdict"] == "fail" and "no Kubernetes connection" in gate["checks"][0]["reason"]
+
+
+def test_workload_check_does_not_need_prometheus_url():
+    gate = run(params(READY, prometheus_url=None), reader=FakeReader(deployment()))
+    assert gate["verdict"] == "pass"
+
+
+# ------------------------------------------------------------------------------------------------
+# no_restarts with and without a baseline
+# ------------------------------------------------------------------------------------------------
+
+RESTARTS = dict(name="restarts", type="no_restarts")
+
+
+def test_baseline_then_no_increase_passes():
+    reader = FakeReader(deployment(), [pod("a", 2), pod("b", 0)])
+    baseline = cc.take_baseline(params(RESTARTS), TARGET, k8s=reader, wall_clock=lambda: 1767225600.0)
+    assert baseline["restarts"]["a-uid"] == {"name": "a", "containers": {"app": 2}}
+    assert reader.selectors == ["app=reviews,version=v2"]
+    gate = run(params(RESTARTS), reader=reader, window_start=baseline)
+    assert gate["verdict"] == "pass" and gate["checks"][0]["value"] == 0 and "since the baseline" in gate["checks"][0]["reason"]
+
+
+def test_baseline_then_increase_and_new_pod_fail():
+    reader = FakeReader(deployment(), [pod("a", 2)])
+    baseline = cc.take_baseline(params(RESTARTS), TARGET, k8s=reader)
+    reader.pods = [pod("a", 3), pod("c", 1)]
+    gate = run(params(RESTARTS), reader=reader, window_start=baseline)
+    c = gate["checks"][0]
+    assert c["verdict"] == "fail" and c["value"] == 2
+    assert "a/app +1 (restartCount 3)" in c["reason"] and "c/app +1" in c["reason"]
+    assert run(params(dict(RESTARTS, max=2)), reader=reader, window_start=baseline)["verdict"] == "pass"
+
+
+def test_baseline_not_needed_without_restart_check():
+    reader = FakeReader(error=AssertionError("must not be called"))
+    baseline = cc.take_baseline(params(SR), TARGET, k8s=reader, wall_clock=lambda: 100.0)
+    assert baseline["restarts"] is None and baseline["epoch"] == 100.0
+
+
+def test_without_baseline_restarts_in_the_window_count():
+    now = 1767225600.0  # 2026-01-01T00:00:00Z; window 1m
+    pods = [pod("old", 5, finished="2025-12-31T23:50:00Z"), pod("recent", 5, finished="2025-12-31T23:59:30Z"),
+            pod("new", 2, created="2025-12-31T23:59:45Z")]
+    gate = run(params(RESTARTS), reader=FakeReader(deployment(), pods), wall=lambda: now)
+    c = gate["checks"][0]
+    assert c["verdict"] == "fail" and c["value"] == 3
+    assert "old/" not in c["reason"] and "recent/app +1" in c["reason"] and "new/app +2" in c["reason"]
+    assert "no baseline" in c["reason"]
+
+
+def test_window_start_epoch_and_baseline_errors():
+    now = 1767225600.0
+    pods = [pod("p", 1, finished="2025-12-31T23:50:00Z")]
+    # an epoch window start before the termination: it counts
+    gate = run(params(RESTARTS), reader=FakeReader(deployment(), pods), window_start=now - 3600, wall=lambda: now)
+    assert gate["verdict"] == "fail"
+    baseline = cc.take_baseline(params(RESTARTS), TARGET, k8s=FakeReader(error=cc.K8sReadError("boom")), wall_clock=lambda: now)
+    assert baseline["error"] == "boom" and baseline["restarts"] is None
+    gate = run(params(RESTARTS), reader=FakeReader(deployment(), pods), window_start=baseline, wall=lambda: now)
+    assert gate["verdict"] == "pass" and "no baseline: boom" in gate["checks"][0]["reason"]
+
+
+def test_no_pods_is_no_data():
+    gate = run(params(RESTARTS), reader=FakeReader(deployment(), []))
+    assert gate["verdict"] == "fail" and "no pods match" in gate["checks"][0]["reason"] and "on_no_data" in gate["checks"][0]["reason"]
+
+
+def test_canary_gate_object_start_window_and_evaluate():
+    reader = FakeReader(deployment(), [pod("a", 0)])
+    clock = FakeClock()
+    gate = cc.CanaryGate(params(RESTARTS, READY), TARGET, k8s=reader, clock=clock, sleep=clock.sleep)
+    token = gate.start_window()
+    reader.pods = [pod("a", 1)]
+    result = gate.evaluate(token)
+    assert result["verdict"] == "fail" and result["checks"][0]["value"] == 1 and result["checks"][1]["verdict"] == "pass"
+    with pytest.raises(cc.CanaryCheckError):
+        cc.CanaryGate(params(dict(LAT, max=None)), TARGET)
+
+
+# ------------------------------------------------------------------------------------------------
+# http checks
+# ------------------------------------------------------------------------------------------------
+
+def test_http_2xx_passes_and_renders_url():
+    seen = []
+    gate = run(params(dict(name="h", type="http", url="http://{{ host }}/healthz"), prometheus_url=None),
+               http=transport_answering(204, b"", seen))
+    assert gate["verdict"] == "pass" and seen[0]["url"] == "http://reviews.shop.svc/healthz" and seen[0]["method"] == "GET"
+
+
+def test_http_non_2xx_fails():
+    gate = run(params(dict(name="h", type="http", url="http://x/")), http=transport_answering(503, b"down"))
+    assert gate["verdict"] == "fail" and "answered HTTP 503: down" in gate["checks"][0]["reason"]
+
+
+def test_http_expect_json_subset():
+    check = dict(name="h", type="http", url="http://x/", method="post", body={"a": 1}, headers={"X-Token": "s"},
+                 expect_json={"status": "ok", "checks": [{"name": "db"}]}, validate_certs=False, timeout=3)
+    seen = []
+    good = {"status": "ok", "version": "2", "checks": [{"name": "cache", "ok": True}, {"name": "db", "ok": True}]}
+    gate = run(params(check), http=transport_answering(200, good, seen))
+    assert gate["verdict"] == "pass"
+    assert seen[0]["method"] == "POST" and seen[0]["headers"] == {"X-Token": "s", "Content-Type": "application/json"}
+    assert seen[0]["validate_certs"] is False and seen[0]["timeout"] == 3
+    gate = run(params(check), http=transport_answering(200, dict(good, status="degraded")))
+    assert gate["verdict"] == "fail" and '$.status: expected "ok", got "degraded"' in gate["checks"][0]["reason"]
+    gate = run(params(check), http=transport_answering(200, b"not json"))
+    assert gate["verdict"] == "fail" and "but not JSON" in gate["checks"][0]["reason"]
+
+
+def test_json_subset_mismatch_details():
+    assert cc.json_subset_mismatch({"a": {"b": 1}}, {"a": {"b": 1, "c": 2}}) is None
+    assert cc.json_subset_mismatch({"a": {"b": 1}}, {"a": {}}) == "$.a.b: missing"
+    assert cc.json_subset_mismatch([1], [2, 3]) == "$[0]: no element matches 1"
+    assert cc.json_subset_mismatch(True, 1) == "$: expected true, got 1"
+
+
+def test_http_no_answer_follows_on_error():
+    gate = run(params(dict(name="h", type="http", url="http://x/", on_error="fail")),
+               http=transport_answering(TransportError("refused"), b""))
+    assert gate["verdict"] == "fail" and "no answer: refused (on_error: fail)" in gate["checks"][0]["reason"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The real transport and reader, without a cluster
+# ------------------------------------------------------------------------------------------------
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        code = 400 if "bad" in self.path else 200
+        payload = json.dumps({"path": self.path, "auth": self.headers.get("Authorization")}).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_urls_transport_against_a_local_server():
+    server = HTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = "http://127.0.0.1:%d" % server.server_address[1]
+        status, body = urls_transport(base + "/ok", headers={"Authorization": "Bearer x"}, timeout=5)
+        assert status == 200 and json.loads(body) == {"path": "/ok", "auth": "Bearer x"}
+        status, body = urls_transport(base + "/bad", timeout=5)
+        assert status == 400 and json.loads(body)["path"] == "/bad"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    with pytest.raises(TransportError):
+        urls_transport(base + "/gone", timeout=5)
+
+
+@pytest.mark.skipif(not cc.HAS_K8S, reason="the kubernetes library is not installed")
+def test_k8s_reader_with_the_official_client():
+    from unittest import mock
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    api = client.ApiClient()
+    reader = cc.as_reader(api)
+    assert isinstance(reader, cc.K8sWorkloadReader)
+    dep = client.V1Deployment(metadata=client.V1ObjectMeta(name="reviews-v2", generation=1),
+                              spec=client.V1DeploymentSpec(replicas=2, selector=client.V1LabelSelector(match_labels={"app": "r"}),
+                                                           template=client.V1PodTemplateSpec()),
+                              status=client.V1DeploymentStatus(available_replicas=2, updated_replicas=2, observed_generation=1))
+    reader.apps = mock.Mock()
+    reader.apps.read_namespaced_deployment.return_value = dep
+    reader.core = mock.Mock()
+    reader.core.list_namespaced_pod.return_value = client.V1PodList(items=[client.V1Pod(
+        metadata=client.V1ObjectMeta(name="p", uid="u1"),
+        status=client.V1PodStatus(container_statuses=[client.V1ContainerStatus(
+            name="app", restart_count=1, image="i", image_id="", ready=True)]))])
+    gate = run(params(READY, RESTARTS), reader=reader)
+    assert gate["checks"][0]["verdict"] == "pass"
+    assert reader.core.list_namespaced_pod.call_args == mock.call("shop", label_selector="app=r")
+    reader.apps.read_namespaced_deployment.side_effect = ApiException(status=404, reason="Not Found")
+    gate = run(params(READY), reader=reader)
+    assert gate["verdict"] == "fail" and "Kubernetes API answered 404" in gate["checks"][0]["reason"]
