@@ -1,0 +1,175 @@
+# -*- coding: utf-8 -*-
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""canary_gate as Ansible runs it: arguments in, exit_json/fail_json out; Prometheus faked at the transport."""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import json
+
+import pytest
+
+from ansible.module_utils import basic
+from ansible.module_utils.testing import patch_module_args
+from ansible_collections.onprem.mesh.plugins.module_utils import canary_checks
+from ansible_collections.onprem.mesh.plugins.modules import canary_gate
+
+
+class ExitJson(Exception):
+    pass
+
+
+class FailJson(Exception):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def exits(monkeypatch):
+    def exit_json(self, **kwargs):
+        raise ExitJson(kwargs)
+
+    def fail_json(self, **kwargs):
+        kwargs["failed"] = True
+        raise FailJson(kwargs)
+
+    monkeypatch.setattr(basic.AnsibleModule, "exit_json", exit_json)
+    monkeypatch.setattr(basic.AnsibleModule, "fail_json", fail_json)
+
+
+def prometheus_answers(success_rate="99.9", latency="120", requests="500", status=200, error=None):
+    """A fake urls transport answering /api/v1/query like Prometheus."""
+    seen = []
+
+    def transport(url, method="GET", headers=None, data=None, validate_certs=True, timeout=10):
+        seen.append(dict(url=url, headers=headers, validate_certs=validate_certs))
+        if status != 200:
+            return status, json.dumps({"status": "error", "errorType": "bad_data", "error": error}).encode()
+        if "increase" in url:
+            value = requests
+        elif "histogram_quantile" in url:
+            value = latency
+        else:
+            value = success_rate
+        result = [] if value is None else [{"metric": {}, "value": [1700000000, value]}]
+        return 200, json.dumps({"status": "success", "data": {"resultType": "vector", "result": result}}).encode()
+
+    transport.seen = seen
+    return transport
+
+
+ARGS = dict(prometheus_url="http://127.0.0.1:9090", namespace="shop", workload="reviews-v2", version="v2",
+            retry_inconclusive_for=0,
+            checks=[dict(name="errors", type="success_rate", min=99), dict(name="p99", type="latency", max=500)])
+
+
+def run_module(monkeypatch, args, transport=None, check_mode=False):
+    if transport is not None:
+        monkeypatch.setattr(canary_checks, "urls_transport", transport)
+    args = dict(args)
+    if check_mode:
+        args["_ansible_check_mode"] = True
+    with patch_module_args(args):
+        with pytest.raises((ExitJson, FailJson)) as res:
+            canary_gate.main()
+    return res.value.args[0], isinstance(res.value, FailJson)
+
+
+def test_healthy_canary_passes(monkeypatch):
+    transport = prometheus_answers()
+    result, failed = run_module(monkeypatch, ARGS, transport)
+    assert not failed and result["changed"] is False and result["verdict"] == "pass"
+    assert [(c["name"], c["value"]) for c in result["checks"]] == [("errors", 99.9), ("p99", 120.0)]
+    assert 'destination_version%3D%22v2%22' in transport.seen[0]["url"]
+
+
+def test_check_mode_runs_the_checks_too(monkeypatch):
+    result, failed = run_module(monkeypatch, ARGS, prometheus_answers(), check_mode=True)
+    assert not failed and result["verdict"] == "pass" and result["changed"] is False
+
+
+def test_failing_verdict_fails_the_task_naming_checks_and_values(monkeypatch):
+    result, failed = run_module(monkeypatch, ARGS, prometheus_answers(success_rate="80"))
+    assert failed and result["verdict"] == "fail"
+    assert result["msg"].startswith("canary gate verdict fail: errors (success_rate): fail - 80 % is not >= 99 %")
+    assert "p99" not in result["msg"]
+    assert result["checks"][1]["verdict"] == "pass"
+
+
+def test_fail_on_verdict_false_returns_the_verdict(monkeypatch):
+    result, failed = run_module(monkeypatch, dict(ARGS, fail_on_verdict=False), prometheus_answers(latency="900"))
+    assert not failed and result["verdict"] == "fail" and result["checks"][1]["value"] == 900.0
+
+
+def test_inconclusive_verdict_also_fails_the_task(monkeypatch):
+    result, failed = run_module(monkeypatch, dict(ARGS, on_still_inconclusive="inconclusive"), prometheus_answers(success_rate=None))
+    assert failed and result["verdict"] == "inconclusive" and "canary gate verdict inconclusive" in result["msg"]
+
+
+def test_bad_promql_quotes_prometheus(monkeypatch):
+    args = dict(ARGS, checks=[dict(name="q", type="promql", query="sum(x", max=1)])
+    result, failed = run_module(monkeypatch, args, prometheus_answers(status=400, error="parse error: unclosed left parenthesis"))
+    assert failed and "HTTP 400 bad_data: parse error: unclosed left parenthesis" in result["msg"] and "sum(x" in result["msg"]
+
+
+def test_spec_error_is_a_clear_failure(monkeypatch):
+    args = dict(ARGS, checks=[dict(name="errors", type="success_rate", min=99), dict(name="lat", type="latency")])
+    result, failed = run_module(monkeypatch, args, prometheus_answers())
+    assert failed
+    assert result["msg"] == ("invalid canary checks: checks[1].max: latency check needs max (milliseconds), e.g. max: 500")
+
+
+def test_argument_spec_rejects_wrong_choice(monkeypatch):
+    args = dict(ARGS, checks=[dict(name="x", type="nope")])
+    result, failed = run_module(monkeypatch, args, prometheus_answers())
+    assert failed and "type" in result["msg"] and "nope" in result["msg"]
+
+
+def test_prometheus_headers_are_sent_and_not_logged(monkeypatch):
+    transport = prometheus_answers()
+    args = dict(ARGS, prometheus_headers={"Authorization": "Bearer s3cr3t-token"}, prometheus_validate_certs=False)
+    result, failed = run_module(monkeypatch, args, transport)
+    assert not failed
+    assert transport.seen[0]["headers"]["Authorization"] == "Bearer s3cr3t-token" and transport.seen[0]["validate_certs"] is False
+    assert "s3cr3t-token" not in json.dumps(result)
+
+
+def test_workload_checks_build_the_api_client(monkeypatch):
+    built = []
+
+    class Reader:
+        def read_deployment(self, namespace, name):
+            return {"metadata": {"generation": 1}, "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "r"}}},
+                    "status": {"availableReplicas": 1, "updatedReplicas": 1, "observedGeneration": 1}}
+
+        def list_pods(self, namespace, selector):
+            return []
+
+    def build(params):
+        built.append(params["host"])
+        return Reader()
+
+    monkeypatch.setattr(canary_gate, "build_api_client", build)
+    monkeypatch.setattr(canary_gate, "HAS_K8S", True)
+    args = dict(ARGS, host="https://127.0.0.1:6443", checks=[dict(name="ready", type="workload_ready")])
+    result, failed = run_module(monkeypatch, args)
+    assert not failed and result["verdict"] == "pass" and built == ["https://127.0.0.1:6443"]
+
+
+def test_kubeconfig_problem_fails_before_checking(monkeypatch):
+    def build(params):
+        raise canary_gate.K8sError("could not load the kubeconfig /nope: no such file")
+
+    monkeypatch.setattr(canary_gate, "build_api_client", build)
+    monkeypatch.setattr(canary_gate, "HAS_K8S", True)
+    result, failed = run_module(monkeypatch, dict(ARGS, kubeconfig="/nope", checks=[dict(name="r", type="no_restarts")]))
+    assert failed and "could not load the kubeconfig /nope" in result["msg"]
+
+
+def test_prometheus_only_gate_needs_no_kubernetes(monkeypatch):
+    def build(params):
+        raise AssertionError("no Kubernetes connection for Prometheus checks")
+
+    monkeypatch.setattr(canary_gate, "build_api_client", build)
+    result, failed = run_module(monkeypatch, ARGS, prometheus_answers())
+    assert not failed
