@@ -1,0 +1,7 @@
+"""Integration suites import their harnesses from tests/support."""
+import os
+import sys
+
+SUPPORT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "support")
+if SUPPORT not in sys.path:
+    sys.path.insert(0, SUPPORT)

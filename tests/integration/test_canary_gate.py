@@ -1,0 +1,162 @@
+"""onprem.mesh.canary_gate through ansible-playbook against a real Prometheus scraping driven Istio metrics.
+
+One Prometheus and one exporter for the module; every scenario has its own canary workload, whose steady traffic
+starts when the fixture starts, so the 10 s analysis window has data by the time the playbooks run.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from prometheus_harness import IstioExporter, PrometheusHarness, prometheus_available  # pylint: disable=import-error
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PLAYBOOK = os.path.join(ROOT, "tests", "integration", "targets", "canary_gate", "gate.yml")
+VENV_BIN = os.path.dirname(sys.executable)
+NS = "shop"
+WINDOW = "10s"
+
+pytestmark = pytest.mark.skipif(not prometheus_available(), reason="no Prometheus binary (run tools/bootstrap.sh)")
+
+# workload -> steady traffic
+TRAFFIC = {
+    "reviews-healthy": dict(rps=20, error_ratio=0.0, latency_ms=30),
+    "reviews-errors": dict(rps=20, error_ratio=0.2, latency_ms=30),
+    "reviews-slow": dict(rps=20, error_ratio=0.0, latency_ms=800),
+    "reviews-quiet": dict(rps=0.2, error_ratio=0.0, latency_ms=30),
+}
+SR = dict(name="errors", type="success_rate", min=99)
+P99 = dict(name="p99", type="latency", max=500)
+
+
+@pytest.fixture(scope="module")
+def prom():
+    with IstioExporter() as exporter, PrometheusHarness([exporter.target]) as harness:
+        for workload, traffic in TRAFFIC.items():
+            exporter.set_traffic(NS, workload, "v2", **traffic)
+        # Enough scraped samples for rate() over the window (bounded wait; the tests assert on the gate, not on time).
+        harness.wait_for_series('istio_requests_total{destination_workload="reviews-healthy"}', min_samples=6, timeout=90)
+        harness.exporter = exporter
+        yield harness
+
+
+def yaml_value(value):
+    """Vars files are JSON (valid YAML); strings with {{ }} are emitted as !unsafe so Ansible leaves them to the module."""
+    if isinstance(value, dict):
+        return "{" + ", ".join("%s: %s" % (json.dumps(k), yaml_value(v)) for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(yaml_value(v) for v in value) + "]"
+    if isinstance(value, str) and "{{" in value:
+        return "!unsafe " + json.dumps(value)
+    return json.dumps(value)
+
+
+def run_gate(tmp_path, check=False, **gate_vars):
+    result_file = tmp_path / "gate.json"
+    variables = dict(gate_namespace=NS, gate_version="v2", gate_window=WINDOW, gate_result_file=str(result_file))
+    variables.update(gate_vars)
+    vars_file = tmp_path / "vars.yml"
+    vars_file.write_text("\n".join("%s: %s" % (k, yaml_value(v)) for k, v in variables.items()) + "\n")
+    env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"), ANSIBLE_NOCOLOR="1",
+               PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""), NO_PROXY="127.0.0.1,localhost")
+    cmd = [os.path.join(VENV_BIN, "ansible-playbook"), PLAYBOOK, "-e", "@%s" % vars_file]
+    if check:
+        cmd.append("--check")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+                          check=False)
+    assert result_file.exists(), proc.stdout[-5000:]
+    return proc.returncode, json.loads(result_file.read_text()), proc.stdout
+
+
+def by_name(result):
+    return dict((c["name"], c) for c in result["checks"])
+
+
+def test_healthy_canary_passes_with_measured_values(prom, tmp_path):
+    rc, result, out = run_gate(tmp_path, gate_prometheus_url=prom.url, gate_workload="reviews-healthy", gate_checks=[SR, P99])
+    assert rc == 0, out
+    assert result["verdict"] == "pass" and result["changed"] is False
+    checks = by_name(result)
+    assert checks["errors"]["value"] == pytest.approx(100.0)
+    # 30 ms falls in Istio's (25, 50] bucket; histogram_quantile interpolates p99 inside it.
+    assert 25 < checks["p99"]["value"] <= 50
+    assert checks["errors"]["requests"] >= 10
+    assert 'destination_workload="reviews-healthy"' in checks["errors"]["query"]
+
+
+def test_check_mode_evaluates_too(prom, tmp_path):
+    rc, result, out = run_gate(tmp_path, check=True, gate_prometheus_url=prom.url, gate_workload="reviews-healthy",
+                               gate_checks=[SR])
+    assert rc == 0, out
+    assert result["verdict"] == "pass" and by_name(result)["errors"]["value"] == pytest.approx(100.0)
+
+
+def test_twenty_percent_errors_fail_success_rate(prom, tmp_path):
+    rc, result, out = run_gate(tmp_path, gate_prometheus_url=prom.url, gate_workload="reviews-errors", gate_checks=[SR, P99])
+    assert rc != 0
+    checks = by_name(result)
+    assert result["verdict"] == "fail" and checks["errors"]["verdict"] == "fail"
+    assert checks["errors"]["value"] == pytest.approx(80.0, abs=1.0)
+    assert "errors (success_rate): fail" in result["msg"] and "is not >= 99 %" in result["msg"]
+
+
+def test_slow_buckets_fail_latency(prom, tmp_path):
+    rc, result, out = run_gate(tmp_path, gate_prometheus_url=prom.url, gate_workload="reviews-slow", gate_checks=[SR, P99])
+    assert rc != 0
+    checks = by_name(result)
+    assert checks["errors"]["verdict"] == "pass" and checks["p99"]["verdict"] == "fail"
+    assert 500 < checks["p99"]["value"] <= 1000  # 800 ms lands in the (500, 1000] bucket
+    assert "p99 (latency): fail" in result["msg"]
+
+
+def test_too_few_requests_follow_the_low_traffic_policy(prom, tmp_path):
+    rc, result, out = run_gate(tmp_path, gate_prometheus_url=prom.url, gate_workload="reviews-quiet", gate_checks=[SR],
+                               gate_min_requests=50)
+    assert rc != 0
+    check = by_name(result)["errors"]
+    assert check["verdict"] == "fail" and "low traffic" in check["reason"] and "min_requests is 50" in check["reason"]
+    assert "(on_low_traffic: inconclusive)" in check["reason"] and "still inconclusive" in check["reason"]
+    # The user may decide that low traffic passes; then it does, and says why.
+    rc, result, out = run_gate(tmp_path, gate_prometheus_url=prom.url, gate_workload="reviews-quiet", gate_checks=[SR],
+                               gate_min_requests=50, gate_on_low_traffic="pass")
+    assert rc == 0, out
+    assert "(on_low_traffic: pass)" in by_name(result)["errors"]["reason"]
+
+
+def test_custom_query_with_placeholders(prom, tmp_path):
+    query = ('sum(rate(istio_requests_total{destination_workload_namespace="{{ namespace }}",'
+             'destination_workload="{{ workload }}",response_code=~"5.."}[{{ window }}]))')
+    rc, result, out = run_gate(tmp_path, gate_prometheus_url=prom.url, gate_workload="reviews-errors",
+                               gate_checks=[dict(name="5xx-per-second", type="promql", query=query, max=1)])
+    assert rc != 0
+    check = by_name(result)["5xx-per-second"]
+    assert check["query"] == query.replace("{{ namespace }}", NS).replace("{{ workload }}", "reviews-errors").replace(
+        "{{ window }}", WINDOW)
+    assert check["value"] == pytest.approx(4.0, abs=0.5)  # 20 rps * 20 %
+
+
+def test_invalid_promql_fails_quoting_prometheus_400(prom, tmp_path):
+    bad = 'sum(rate(istio_requests_total{destination_workload="reviews-healthy"}[1m])'
+    rc, result, out = run_gate(tmp_path, gate_prometheus_url=prom.url, gate_workload="reviews-healthy", gate_retry_for=30,
+                               gate_checks=[dict(name="typo", type="promql", query=bad, max=1)])
+    assert rc != 0
+    check = by_name(result)["typo"]
+    assert check["verdict"] == "fail" and check["attempts"] == 1
+    assert "HTTP 400 bad_data" in result["msg"] and "parse error" in result["msg"] and bad in result["msg"]
+
+
+def test_prometheus_stopped_follows_the_error_policy(tmp_path):
+    with PrometheusHarness([]) as dead:
+        url = dead.url
+        dead.stop()
+        rc, result, out = run_gate(tmp_path, gate_prometheus_url=url, gate_workload="reviews-healthy", gate_checks=[SR],
+                                   gate_retry_for=2, gate_retry_interval=1)
+        assert rc != 0
+        check = by_name(result)["errors"]
+        assert "prometheus_url %s is unreachable" % url in check["reason"]
+        assert "(on_error: inconclusive)" in check["reason"] and check["attempts"] >= 2 and check["verdict"] == "fail"
+        rc, result, out = run_gate(tmp_path, gate_prometheus_url=url, gate_workload="reviews-healthy", gate_checks=[SR],
+                                   gate_on_error="fail", gate_retry_for=30)
+        assert rc != 0 and by_name(result)["errors"]["attempts"] == 1 and "(on_error: fail)" in result["msg"]
