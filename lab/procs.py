@@ -118,6 +118,12 @@ class Launcher:
         self.children.append(child)
         return child
 
+    def record_pid(self, name, pid, marker=None):
+        """PID file for a process started elsewhere (e.g. by the Prometheus harness); marker: a string its
+        command line contains, checked before `labctl down` signals a PID left from a crashed run."""
+        with open(os.path.join(self.pid_dir, f"{name}.pid"), "w", encoding="utf-8") as fh:
+            fh.write(f"{pid}\n{marker or ''}\n")
+
     @staticmethod
     def stop_child(child, timeout=10.0):
         if child.alive():
@@ -176,10 +182,13 @@ def kill_stale(run_dir, timeout=10.0):
     for entry in sorted(os.listdir(pid_dir)):
         path = os.path.join(pid_dir, entry)
         try:
-            pid = int(open(path, encoding="utf-8").read().strip())
-        except (OSError, ValueError):
-            pid = None
-        if pid and pid_alive(pid) and os.path.abspath(run_dir) in cmdline(pid):
+            with open(path, encoding="utf-8") as fh:
+                lines = fh.read().splitlines()
+            pid = int(lines[0])
+            marker = (lines[1] if len(lines) > 1 else "").strip() or os.path.abspath(run_dir)
+        except (OSError, ValueError, IndexError):
+            pid, marker = None, None
+        if pid and pid != os.getpid() and pid_alive(pid) and marker in cmdline(pid):
             os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
             while pid_alive(pid) and time.monotonic() < deadline:

@@ -59,12 +59,14 @@ def scrape_config(envoy_admin, job="envoy-lab", interval="1s"):
 
 def recording_rules(interval="1s"):
     only_mesh = '{destination_workload!=""}'
+    # upstream_rq_200 and upstream_rq_2xx both become envoy_cluster_upstream_rq: keep the per-code series only
+    with_code = '{destination_workload!="", response_code!=""}'
     drop = "envoy_cluster_name, envoy_response_code"
     rules = []
     for reporter in ("destination", "source"):
         rules += [
             {"record": "istio_requests_total",
-             "expr": f"sum without ({drop}) (envoy_cluster_upstream_rq{only_mesh})",
+             "expr": f"sum without ({drop}) (envoy_cluster_upstream_rq{with_code})",
              "labels": {"reporter": reporter}},
             {"record": "istio_request_duration_milliseconds_bucket",
              "expr": f"sum without (envoy_cluster_name) (envoy_cluster_upstream_rq_time_bucket{only_mesh})",
@@ -94,3 +96,16 @@ def write_config(config_dir, envoy_admin, interval="1s"):
     with open(path, "w", encoding="utf-8") as fh:
         yaml.safe_dump(config, fh, sort_keys=False)
     return path
+
+
+
+def lab_prometheus(envoy_admin, interval="1s", start_timeout=60):
+    """Prometheus for the lab, started by the shared test harness (tests/support/prometheus_harness.py):
+    same binary, free port, temp dir, readiness wait and stop; only the configuration is the lab's."""
+    from prometheus_harness import PrometheusHarness
+
+    class LabPrometheus(PrometheusHarness):
+        def _write_config(self):
+            return write_config(self.workdir, envoy_admin, interval)
+
+    return LabPrometheus(scrape_interval=interval, start_timeout=start_timeout)
