@@ -39,7 +39,6 @@ import procs  # noqa: E402
 import prometheus_lab  # noqa: E402
 
 DEFAULT_RUN_DIR = os.path.join(ROOT, ".cache", "lab")
-ISTIO_DATA = os.environ.get("ONPREM_MESH_ISTIO_DATA") or os.path.join(ROOT, "..", "shared", "istio")
 GROUP = "networking.istio.io"
 
 
@@ -134,13 +133,14 @@ class MeshLab:
 
     # -- components ------------------------------------------------------------------------------
     def _start_api(self):
-        import k8s_double  # tests/support/k8s_double, written alongside the lab
+        import k8s_double  # tests/support/k8s_double: the test Kubernetes API, served from a thread of this process
 
-        crds = os.path.join(ISTIO_DATA, "crd-all.gen.yaml")
-        kwargs = {"port": 0}
-        if os.path.exists(crds):
-            kwargs["crds"] = crds
-        self.k8s = k8s_double.start(**kwargs)
+        crds = k8s_double.istio_crds_path()
+        if not crds:
+            raise LabError("the lab needs Istio's CRDs (crd-all.gen.yaml) from the Istio reference data: "
+                           "put it in ../shared/istio/ or point ONPREM_MESH_ISTIO_DATA at its directory")
+        self.k8s = k8s_double.start(port=0, crds=crds, kubeconfig=os.path.join(self.run_dir, "kubeconfig"),
+                                    workdir=os.path.join(self.run_dir, "k8s"))
         self.kube_url = self.k8s.url
         self.kubeconfig = self.k8s.kubeconfig
         self._load_objects()
@@ -165,9 +165,11 @@ class MeshLab:
         core.create_namespaced_service(self.namespace, lo.service())
         for version in lo.VERSIONS:
             dep = apps.create_namespaced_deployment(self.namespace, lo.deployment(version))
-            apps.patch_namespaced_deployment_status(
-                dep.metadata.name, self.namespace,
-                {"status": lo.deployment_status(1, dep.metadata.generation or 1)})
+            dep = apps.read_namespaced_deployment(dep.metadata.name, self.namespace)
+            if not (dep.status and dep.status.available_replicas):  # the double's controller usually did it
+                apps.patch_namespaced_deployment_status(
+                    dep.metadata.name, self.namespace,
+                    {"status": lo.deployment_status(1, dep.metadata.generation or 1)})
         self.custom.create_namespaced_custom_object(GROUP, "v1", self.namespace, "destinationrules",
                                                     lo.destination_rule())
         self.custom.create_namespaced_custom_object(GROUP, "v1", self.namespace, "virtualservices",

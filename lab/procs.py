@@ -185,7 +185,7 @@ def kill_stale(run_dir, timeout=10.0):
             with open(path, encoding="utf-8") as fh:
                 lines = fh.read().splitlines()
             pid = int(lines[0])
-            marker = (lines[1] if len(lines) > 1 else "").strip() or os.path.abspath(run_dir)
+            marker = (lines[1] if len(lines) > 1 else "").strip() or os.path.join(os.path.abspath(run_dir), "")
         except (OSError, ValueError, IndexError):
             pid, marker = None, None
         if pid and pid != os.getpid() and pid_alive(pid) and marker in cmdline(pid):
