@@ -15,11 +15,23 @@ _LAYER_TIMES = defaultdict(float)
 _LAYER_COUNTS = defaultdict(int)
 
 
+_LAYER_OF = {}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        marker = item.get_closest_marker("layer")
+        parts = item.nodeid.split("::")[0].split("/")
+        if marker:
+            _LAYER_OF[item.nodeid] = "layer: " + marker.args[0]
+        elif len(parts) > 2 and parts[1] == "integration":
+            _LAYER_OF[item.nodeid] = "integration: " + parts[2].replace("test_", "").replace(".py", "")
+        else:
+            _LAYER_OF[item.nodeid] = parts[1] if len(parts) > 1 else parts[0]
+
+
 def _layer_of(nodeid):
-    parts = nodeid.split("::")[0].split("/")
-    if len(parts) > 2 and parts[0] == "tests" and parts[1] == "layers":
-        return "layers/" + parts[2].replace("test_", "").replace(".py", "")
-    return parts[1] if len(parts) > 1 else parts[0]
+    return _LAYER_OF.get(nodeid, nodeid.split("/")[1] if "/" in nodeid else nodeid)
 
 
 def pytest_runtest_logreport(report):

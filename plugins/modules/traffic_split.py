@@ -58,7 +58,7 @@ options:
     type: int
   weights:
     description:
-      - Subset name to weight, for example C({v1: 90, v2: 10}). Whole numbers from 0 to 100 that sum to 100.
+      - "Subset name to weight, for example C({v1: 90, v2: 10}). Whole numbers from 0 to 100 that sum to 100."
     type: dict
     required: true
   conflict_retries:

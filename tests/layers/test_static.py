@@ -42,9 +42,16 @@ def test_build_install_and_document(tmp_path):
     for ignored in ("inventories/", "molecule/", "tests/output/", ".venv/", "collections/ansible_collections/"):
         assert not any(n.startswith(ignored) for n in names), f"{ignored} must not be shipped"
     dest = tmp_path / "installed"
-    run(["ansible-galaxy", "collection", "install", "--no-deps", "-p", str(dest), str(tarballs[0])])
-    env = {"ANSIBLE_COLLECTIONS_PATH": f"{dest}{os.pathsep}{os.path.join(ROOT, 'collections')}",
-           "ANSIBLE_CONFIG": os.devnull}
+    config = tmp_path / "ansible.cfg"
+    config.write_text("[defaults]\n")
+    # A fresh collections path: this collection from the tarball, its dependencies from the offline copy.
+    deps = os.path.join(ROOT, "collections", "ansible_collections")
+    for dep in ("kubernetes/core", "ansible/posix", "community/general"):
+        os.makedirs(dest / "ansible_collections" / dep.split("/")[0], exist_ok=True)
+        os.symlink(os.path.join(deps, dep), dest / "ansible_collections" / dep)
+    env = {"ANSIBLE_COLLECTIONS_PATH": str(dest), "ANSIBLE_CONFIG": str(config)}
+    run(["ansible-galaxy", "collection", "install", "--no-deps", "--force", "-p", str(dest), str(tarballs[0])], env=env)
+    assert (dest / "ansible_collections" / "onprem" / "mesh" / "MANIFEST.json").is_file()
     with tempfile.TemporaryDirectory() as cwd:
         listing = run(["ansible-doc", "-l", "onprem.mesh"], cwd=cwd, env=env)
         modules = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "plugins", "modules"))
