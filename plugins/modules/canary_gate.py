@@ -25,7 +25,7 @@ description:
     O(fail_on_verdict=false).
   - M(onprem.mesh.canary_rollout) runs the same checks, with the same options, between its steps.
 author:
-  - onprem.mesh maintainers
+  - onprem.mesh contributors (@onprem-mesh)
 extends_documentation_fragment:
   - onprem.mesh.k8s_auth
   - onprem.mesh.canary_checks
@@ -35,6 +35,7 @@ attributes:
     description: The checks only read; in check mode they run as usual.
   diff_mode:
     support: none
+    description: Nothing changes, so there is no diff.
 options:
   namespace:
     description:
