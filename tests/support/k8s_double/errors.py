@@ -99,8 +99,9 @@ def internal_error(message="injected fault"):
                     {"causes": [{"message": message}]})
 
 
-def unavailable(message="the server is currently unable to handle the request"):
-    return ApiError(503, "ServiceUnavailable", message, {}, headers={"Retry-After": "1"})
+def unavailable(message="the server is currently unable to handle the request", retry_after=None):
+    headers = {"Retry-After": str(retry_after)} if retry_after else {}
+    return ApiError(503, "ServiceUnavailable", message, {}, headers=headers)
 
 
 def gone(message):
@@ -139,7 +140,7 @@ class FieldError:
         return text
 
     def __str__(self):
-        return f"{self.field}: {self.body()}" if self.field else self.body()
+        return f"{self.field}: {self.body()}"
 
 
 class Raw(str):
@@ -151,7 +152,7 @@ def format_value(value):
     if isinstance(value, Raw):
         return str(value)
     if value is None:
-        return "null"
+        return '"null"'
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):

@@ -12,8 +12,7 @@ import yaml
 
 _CACHE_LOCK = threading.Lock()
 VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
-SUB__CACHE_LOCK = threading.Lock()
-VERBS = ["get", "patch", "update"]
+SUB_VERBS = ["get", "patch", "update"]
 
 
 class ResourceType:  # pylint: disable=too-many-instance-attributes

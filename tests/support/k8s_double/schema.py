@@ -118,6 +118,15 @@ def validator_for(schema, cache=None):
         return entry[1]
 
 
+def has_cel(schema, cache=None):
+    """Whether any node of the schema carries x-kubernetes-validations (else the real server has no CEL validator)."""
+    cache = {} if cache is None else cache
+    key = ("cel", id(schema))
+    if key not in cache:
+        cache[key] = "x-kubernetes-validations" in json.dumps(schema)
+    return cache[key]
+
+
 def type_name(value):
     if value is None:
         return "null"
@@ -184,6 +193,9 @@ def _openapi_error(error):  # pylint: disable=too-many-return-statements,too-man
     return FieldError("FieldValueInvalid", path, value, detail)
 
 
+BLOCKING = ("FieldValueNotSupported", "FieldValueRequired", "FieldValueTooLong", "FieldValueTooMany", "FieldValueTypeInvalid")
+
+
 def validate(obj, schema, cache=None):
     """Field errors of a custom resource against its version's openAPIV3Schema (metadata checked elsewhere)."""
     if not schema:
@@ -191,7 +203,13 @@ def validate(obj, schema, cache=None):
     body = {k: v for k, v in obj.items() if k != "metadata"}
     errors = [_openapi_error(e) for e in validator_for(schema, cache).iter_errors(body)]
     errors.sort(key=lambda e: e.field)
-    if not errors:
+    if not has_cel(schema, cache):
+        return errors
+    if any(e.kind in BLOCKING for e in errors):
+        # like apiextensions' hasBlockingErr: CEL rules are not run on an object with type or required errors
+        errors.append(FieldError("FieldValueInvalid", "", None, "some validation rules were not checked because the object was "
+                                 "invalid; correct the existing errors to complete validation"))
+    else:
         errors.extend(cel_errors(body, schema, ""))
     return errors
 

@@ -5,6 +5,7 @@ Every response carries `X-Test-Double: onprem.mesh k8s_double`. Test controls li
 import copy
 import json
 import os
+import select
 import threading
 import time
 import uuid
@@ -13,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
-from . import errors
+from . import errors, protobuf
 from .api import Api, Request
 from .auth import Authenticator, allowed
 from .faults import Faults, RequestLog
@@ -141,7 +142,7 @@ class Handler(BaseHTTPRequestHandler):  # pylint: disable=too-many-public-method
             self._error(errors.internal_error(f"{type(exc).__name__}: {exc}"))
         finally:
             self.entry["code"] = self.code
-            if not self.entry.get("control"):
+            if not self.entry.get("control") and not self.entry.pop("logged", False):
                 self.server.log.add(self.entry)
 
     # ------------------------------------------------------------------------------------------ routing
@@ -249,6 +250,8 @@ class Handler(BaseHTTPRequestHandler):  # pylint: disable=too-many-public-method
         self.entry.update({k: v for k, v in ctx.items() if k != "token"})
         self.entry["version"] = version
         self.entry["contentType"] = self.headers.get("Content-Type")
+        self.entry["logged"] = True
+        srv.log.add(self.entry)  # logged now (a watch may last); the answer code is filled in when known
         body = self._body() if self.command in ("POST", "PUT", "PATCH", "DELETE") else b""
         check_name = None if verb == "create" else name
         if not allowed(user, verb, rtype.group, rtype.plural, sub, namespace, check_name) or srv.faults.take("forbid", ctx):
@@ -260,7 +263,7 @@ class Handler(BaseHTTPRequestHandler):  # pylint: disable=too-many-public-method
         if fault:
             code = int(fault.get("code", 500))
             if code == 503:
-                raise errors.unavailable(fault.get("message") or "the server is currently unable to handle the request")
+                raise errors.unavailable(fault.get("message") or "the server is currently unable to handle the request", fault.get("retryAfter"))
             if code == 500:
                 raise errors.internal_error(fault.get("message") or "injected fault (k8s_double)")
             raise errors.ApiError(code, fault.get("reason", ""), fault.get("message") or f"injected fault {code} (k8s_double)", {})
@@ -302,9 +305,9 @@ class Handler(BaseHTTPRequestHandler):  # pylint: disable=too-many-public-method
         if verb == "create":
             if req.name:
                 raise errors.method_not_supported(req.rtype.plural, req.rtype.group, "create")
-            return 201, api.create(req, self._decode(body))
+            return 201, api.create(req, self._decode(body, req.rtype))
         if verb == "update":
-            return 200, api.update(req, self._decode(body))
+            return 200, api.update(req, self._decode(body, req.rtype))
         if verb == "patch":
             if req.subresource == "scale":
                 raise errors.method_not_supported(req.rtype.plural, req.rtype.group, "patch")
@@ -315,10 +318,24 @@ class Handler(BaseHTTPRequestHandler):  # pylint: disable=too-many-public-method
             return 200, api.delete_collection(req, self._options(body, req))
         raise errors.ApiError(405, "MethodNotAllowed", f"the server does not allow this method on the requested resource", {})
 
-    def _decode(self, body):
-        ctype = (self.headers.get("Content-Type") or "application/json").split(";")[0].strip()
+    def _decode(self, body, rtype):
+        ctype = (self.headers.get("Content-Type") or "application/json").split(";")[0].strip().lower()
+        accepted = ["application/json", "application/yaml"] + (["application/vnd.kubernetes.protobuf"] if rtype.builtin else [])
+        unknown = errors.unsupported_media_type(
+            "the body of the request was in an unknown format - accepted media types include: " + ", ".join(accepted))
+        if ctype not in accepted:
+            raise unknown
+        if ctype == "application/vnd.kubernetes.protobuf":
+            try:
+                obj = protobuf.decode(body)
+            except (ValueError, IndexError, UnicodeDecodeError) as exc:
+                raise errors.bad_request(f"error decoding protobuf body: {exc}") from exc
+            if obj is None:  # a kind the double cannot decode (the real server could): say so instead of guessing
+                raise errors.unsupported_media_type("k8s_double (TEST DOUBLE) decodes protobuf bodies only for Namespace, ConfigMap, "
+                                                    "Secret, ServiceAccount; send application/json")
+            return obj
         try:
-            if ctype in ("application/yaml", "application/apply-patch+yaml"):
+            if ctype == "application/yaml":
                 return yaml.safe_load(body)
             return json.loads(body or b"null")
         except (ValueError, yaml.YAMLError) as exc:
@@ -336,13 +353,21 @@ class Handler(BaseHTTPRequestHandler):  # pylint: disable=too-many-public-method
                 options[key] = req.q(key)
         return options
 
+    def _client_gone(self):
+        """A watching client sends nothing more: a readable socket means it closed the connection."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
     def _watch(self, req):
         srv = self.server
         try:
             timeout = float(req.q("timeoutSeconds") or 1800)
         except ValueError:
             timeout = 1800.0
-        events = srv.api.watch(req, time.monotonic() + timeout, srv.stopping.is_set)
+        events = srv.api.watch(req, time.monotonic() + timeout, lambda: srv.stopping.is_set() or self._client_gone())
         first = next(events, None)  # raises ApiError (e.g. bad selector) before the headers are sent
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
