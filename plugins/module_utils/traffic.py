@@ -79,7 +79,7 @@ def select_route(vs, host, namespace, route_name=None, route_index=None):
     else:
         candidates = [i for i, r in enumerate(http) if _is_subset_route(r, host, namespace)]
         if not candidates:
-            raise TrafficError("VirtualService %s has no HTTP route whose destinations are all subsets of host %s; check host, or set route_name or route_index"
+            raise TrafficError("VirtualService %s has no HTTP route whose destinations are all subsets of host %s; check service_host, or set route_name or route_index"
                                % (vs_name, host))
         if len(candidates) > 1:
             raise TrafficError("the route to change is ambiguous: VirtualService %s has %d HTTP routes to subsets of %s: %s; set route_name or route_index"
@@ -214,7 +214,7 @@ def default_host(vs, host=None):
     hosts = (vs.get("spec") or {}).get("hosts") or []
     if len(hosts) == 1:
         return hosts[0]
-    raise TrafficError("host: VirtualService %s lists %d hosts (%s); set host to the service whose subsets get the weights"
+    raise TrafficError("service_host: VirtualService %s lists %d hosts (%s); set service_host to the service whose subsets get the weights"
                        % ((vs.get("metadata") or {}).get("name"), len(hosts), ", ".join(hosts) or "none"))
 
 

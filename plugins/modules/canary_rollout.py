@@ -48,7 +48,7 @@ options:
     description: Namespace of the VirtualService, its DestinationRule and the canary Deployment.
     type: str
     default: default
-  host:
+  service_host:
     description: The service whose subsets are shifted; defaults to the VirtualService's only C(spec.hosts) entry.
     type: str
   route_name:
@@ -262,7 +262,7 @@ def argument_spec():
     spec.update(
         name=dict(type="str", required=True),
         namespace=dict(type="str", default="default"),
-        host=dict(type="str"),
+        service_host=dict(type="str"),
         route_name=dict(type="str"),
         route_index=dict(type="int"),
         stable=dict(type="str", required=True),
@@ -301,11 +301,11 @@ def main():
         plan = plan_steps(p["steps"], p["step_weight"], p["max_weight"], p["interval"])
         api_client = build_api_client(p)
         store = IstioObjects(api_client)
-        change = WeightChange(store, p["namespace"], p["name"], host=p["host"], route_name=p["route_name"],
+        change = WeightChange(store, p["namespace"], p["name"], host=p["service_host"], route_name=p["route_name"],
                               route_index=p["route_index"], retries=p["conflict_retries"])
         vs = change.read()
         change.validate({p["stable"]: 100, p["canary"]: 0}, vs)
-        host = default_host(vs, p["host"])
+        host = default_host(vs, p["service_host"])
         version = p["canary_version"] or subset_labels(change.destination_rules, host, p["namespace"], p["canary"]).get("version")
         stable_version = subset_labels(change.destination_rules, host, p["namespace"], p["stable"]).get("version")
         target = CanaryTarget(p["namespace"], p["canary_workload"], version=version, stable_version=stable_version, host=host)

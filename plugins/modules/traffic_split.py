@@ -41,7 +41,7 @@ options:
     description: Namespace of the VirtualService and of its DestinationRule.
     type: str
     default: default
-  host:
+  service_host:
     description:
       - The service whose subsets get the weights, as written in the route's C(destination.host).
         Short and fully qualified names of the same service match.
@@ -50,7 +50,7 @@ options:
   route_name:
     description:
       - Choose the HTTP route by its C(name). Mutually exclusive with O(route_index).
-      - Without either, the one HTTP route whose destinations are all subsets of O(host) is chosen;
+      - Without either, the one HTTP route whose destinations are all subsets of O(service_host) is chosen;
         if there are several, the module fails and lists them.
     type: str
   route_index:
@@ -86,7 +86,7 @@ EXAMPLES = r"""
   onprem.mesh.traffic_split:
     name: reviews
     namespace: bookinfo
-    host: reviews.bookinfo.svc.cluster.local
+    service_host: reviews.bookinfo.svc.cluster.local
     route_name: default
     weights: {v2: 100, v3: 0}
     kubeconfig: /etc/kubernetes/admin.conf
@@ -141,7 +141,7 @@ def main():
         K8S_AUTH_ARGSPEC,
         name=dict(type="str", required=True),
         namespace=dict(type="str", default="default"),
-        host=dict(type="str"),
+        service_host=dict(type="str"),
         route_name=dict(type="str"),
         route_index=dict(type="int"),
         weights=dict(type="dict", required=True),
@@ -153,7 +153,7 @@ def main():
     params = module.params
     try:
         store = IstioObjects(build_api_client(params))
-        change = WeightChange(store, params["namespace"], params["name"], host=params["host"], route_name=params["route_name"],
+        change = WeightChange(store, params["namespace"], params["name"], host=params["service_host"], route_name=params["route_name"],
                               route_index=params["route_index"], retries=params["conflict_retries"])
         result = change.apply(params["weights"], check_mode=module.check_mode)
     except (TrafficError, K8sError) as exc:
