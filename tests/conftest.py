@@ -47,4 +47,3 @@ def pytest_terminal_summary(terminalreporter):
     for layer, seconds in sorted(_LAYER_TIMES.items(), key=lambda kv: -kv[1]):
         terminalreporter.write_line(f"{layer:<32} {seconds:8.1f} s  ({_LAYER_COUNTS[layer]} tests)")
     terminalreporter.write_line(f"{'total':<32} {sum(_LAYER_TIMES.values()):8.1f} s")
-

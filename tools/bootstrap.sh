@@ -48,6 +48,7 @@ if [ "$need_wheel" = 1 ]; then
   echo "bootstrap: extracting $DEPENDENCIES from ansible==$ANSIBLE_WHEEL_VERSION"
   tmp=$(mktemp -d)
   "$VENV/bin/python" -m pip download -q --no-deps -d "$tmp" "ansible==$ANSIBLE_WHEEL_VERSION"
+  # shellcheck disable=SC2086  # DEPENDENCIES is a list of words
   "$VENV/bin/python" - "$tmp"/ansible-*.whl "$COLLECTIONS" $DEPENDENCIES <<'PY'
 import os, shutil, sys, zipfile
 wheel, dest, names = sys.argv[1], sys.argv[2], sys.argv[3:]

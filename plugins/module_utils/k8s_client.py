@@ -151,11 +151,11 @@ class IstioObjects:
         self.calls[kind] += 1
         try:
             return func(*args, **kwargs)
-        except ApiException as exc:
-            raise api_error(exc, what)
         except K8sError:
             raise
-        except Exception as exc:  # connection refused, TLS failure, timeout
+        except Exception as exc:  # ApiException; or connection refused, TLS failure, timeout
+            if isinstance(exc, ApiException) and getattr(exc, "status", None):
+                raise api_error(exc, what)
             raise K8sError("%s: the API server could not be reached: %s. Check host/kubeconfig and validate_certs/ca_cert." % (what, exc))
 
     def get(self, plural, namespace, name):

@@ -28,7 +28,7 @@ description:
     that begins with C(test) operations), plus the reads of O(wait_for_mesh).
   - Every other route, match, mirror, retry, timeout, header and destination of the VirtualService is left as it was.
 author:
-  - onprem.mesh contributors
+  - onprem.mesh contributors (@onprem-mesh)
 extends_documentation_fragment:
   - onprem.mesh.k8s_auth
   - onprem.mesh.canary_checks

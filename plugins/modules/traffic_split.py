@@ -22,7 +22,7 @@ description:
   - A subset that the route does not list yet is added as a copy of the route's first destination with
     the new subset name; subsets missing from O(weights) get weight 0.
 author:
-  - onprem.mesh contributors
+  - onprem.mesh contributors (@onprem-mesh)
 extends_documentation_fragment:
   - onprem.mesh.k8s_auth
 attributes:

@@ -27,5 +27,3 @@ def tracked_files():
     out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                          check=True, stdout=subprocess.PIPE).stdout
     return [f for f in out.decode().split("\0") if f and os.path.isfile(os.path.join(ROOT, f))]
-
-

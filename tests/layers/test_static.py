@@ -47,7 +47,7 @@ def test_build_install_and_document(tmp_path):
     # A fresh collections path: this collection from the tarball, its dependencies from the offline copy.
     deps = os.path.join(ROOT, "collections", "ansible_collections")
     for dep in ("kubernetes/core", "ansible/posix", "community/general"):
-        os.makedirs(dest / "ansible_collections" / dep.split("/")[0], exist_ok=True)
+        os.makedirs(dest / "ansible_collections" / dep.split("/", maxsplit=1)[0], exist_ok=True)
         os.symlink(os.path.join(deps, dep), dest / "ansible_collections" / dep)
     env = {"ANSIBLE_COLLECTIONS_PATH": str(dest), "ANSIBLE_CONFIG": str(config)}
     run(["ansible-galaxy", "collection", "install", "--no-deps", "--force", "-p", str(dest), str(tarballs[0])], env=env)

@@ -13,8 +13,8 @@ from ansible_collections.onprem.mesh.plugins.module_utils.traffic import WeightC
 from ansible_collections.onprem.mesh.tests.unit.plugins.module_utils.fake_istio import FakeIstio
 
 HEADER_ROUTE = {"name": "jason", "match": [{"headers": {"end-user": {"exact": "jason"}}}], "route": [{"destination": {"host": "payment", "subset": "v2"}}]}
-MAIN_ROUTE = {"name": "primary", "timeout": "2s", "route": [{"destination": {"host": "payment", "subset": "v1"}, "weight": 100},
-                                                           {"destination": {"host": "payment", "subset": "v2"}, "weight": 0}]}
+MAIN_ROUTE = {"name": "primary", "timeout": "2s",
+              "route": [{"destination": {"host": "payment", "subset": "v1"}, "weight": 100}, {"destination": {"host": "payment", "subset": "v2"}, "weight": 0}]}
 
 
 def objects():
@@ -54,7 +54,8 @@ class Gate:
     def evaluate(self, token):
         self.seen.append(current_weights(self.store.route("payment", "shop", 1))["v2"])
         verdict = self.verdicts.pop(0) if self.verdicts else self.default
-        return {"verdict": verdict, "checks": [{"name": "success-rate", "verdict": verdict, "value": 99.9 if verdict == "pass" else 80.0, "threshold": ">= 99"}]}
+        value = 99.9 if verdict == "pass" else 80.0
+        return {"verdict": verdict, "checks": [{"name": "success-rate", "verdict": verdict, "value": value, "threshold": ">= 99"}]}
 
 
 def make(store=None, verdicts=None, clock=None, steps=(5, 10, 25, 50), **kwargs):
