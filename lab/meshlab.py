@@ -93,13 +93,17 @@ class MeshLab:
                 os.unlink(stale)
         self.launcher = procs.Launcher(self.run_dir)
         try:
-            self._start_api()
+            # Order: Prometheus' first scrape comes ~5 s after it starts (target updates are applied every
+            # 5 s), so it starts as early as it can and the test API's start-up overlaps that wait.
             self._start_upstreams()
             self._start_envoy()
-            self._start_translator()
             if self.with_prometheus:
                 self._start_prometheus()
+            self._start_api()
+            self._start_translator()
             self.wait_reconciled(timeout=self.start_timeout)
+            if self.with_prometheus:
+                self._wait_first_scrapes()
             self._write_state()
         except BaseException:
             self.stop()
@@ -236,6 +240,12 @@ class MeshLab:
                 self.launcher.record_pid("prometheus", self.prometheus.proc.pid, marker=self.prometheus.workdir)
         self.prometheus_url = self.prometheus.url
 
+    def _wait_first_scrapes(self):
+        # Prometheus applies discovered targets at most every 5 s, so the first scrape comes ~5 s after start;
+        # the lab is ready when two scrapes of Envoy are in (rate() needs two samples).
+        procs.wait_for(lambda: prom_query(self.prometheus_url, 'count_over_time(up{job="envoy-lab"}[1m]) >= 2'),
+                       self.start_timeout, interval=0.2, what="Prometheus' first scrapes of Envoy")
+
     def _write_state(self):
         state = {
             "pid": os.getpid(), "run_dir": self.run_dir, "url": self.url, "envoy_admin_url": self.envoy_admin_url,
@@ -355,7 +365,8 @@ def read_events(path):
 
 
 def wait_fresh(prometheus_url, envoy_admin_url, timeout=15.0):
-    """Bounded wait until the recorded istio_requests_total equals Envoy's live counters (load finished)."""
+    """Bounded wait until the recorded istio_requests_total and the histogram's _count equal Envoy's live
+    counters: everything sent so far is in Prometheus (call it after a load run has finished)."""
     per_code = re.compile(r"^cluster\.outbound\|[^|]*\|[^|]*\|[^|]*\.svc\.cluster\.local\.upstream_rq_[0-9]{3}$")
 
     def envoy_total():
@@ -365,8 +376,10 @@ def wait_fresh(prometheus_url, envoy_admin_url, timeout=15.0):
 
     def fresh():
         want = envoy_total()
-        res = prom_query(prometheus_url, 'sum(istio_requests_total{reporter="destination"})')
-        got = float(res[0]["value"][1]) if res else 0.0
-        return want == got and (want, got)
+        got = []
+        for metric in ("istio_requests_total", "istio_request_duration_milliseconds_count"):
+            res = prom_query(prometheus_url, f'sum({metric}{{reporter="destination"}})')
+            got.append(float(res[0]["value"][1]) if res else 0.0)
+        return all(g == want for g in got) and (want, got)
 
     return procs.wait_for(fresh, timeout, interval=0.25, what="Prometheus to record Envoy's latest counters")

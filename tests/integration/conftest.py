@@ -5,3 +5,8 @@ import sys
 SUPPORT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "support")
 if SUPPORT not in sys.path:
     sys.path.insert(0, SUPPORT)
+
+# The local mesh lab (lab/meshlab.py) for suites that need a running mesh.
+LAB = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "lab")
+if LAB not in sys.path:
+    sys.path.insert(0, LAB)
