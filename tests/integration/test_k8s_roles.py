@@ -1,0 +1,418 @@
+"""container_runtime, kubernetes and istio roles: downloads against a local mirror, rendered files, preflight checks.
+
+No kubeadm, kubelet, containerd service or istioctl runs here. What is real: the roles' own task files run through
+ansible-playbook (connection local, a temporary prefix), get_url against an HTTP mirror on 127.0.0.1 that this module
+starts, the sha256 checks, the install steps, and the kubeadm/containerd/IstioOperator files rendered from inventories
+and parsed back as documents.
+"""
+import hashlib
+import http.server
+import io
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import tomllib
+
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TARGETS = os.path.join(ROOT, "tests", "integration", "targets")
+STEPS = os.path.join(TARGETS, "k8s_downloads", "steps.yml")
+RENDER = os.path.join(TARGETS, "k8s_render", "render.yml")
+PREFLIGHT = os.path.join(TARGETS, "k8s_render", "preflight.yml")
+INVENTORIES = os.path.join(TARGETS, "k8s_render", "inventories")
+VENV_BIN = os.path.dirname(sys.executable)
+ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+
+pytestmark = pytest.mark.skipif(ARCH not in ("amd64", "arm64"), reason=f"no artifacts for {platform.machine()}")
+
+
+# --- the local mirror ---------------------------------------------------------------------------------------------
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):  # pylint: disable=redefined-builtin
+        self.server.log.append(self.path)
+
+
+class Mirror:
+    """A static HTTP mirror on 127.0.0.1 serving a directory; records the paths asked for."""
+
+    def __init__(self, root):
+        self.root = root
+        handler = lambda *a, **kw: _QuietHandler(*a, directory=str(root), **kw)  # noqa: E731
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.log = []
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+    @property
+    def log(self):
+        return self.server.log
+
+    def put(self, rel, data):
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return hashlib.sha256(data).hexdigest()
+
+
+def script(name):
+    return f"#!/bin/sh\necho {name} fake build for the onprem.mesh tests\n".encode()
+
+
+def tarball(members):
+    """A .tar.gz with the given {name: bytes} (mode 0755)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o755
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.fixture
+def mirror(tmp_path):
+    with Mirror(tmp_path / "mirror") as m:
+        (tmp_path / "mirror").mkdir(exist_ok=True)
+        yield m
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def playbook(playbook_path, tmp_path, inventory=None, **variables):
+    """Run ansible-playbook with the variables as a JSON extra-vars file; return (rc, output)."""
+    vars_file = tmp_path / f"vars-{len(list(tmp_path.glob('vars-*')))}.json"
+    vars_file.write_text(json.dumps(variables))
+    env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"), ANSIBLE_NOCOLOR="1",
+               PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""), NO_PROXY="127.0.0.1,localhost",
+               ANSIBLE_LOCALHOST_WARNING="False", ANSIBLE_INVENTORY_UNPARSED_WARNING="False")
+    cmd = [os.path.join(VENV_BIN, "ansible-playbook"), playbook_path, "-e", f"@{vars_file}"]
+    if inventory:
+        cmd += ["-i", inventory]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=600, check=False)
+    return proc.returncode, proc.stdout
+
+
+def steps(tmp_path, role, step_files, **variables):
+    return playbook(STEPS, tmp_path, test_role=role, test_steps=step_files, **variables)
+
+
+def recap_changed(out):
+    line = [ln for ln in out.splitlines() if ln.startswith("localhost") and "changed=" in ln][-1]
+    return int(line.split("changed=")[1].split()[0])
+
+
+# --- container_runtime: release tarball, runc, crictl -------------------------------------------------------------
+
+def containerd_release(mirror, corrupt_runc=False):
+    containerd = tarball({"bin/containerd": script("containerd"), "bin/ctr": script("ctr"),
+                          "bin/containerd-shim-runc-v2": script("shim")})
+    sums = {
+        "containerd": mirror.put(f"containerd/v1.7.28/containerd-1.7.28-linux-{ARCH}.tar.gz", containerd),
+        "runc": hashlib.sha256(script("runc")).hexdigest(),
+        "crictl": mirror.put(f"cri-tools/v1.34.0/crictl-v1.34.0-linux-{ARCH}.tar.gz", tarball({"crictl": script("crictl")})),
+    }
+    mirror.put(f"runc/v1.3.3/runc.{ARCH}", script("runc-tampered") if corrupt_runc else script("runc"))
+    return sums
+
+
+def runtime_vars(mirror, tmp_path, sums):
+    (tmp_path / "etc").mkdir(exist_ok=True)
+    return dict(container_runtime_source="release", container_runtime_mirror_url=mirror.url + "/",
+                container_runtime_prefix=str(tmp_path / "prefix"), container_runtime_download_dir=str(tmp_path / "cache"),
+                container_runtime_crictl_config_file=str(tmp_path / "etc" / "crictl.yaml"),
+                container_runtime_manage_service=False,
+                container_runtime_containerd_sha256={ARCH: sums["containerd"]},
+                container_runtime_runc_sha256={ARCH: sums["runc"]},
+                container_runtime_crictl_sha256={ARCH: sums["crictl"]})
+
+
+def test_container_runtime_installs_checked_release_and_crictl(mirror, tmp_path):
+    variables = runtime_vars(mirror, tmp_path, containerd_release(mirror))
+    rc, out = steps(tmp_path, "container_runtime", ["download.yml", "install_release.yml", "crictl.yml"], **variables)
+    assert rc == 0, out
+    prefix = tmp_path / "prefix"
+    assert (prefix / "bin" / "containerd").read_bytes() == script("containerd")
+    assert (prefix / "bin" / "ctr").exists() and (prefix / "bin" / "crictl").read_bytes() == script("crictl")
+    assert (prefix / "sbin" / "runc").read_bytes() == script("runc")
+    assert os.stat(prefix / "sbin" / "runc").st_mode & 0o777 == 0o755
+    crictl = yaml.safe_load((tmp_path / "etc" / "crictl.yaml").read_text())
+    assert crictl["runtime-endpoint"] == "unix:///run/containerd/containerd.sock" == crictl["image-endpoint"]
+    assert sorted(p for p in mirror.log if not p.endswith("/")) == sorted([
+        f"/containerd/v1.7.28/containerd-1.7.28-linux-{ARCH}.tar.gz", f"/runc/v1.3.3/runc.{ARCH}",
+        f"/cri-tools/v1.34.0/crictl-v1.34.0-linux-{ARCH}.tar.gz"])
+    # A second run finds every checked file in place and changes nothing.
+    rc, out = steps(tmp_path, "container_runtime", ["download.yml", "install_release.yml", "crictl.yml"], **variables)
+    assert rc == 0 and recap_changed(out) == 0, out
+
+
+def test_container_runtime_refuses_corrupted_runc_and_installs_nothing(mirror, tmp_path):
+    variables = runtime_vars(mirror, tmp_path, containerd_release(mirror, corrupt_runc=True))
+    rc, out = steps(tmp_path, "container_runtime", ["download.yml", "install_release.yml"], **variables)
+    assert rc != 0, out
+    assert "Checksum mismatch" in out and f"container_runtime_runc_sha256.{ARCH}" in out, out
+    assert not (tmp_path / "prefix").exists(), "nothing may be installed when one artifact is refused"
+    assert not (tmp_path / "cache" / f"runc-1.3.3.{ARCH}").exists(), "the refused file must not stay in the cache"
+
+
+def test_container_runtime_stops_on_unpinned_version_before_downloading(mirror, tmp_path):
+    variables = runtime_vars(mirror, tmp_path, containerd_release(mirror))
+    variables["container_runtime_containerd_version"] = "latest"
+    rc, out = steps(tmp_path, "container_runtime", ["preflight.yml", "download.yml"], **variables)
+    assert rc != 0 and "container_runtime_containerd_version" in out and "pin an exact release" in out, out
+    assert not mirror.log
+
+
+# --- kubernetes: binaries and CNI plugins --------------------------------------------------------------------------
+
+def kubernetes_release(mirror, corrupt=None):
+    sums = {}
+    for name in ("kubeadm", "kubelet", "kubectl"):
+        sums[name] = {ARCH: hashlib.sha256(script(name)).hexdigest()}
+        mirror.put(f"kubernetes/v1.34.2/bin/linux/{ARCH}/{name}", script(name + "-tampered" if name == corrupt else name))
+    sums["cni_plugins"] = {ARCH: mirror.put(f"cni-plugins/v1.8.0/cni-plugins-linux-{ARCH}-v1.8.0.tgz",
+                                            tarball({"./bridge": script("bridge"), "./loopback": script("loopback")}))}
+    return sums
+
+
+def kubernetes_vars(mirror, tmp_path, sums=None):
+    variables = dict(kubernetes_mirror_url=mirror.url, kubernetes_download_dir=str(tmp_path / "cache"))
+    if sums is not None:
+        variables["kubernetes_sha256"] = sums
+    return variables
+
+
+def test_kubernetes_downloads_every_artifact_checked(mirror, tmp_path):
+    rc, out = steps(tmp_path, "kubernetes", ["download.yml"], **kubernetes_vars(mirror, tmp_path, kubernetes_release(mirror)))
+    assert rc == 0, out
+    for name in ("kubeadm", "kubelet", "kubectl"):
+        assert (tmp_path / "cache" / f"{name}-1.34.2-{ARCH}").read_bytes() == script(name)
+    assert (tmp_path / "cache" / f"cni-plugins-linux-{ARCH}-v1.8.0.tgz").exists()
+
+
+def test_kubernetes_refuses_a_corrupted_kubelet_naming_its_checksum_variable(mirror, tmp_path):
+    rc, out = steps(tmp_path, "kubernetes", ["download.yml"],
+                    **kubernetes_vars(mirror, tmp_path, kubernetes_release(mirror, corrupt="kubelet")))
+    assert rc != 0, out
+    assert "Checksum mismatch" in out and f"kubernetes_sha256.kubelet.{ARCH}" in out, out
+    assert not (tmp_path / "cache" / f"kubelet-1.34.2-{ARCH}").exists()
+
+
+def test_kubernetes_applies_the_published_sha256_of_the_pinned_version(mirror, tmp_path):
+    """Without overrides the role checks against the real published sha256 of kubeadm 1.34.2: a fake is refused."""
+    kubernetes_release(mirror)
+    rc, out = steps(tmp_path, "kubernetes", ["download.yml"], **kubernetes_vars(mirror, tmp_path))
+    assert rc != 0 and f"kubernetes_sha256.kubeadm.{ARCH}" in out and "Checksum mismatch" in out, out
+    assert "6a2346006132f6e1ed0b5248e518098cf5abbce25bf11b8926fb1073091b83f4" in out or ARCH != "amd64", out
+
+
+def test_kubernetes_unknown_version_needs_checksums_before_any_download(mirror, tmp_path):
+    variables = kubernetes_vars(mirror, tmp_path)
+    variables["kubernetes_version"] = "1.99.0"
+    rc, out = steps(tmp_path, "kubernetes", ["download.yml"], **variables)
+    assert rc != 0 and f"set kubernetes_sha256.kubeadm.{ARCH}" in out and "Nothing is downloaded unchecked" in out, out
+    assert not mirror.log
+
+
+def test_unreachable_mirror_names_the_mirror_variable(tmp_path):
+    variables = dict(kubernetes_mirror_url=f"http://127.0.0.1:{free_port()}", kubernetes_download_dir=str(tmp_path / "cache"),
+                     kubernetes_download_timeout=5)
+    rc, out = steps(tmp_path, "kubernetes", ["download.yml"], **variables)
+    assert rc != 0 and "Cannot download" in out and "kubernetes_mirror_url" in out, out
+
+
+# --- istio: istioctl side by side -----------------------------------------------------------------------------------
+
+def istio_vars(mirror, tmp_path, sha):
+    return dict(istio_mirror_url=mirror.url, istio_download_dir=str(tmp_path / "cache"),
+                istio_install_dir=str(tmp_path / "lib" / "istio"), istio_bin_dir=str(tmp_path / "bin"),
+                istio_istioctl_sha256={ARCH: sha} if sha else {})
+
+
+def test_istioctl_installed_versioned_and_linked(mirror, tmp_path):
+    sha = mirror.put(f"istio/1.28.0/istioctl-1.28.0-linux-{ARCH}.tar.gz", tarball({"istioctl": script("istioctl")}))
+    rc, out = steps(tmp_path, "istio", ["preflight.yml", "download.yml", "istioctl.yml"], **istio_vars(mirror, tmp_path, sha))
+    assert rc == 0, out
+    binary = tmp_path / "lib" / "istio" / "1.28.0" / "istioctl"
+    assert binary.read_bytes() == script("istioctl")
+    assert os.readlink(tmp_path / "bin" / "istioctl-1.28.0") == str(binary) == os.readlink(tmp_path / "bin" / "istioctl")
+    out = subprocess.run([str(tmp_path / "bin" / "istioctl-1.28.0")], capture_output=True, text=True, check=True).stdout
+    assert "istioctl fake build" in out
+
+
+def test_istioctl_corrupted_tarball_refused(mirror, tmp_path):
+    mirror.put(f"istio/1.28.0/istioctl-1.28.0-linux-{ARCH}.tar.gz", tarball({"istioctl": script("evil")}))
+    sha = hashlib.sha256(tarball({"istioctl": script("istioctl")})).hexdigest()
+    rc, out = steps(tmp_path, "istio", ["download.yml", "istioctl.yml"], **istio_vars(mirror, tmp_path, sha))
+    assert rc != 0 and "Checksum mismatch" in out and f"istio_istioctl_sha256.{ARCH}" in out, out
+    assert not (tmp_path / "lib").exists() and not (tmp_path / "bin").exists()
+
+
+def test_istioctl_without_checksum_is_never_downloaded(mirror, tmp_path):
+    mirror.put(f"istio/1.28.0/istioctl-1.28.0-linux-{ARCH}.tar.gz", tarball({"istioctl": script("istioctl")}))
+    rc, out = steps(tmp_path, "istio", ["download.yml"], **istio_vars(mirror, tmp_path, None))
+    assert rc != 0 and f"set istio_istioctl_sha256.{ARCH}" in out and ".sha256" in out, out
+    assert not mirror.log
+
+
+def test_istio_unpinned_version_stops_at_preflight(mirror, tmp_path):
+    variables = istio_vars(mirror, tmp_path, "0" * 64)
+    variables["istio_version"] = "latest"
+    rc, out = steps(tmp_path, "istio", ["preflight.yml", "download.yml"], **variables)
+    assert rc != 0 and 'istio_version is "latest"' in out, out
+    assert not mirror.log
+
+
+# --- rendered files, parsed ----------------------------------------------------------------------------------------
+
+def render(tmp_path, inventory):
+    out_dir = tmp_path / inventory
+    rc, out = playbook(RENDER, tmp_path, inventory=os.path.join(INVENTORIES, inventory, "hosts.yml"), render_out=str(out_dir))
+    assert rc == 0, out
+    nodes = {}
+    for host in sorted(p.name for p in out_dir.iterdir() if p.name != "istio"):
+        docs = list(yaml.safe_load_all((out_dir / host / "kubeadm-config.yaml").read_text()))
+        kubeadm = {d["kind"]: d for d in docs}
+        assert [d["kind"] for d in docs] == ["InitConfiguration", "ClusterConfiguration", "KubeletConfiguration",
+                                             "KubeProxyConfiguration"]
+        containerd = tomllib.loads((out_dir / host / "containerd" / "config.toml").read_text())
+        nodes[host] = dict(kubeadm=kubeadm, containerd=containerd, dir=out_dir / host)
+    operators = list((out_dir / "istio").glob("istio-operator-*.yaml"))
+    assert len(operators) == 1, operators
+    return nodes, yaml.safe_load(operators[0].read_text()), operators[0].name
+
+
+def check_common(node, host, address):
+    kubeadm, cri = node["kubeadm"], node["containerd"]
+    init = kubeadm["InitConfiguration"]
+    assert init["apiVersion"] == kubeadm["ClusterConfiguration"]["apiVersion"] == "kubeadm.k8s.io/v1beta4"
+    assert init["localAPIEndpoint"] == {"advertiseAddress": address, "bindPort": 6443}
+    assert init["nodeRegistration"]["name"] == host
+    assert init["nodeRegistration"]["criSocket"] == "unix:///run/containerd/containerd.sock"
+    assert init["nodeRegistration"]["kubeletExtraArgs"] == [{"name": "node-ip", "value": address}]
+    assert kubeadm["ClusterConfiguration"]["kubernetesVersion"] == "v1.34.2"
+    assert kubeadm["KubeletConfiguration"]["cgroupDriver"] == "systemd"
+    runc = cri["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]["runc"]
+    assert cri["version"] == 2 and runc["runtime_type"] == "io.containerd.runc.v2" and runc["options"]["SystemdCgroup"] is True
+    assert cri["plugins"]["io.containerd.grpc.v1.cri"]["registry"]["config_path"] == str(node["dir"] / "containerd" / "certs.d")
+
+
+def test_render_single_control_plane_defaults(tmp_path):
+    nodes, iop, name = render(tmp_path, "single")
+    assert list(nodes) == ["solo-cp1"]
+    node = nodes["solo-cp1"]
+    check_common(node, "solo-cp1", "192.0.2.10")
+    cluster = node["kubeadm"]["ClusterConfiguration"]
+    assert cluster["controlPlaneEndpoint"] == "192.0.2.10:6443"
+    assert cluster["networking"] == {"podSubnet": "10.244.0.0/16", "serviceSubnet": "10.96.0.0/12", "dnsDomain": "cluster.local"}
+    assert cluster["etcd"] == {"local": {"dataDir": "/var/lib/etcd"}} and cluster["imageRepository"] == "registry.k8s.io"
+    assert node["kubeadm"]["KubeProxyConfiguration"]["mode"] == "iptables"
+    assert node["containerd"]["root"].endswith("/root/var/lib/containerd")
+    assert node["containerd"]["plugins"]["io.containerd.grpc.v1.cri"]["sandbox_image"] == "registry.k8s.io/pause:3.10.1"
+    # Istio defaults: telemetry on, a small trace sampling, sidecar requests, no limits, revision from the version.
+    assert name == "istio-operator-1-28-0.yaml"
+    assert iop["apiVersion"] == "install.istio.io/v1alpha1" and iop["kind"] == "IstioOperator"
+    spec = iop["spec"]
+    assert spec["profile"] == "default" and spec["revision"] == "1-28-0" and "hub" not in spec
+    assert spec["meshConfig"] == {"accessLogFile": "/dev/stdout", "enablePrometheusMerge": True, "enableTracing": True}
+    assert spec["values"]["pilot"]["traceSampling"] == 1.0
+    assert spec["values"]["global"]["proxy"]["resources"] == {"requests": {"cpu": "100m", "memory": "128Mi"}}
+
+
+def test_render_ha_cluster(tmp_path):
+    nodes, iop, _ = render(tmp_path, "ha")
+    addresses = {"ha-cp1": "198.51.100.11", "ha-cp2": "198.51.100.12", "ha-cp3": "198.51.100.13",
+                 "ha-w1": "198.51.100.21", "ha-w2": "198.51.100.22"}
+    assert sorted(nodes) == sorted(addresses)
+    for host, node in nodes.items():
+        check_common(node, host, addresses[host])
+        cluster = node["kubeadm"]["ClusterConfiguration"]
+        assert cluster["clusterName"] == "lab-ha"
+        assert cluster["controlPlaneEndpoint"] == "k8s-api.lab.internal:6443"
+        assert cluster["apiServer"]["certSANs"] == ["k8s-api.lab.internal", "198.51.100.10"]
+        assert cluster["networking"]["podSubnet"] == "10.32.0.0/16" and cluster["networking"]["serviceSubnet"] == "10.33.0.0/16"
+        assert cluster["etcd"]["local"]["dataDir"] == "/var/lib/onprem-nvme/etcd"
+        assert node["containerd"]["root"].endswith("/root/var/lib/onprem-nvme/containerd")
+    spec = iop["spec"]
+    assert spec["revision"] == "1-28-0" and spec["values"]["pilot"]["traceSampling"] == 0.5
+    assert spec["values"]["global"]["proxy"]["resources"] == {"requests": {"cpu": "50m", "memory": "96Mi"},
+                                                              "limits": {"memory": "256Mi"}}
+
+
+def test_render_air_gapped_site(tmp_path):
+    nodes, iop, name = render(tmp_path, "airgap")
+    for host, address in (("gap-cp1", "10.10.0.11"), ("gap-w1", "10.10.0.21")):
+        node = nodes[host]
+        check_common(node, host, address)
+        kubeadm = node["kubeadm"]
+        cluster = kubeadm["ClusterConfiguration"]
+        assert cluster["controlPlaneEndpoint"] == "10.10.0.11:6443", "a single control plane is the endpoint of every node"
+        assert cluster["imageRepository"] == "registry.airgap.internal:5000/k8s"
+        assert cluster["apiServer"]["extraArgs"] == [{"name": "audit-log-maxage", "value": "30"}]
+        assert cluster["apiServer"]["certSANs"] == ["10.10.0.11"], "the extra configuration merges, it does not replace"
+        assert kubeadm["KubeletConfiguration"]["maxPods"] == 150 and kubeadm["KubeletConfiguration"]["cgroupDriver"] == "systemd"
+        assert kubeadm["KubeProxyConfiguration"]["mode"] == "ipvs"
+        cri = node["containerd"]["plugins"]["io.containerd.grpc.v1.cri"]
+        assert cri["sandbox_image"] == "registry.airgap.internal:5000/k8s/pause:3.10.1"
+        docker = tomllib.loads((node["dir"] / "containerd" / "certs.d" / "docker.io" / "hosts.toml").read_text())
+        assert docker == {"server": "https://registry-1.docker.io",
+                          "host": {"https://registry.airgap.internal:5000": {"capabilities": ["pull", "resolve"],
+                                                                             "ca": "/etc/ssl/certs/airgap-ca.pem"}}}
+        k8s = tomllib.loads((node["dir"] / "containerd" / "certs.d" / "registry.k8s.io" / "hosts.toml").read_text())
+        assert k8s["server"] == "https://registry.k8s.io" and list(k8s["host"]) == ["https://registry.airgap.internal:5001"]
+    assert name == "istio-operator-canary.yaml"
+    spec = iop["spec"]
+    assert spec["profile"] == "minimal" and spec["revision"] == "canary" and spec["hub"] == "registry.airgap.internal:5000/istio"
+    assert iop["metadata"] == {"name": "onprem-mesh-canary", "namespace": "istio-system"}
+    assert spec["meshConfig"]["enableTracing"] is False and spec["meshConfig"]["accessLogFile"] == ""
+    assert spec["meshConfig"]["outboundTrafficPolicy"] == {"mode": "REGISTRY_ONLY"}
+    assert spec["values"]["global"]["logging"] == {"level": "default:warn"}
+    assert spec["values"]["global"]["proxy"]["resources"]["requests"] == {"cpu": "100m", "memory": "128Mi"}
+
+
+# --- preflight: bad input stops before anything else ----------------------------------------------------------------
+
+@pytest.mark.parametrize("override, expected", [
+    ({"kubernetes_control_plane_endpoint": ""}, "set kubernetes_control_plane_endpoint"),
+    ({"kubernetes_version": "latest"}, "must be exact releases"),
+    ({"kubernetes_pod_subnet": "10.33.0.0/16"}, "must be two different CIDRs"),
+    ({"kubernetes_service_subnet": "10.33.0.0"}, "must be two different CIDRs"),
+    ({"istio_revision_tags": ["Prod_Stable"]}, "must be DNS labels"),
+    ({"istio_tracing_sampling": 150}, "percentage of requests"),
+])
+def test_preflight_names_the_variable_to_set(tmp_path, override, expected):
+    variables = dict(kubernetes_cni_manifest_sha256="0" * 64, **override)
+    rc, out = playbook(PREFLIGHT, tmp_path, inventory=os.path.join(INVENTORIES, "ha", "hosts.yml"), **variables)
+    assert rc != 0 and expected in out, out
+
+
+def test_preflight_requires_the_cni_manifest_checksum(tmp_path):
+    rc, out = playbook(PREFLIGHT, tmp_path, inventory=os.path.join(INVENTORIES, "single", "hosts.yml"))
+    assert rc != 0 and "kubernetes_cni_manifest_sha256 is not set" in out, out
+
+
+def test_preflight_passes_a_good_inventory(tmp_path):
+    rc, out = playbook(PREFLIGHT, tmp_path, inventory=os.path.join(INVENTORIES, "ha", "hosts.yml"),
+                       kubernetes_cni_manifest_sha256="0" * 64)
+    assert rc == 0, out
