@@ -3,6 +3,7 @@
 One Prometheus and one exporter for the module; every scenario has its own canary workload, whose steady traffic
 starts when the fixture starts, so the 10 s analysis window has data by the time the playbooks run.
 """
+import datetime
 import json
 import os
 import subprocess
@@ -160,3 +161,137 @@ def test_prometheus_stopped_follows_the_error_policy(tmp_path):
         rc, result, out = run_gate(tmp_path, gate_prometheus_url=url, gate_workload="reviews-healthy", gate_checks=[SR],
                                    gate_on_error="fail", gate_retry_for=30)
         assert rc != 0 and by_name(result)["errors"]["attempts"] == 1 and "(on_error: fail)" in result["msg"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Workload checks against the test Kubernetes API (tests/support/k8s_double)
+# ------------------------------------------------------------------------------------------------
+
+def _k8s_double():
+    try:
+        import k8s_double  # pylint: disable=import-error,import-outside-toplevel
+        from kubernetes import client  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+        pytest.skip("the test Kubernetes API or the kubernetes library is not available: %s" % e)
+    return k8s_double, client
+
+
+def _iso(seconds_ago):
+    return (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=seconds_ago)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _pod(name, workload, restarts=0, finished=None):
+    status = {"name": "app", "restartCount": restarts, "ready": True, "image": "reviews:2", "imageID": "",
+              "state": {"running": {"startedAt": _iso(1)}}}
+    if finished is not None:
+        status["lastState"] = {"terminated": {"exitCode": 137, "reason": "OOMKilled", "finishedAt": finished}}
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": NS, "labels": {"app": "reviews", "workload": workload}},
+            "spec": {"containers": [{"name": "app", "image": "reviews:2"}]},
+            "status": {"phase": "Running", "containerStatuses": [status]}}
+
+
+def _deployment(name, replicas=2):
+    labels = {"app": "reviews", "workload": name}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": NS},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
+                     "template": {"metadata": {"labels": labels}, "spec": {"containers": [{"name": "app", "image": "reviews:2"}]}}}}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """The test Kubernetes API with namespace shop: reviews-healthy (rolled out, 2 pods without restarts),
+    reviews-errors (rolled out, a pod that restarted twice), reviews-slow (1 of 2 replicas available)."""
+    k8s_double, client = _k8s_double()
+    with k8s_double.start(port=0, workdir=str(tmp_path_factory.mktemp("k8s-double"))) as handle:
+        conf = client.Configuration()
+        conf.host = handle.url
+        conf.api_key = {"authorization": "Bearer %s" % handle.token}
+        api = client.ApiClient(conf)
+        core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
+        core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
+        for name in ("reviews-healthy", "reviews-errors"):
+            apps.create_namespaced_deployment(NS, _deployment(name))
+        core.create_namespaced_pod(NS, _pod("reviews-healthy-a", "reviews-healthy"))
+        core.create_namespaced_pod(NS, _pod("reviews-healthy-b", "reviews-healthy"))
+        core.create_namespaced_pod(NS, _pod("reviews-errors-a", "reviews-errors", restarts=2, finished=_iso(5)))
+        handle.api.controllers = False  # from here on nobody marks Deployments rolled out
+        apps.create_namespaced_deployment(NS, _deployment("reviews-slow"))
+        apps.patch_namespaced_deployment_status("reviews-slow", NS, {"status": {
+            "observedGeneration": 1, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 1}})
+        handle.client = api
+        handle.core = core
+        yield handle
+        api.close()
+
+
+def k8s_vars(handle):
+    return dict(gate_k8s_host=handle.url, gate_k8s_api_key=handle.token, gate_k8s_validate_certs=False)
+
+
+READY = dict(name="ready", type="workload_ready")
+RESTARTS = dict(name="restarts", type="no_restarts")
+
+
+def test_full_gate_on_metrics_and_workload_passes(prom, cluster, tmp_path):
+    rc, result, out = run_gate(tmp_path, gate_prometheus_url=prom.url, gate_workload="reviews-healthy",
+                               gate_checks=[SR, P99, READY, RESTARTS], **k8s_vars(cluster))
+    assert rc == 0, out
+    checks = by_name(result)
+    assert checks["ready"]["value"] == 2 and "2/2 replicas available" in checks["ready"]["reason"]
+    assert checks["restarts"]["value"] == 0 and "in 2 pods" in checks["restarts"]["reason"]
+
+
+def test_restart_in_the_window_fails_no_restarts(cluster, tmp_path):
+    # No baseline here: with a 1 h window the pod (created minutes ago) counts all its restarts, whenever this runs.
+    rc, result, out = run_gate(tmp_path, gate_workload="reviews-errors", gate_checks=[READY, RESTARTS], gate_window="1h",
+                               **k8s_vars(cluster))
+    assert rc != 0
+    checks = by_name(result)
+    assert checks["ready"]["verdict"] == "pass" and checks["restarts"]["verdict"] == "fail"
+    assert "reviews-errors-a/app +2 (restartCount 2)" in result["msg"]
+
+
+def test_unavailable_replicas_fail_workload_ready(cluster, tmp_path):
+    rc, result, out = run_gate(tmp_path, gate_workload="reviews-slow", gate_checks=[READY], **k8s_vars(cluster))
+    assert rc != 0 and by_name(result)["ready"]["value"] == 1 and "1/2 replicas available" in result["msg"]
+    rc, result, out = run_gate(tmp_path, gate_workload="reviews-slow", gate_checks=[dict(READY, min_available=1)],
+                               **k8s_vars(cluster))
+    assert rc == 0, out
+
+
+def test_missing_deployment_fails_without_retries(cluster, tmp_path):
+    rc, result, out = run_gate(tmp_path, gate_workload="reviews-nope", gate_checks=[READY], gate_retry_for=30,
+                               **k8s_vars(cluster))
+    assert rc != 0 and by_name(result)["ready"]["attempts"] == 1
+    assert "Kubernetes API answered 404" in result["msg"] and "reviews-nope" in result["msg"]
+
+
+def test_baseline_then_restart_through_the_official_client(cluster):
+    """What canary_rollout does per step: start_window() takes the baseline, evaluate() compares with it."""
+    from ansible_collections.onprem.mesh.plugins.module_utils.canary_checks import CanaryGate  # pylint: disable=import-outside-toplevel
+
+    gate = CanaryGate(dict(checks=[RESTARTS, READY], retry_inconclusive_for=0), dict(namespace=NS, workload="reviews-healthy"),
+                      k8s=cluster.client)
+    token = gate.start_window()
+    assert sorted(p["name"] for p in token["restarts"].values()) == ["reviews-healthy-a", "reviews-healthy-b"]
+    assert gate.evaluate(token)["verdict"] == "pass"
+    cluster.core.patch_namespaced_pod_status("reviews-healthy-a", NS, {"status": {"containerStatuses": [
+        {"name": "app", "restartCount": 1, "ready": True, "image": "reviews:2", "imageID": ""}]}})
+    try:
+        result = gate.evaluate(token)
+        assert result["verdict"] == "fail" and result["checks"][0]["value"] == 1
+        assert "reviews-healthy-a/app +1" in result["checks"][0]["reason"]
+    finally:
+        cluster.core.patch_namespaced_pod_status("reviews-healthy-a", NS, {"status": {"containerStatuses": [
+            {"name": "app", "restartCount": 0, "ready": True, "image": "reviews:2", "imageID": ""}]}})
+
+
+def test_kubernetes_api_down_follows_the_error_policy(tmp_path):
+    k8s_double, dummy = _k8s_double()
+    handle = k8s_double.start(port=0, workdir=str(tmp_path / "k8s-double"))
+    url, token = handle.url, handle.token
+    handle.stop()
+    rc, result, out = run_gate(tmp_path, gate_workload="reviews-healthy", gate_checks=[READY], gate_on_error="fail",
+                               gate_k8s_host=url, gate_k8s_api_key=token, gate_k8s_validate_certs=False)
+    assert rc != 0 and "(on_error: fail)" in result["msg"] and "Kubernetes API unreachable" in result["msg"]
