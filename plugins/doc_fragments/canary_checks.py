@@ -157,6 +157,8 @@ options:
   analysis_window:
     description:
       - The PromQL range the metrics are computed over, for example V(1m), V(30s), V(2m30s).
+      - The queries look back from the moment they run. Between the steps of M(onprem.mesh.canary_rollout), keep it no
+        longer than a step's interval, or the window also covers traffic from the previous weight.
       - For V(no_restarts) without a baseline, restarts during the last O(analysis_window) count.
     type: str
     default: 1m

@@ -107,10 +107,13 @@ class PrometheusClient:
                 "Prometheus at %s rejected the query (HTTP 400 %s). Fix the PromQL: %s"
                 % (self.url, prom_error or text[:300], promql), status=status, prom_error=prom_error)
         if not 200 <= status < 300:
+            hint = ""
+            if status in (401, 403):
+                hint = " (check prometheus_headers, e.g. Authorization: Bearer <token>)"
             raise PrometheusError(
                 "query_error",
-                "Prometheus at %s answered HTTP %s to the query %s: %s"
-                % (self.url, status, promql, prom_error or text[:300]), status=status, prom_error=prom_error)
+                "Prometheus at %s answered HTTP %s%s to the query %s: %s"
+                % (self.url, status, hint, promql, prom_error or text[:300]), status=status, prom_error=prom_error)
         if not isinstance(doc, dict) or doc.get("status") != "success" or not isinstance(doc.get("data"), dict):
             raise PrometheusError(
                 "bad_response",

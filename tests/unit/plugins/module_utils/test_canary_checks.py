@@ -737,3 +737,9 @@ def test_k8s_reader_with_the_official_client():
     reader.apps.read_namespaced_deployment.side_effect = ApiException(status=404, reason="Not Found")
     gate = run(params(READY), reader=reader)
     assert gate["verdict"] == "fail" and "Kubernetes API answered 404" in gate["checks"][0]["reason"]
+
+
+def test_client_401_hints_at_prometheus_headers():
+    with pytest.raises(PrometheusError) as err:
+        PrometheusClient("http://p", transport=transport_answering(401, b"Unauthorized")).query("up")
+    assert err.value.kind == "query_error" and "HTTP 401 (check prometheus_headers" in str(err.value)
