@@ -10,13 +10,16 @@ import signal
 import subprocess
 import sys
 import threading
-import urllib.error
-import urllib.request
+import ssl
+import urllib.parse
+from http.client import HTTPConnection, HTTPSConnection
 
 import pytest
 import yaml
 
 from k8s_double import BANNER, istio_data_dir, start  # pylint: disable=import-error
+
+# pylint: disable=redefined-outer-name  # pytest fixtures
 
 pytest_plugins = ["k8s_double.pytest_plugin"]
 
@@ -69,19 +72,23 @@ def custom(k8s_double, k8s_double_client):
     return client.CustomObjectsApi(k8s_double_client(k8s_double))
 
 
-def http(handle, method, path, body=None, token=None, content_type="application/json"):
-    """A raw request: (status, headers, decoded body)."""
+def http(handle, method, path, body=None, token=None, content_type="application/json"):  # pylint: disable=too-many-arguments,too-many-positional-arguments
+    """A raw request (token=False: none): (status, headers, decoded body). Over HTTPS when the double serves TLS."""
+    split = urllib.parse.urlsplit(handle.url)
+    if split.scheme == "https":
+        conn = HTTPSConnection(split.hostname, split.port, timeout=10, context=ssl.create_default_context(cafile=handle.ca_file))
+    else:
+        conn = HTTPConnection(split.hostname, split.port, timeout=10)
     data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-    request = urllib.request.Request(handle.url + path, data=data, method=method)
-    if token is not False:
-        request.add_header("Authorization", f"Bearer {token or handle.token}")
+    headers = {} if token is False else {"Authorization": f"Bearer {token or handle.token}"}
     if data is not None:
-        request.add_header("Content-Type", content_type)
+        headers["Content-Type"] = content_type
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:  # nosec - 127.0.0.1 test double
-            return response.status, response.headers, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as err:
-        return err.code, err.headers, json.loads(err.read() or b"null")
+        conn.request(method, path, body=data, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.headers, json.loads(response.read() or b"null")
+    finally:
+        conn.close()
 
 
 def api_exception(call, *args, **kwargs):
@@ -229,19 +236,8 @@ def test_kubectl_restricted_token_gets_403_and_unknown_token_401(k8s_double_tls,
     stranger = Kubectl(k8s_double_kubeconfig(k8s_double_tls, token="no-such-token"), str(tmp_path / "c2"))
     refused = stranger("get", "vs")
     assert refused.returncode != 0 and "You must be logged in to the server" in refused.stderr
-    code, _, body = http_insecure(k8s_double_tls, "/api/v1/namespaces", token="no-such-token")
+    code, _, body = http(k8s_double_tls, "GET", "/api/v1/namespaces", token="no-such-token")
     assert code == 401 and body["reason"] == "Unauthorized"
-
-
-def http_insecure(handle, path, token=None):
-    import ssl  # pylint: disable=import-outside-toplevel
-    context = ssl.create_default_context(cafile=handle.ca_file)
-    request = urllib.request.Request(handle.url + path, headers={"Authorization": f"Bearer {token or handle.token}"})
-    try:
-        with urllib.request.urlopen(request, timeout=10, context=context) as response:  # nosec - 127.0.0.1 test double
-            return response.status, response.headers, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, err.headers, json.loads(err.read())
 
 
 @needs_kubectl
@@ -485,21 +481,19 @@ def test_command_line_prints_url_and_writes_a_kubeconfig(istio_crds, tmp_path):
     kubeconfig = str(tmp_path / "kc")
     support = os.path.dirname(os.path.dirname(os.path.abspath(sys.modules["k8s_double"].__file__)))
     env = dict(os.environ, PYTHONPATH=support)
-    proc = subprocess.Popen([sys.executable, "-m", "k8s_double", "--port", "0", "--crds", istio_crds, "--kubeconfig-out", kubeconfig],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        url = proc.stdout.readline().strip()
-        assert url.startswith("http://127.0.0.1:")
-        with open(kubeconfig, encoding="utf-8") as handle:
-            written = yaml.safe_load(handle)
-        assert written["current-context"] == "k8s-double" and written["clusters"][0]["cluster"]["server"] == url
-        api = client.CoreV1Api(config.new_client_from_config(config_file=kubeconfig))
-        assert "default" in [n.metadata.name for n in api.list_namespace().items]
-    finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-        proc.stdout.close()
-        proc.stderr.close()
+    with subprocess.Popen([sys.executable, "-m", "k8s_double", "--port", "0", "--crds", istio_crds, "--kubeconfig-out", kubeconfig],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env) as proc:
+        try:
+            url = proc.stdout.readline().strip()
+            assert url.startswith("http://127.0.0.1:")
+            with open(kubeconfig, encoding="utf-8") as handle:
+                written = yaml.safe_load(handle)
+            assert written["current-context"] == "k8s-double" and written["clusters"][0]["cluster"]["server"] == url
+            api = client.CoreV1Api(config.new_client_from_config(config_file=kubeconfig))
+            assert "default" in [n.metadata.name for n in api.list_namespace().items]
+        finally:
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
     assert proc.returncode == 0
 
 

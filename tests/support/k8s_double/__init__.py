@@ -49,7 +49,8 @@ def istio_crds_path():
     return os.path.join(data, "crd-all.gen.yaml") if data else None
 
 
-def write_kubeconfig(path, url, token=ADMIN_TOKEN, ca_file=None, namespace="default", name=CONTEXT):  # pylint: disable=too-many-arguments,too-many-positional-arguments
+# pylint: disable-next=too-many-arguments,too-many-positional-arguments
+def write_kubeconfig(path, url, token=ADMIN_TOKEN, ca_file=None, namespace="default", name=CONTEXT):
     """A kubeconfig (cluster, user and context all named `k8s-double` by default) for kubectl and the python client."""
     cluster = {"server": url}
     if ca_file:
@@ -92,7 +93,9 @@ def _make_certs(directory):
     with open(ext, "w", encoding="utf-8") as handle:
         handle.write("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
                      "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n")
-    run = lambda *args: subprocess.run([openssl, *args], check=True, capture_output=True, timeout=60)  # noqa: E731 pylint: disable=unnecessary-lambda-assignment
+
+    def run(*args):
+        subprocess.run([openssl, *args], check=True, capture_output=True, timeout=60)
     run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca_crt, "-days", "2",
         "-subj", "/CN=k8s-double test CA (TEST DOUBLE)", "-addext", "basicConstraints=critical,CA:TRUE",
         "-addext", "keyUsage=critical,keyCertSign,cRLSign")
@@ -104,7 +107,8 @@ def _make_certs(directory):
 class Handle:  # pylint: disable=too-many-instance-attributes
     """A running test double: `.url`, `.kubeconfig`, `.token`, `.ca_file`, `.api` (the in-process store), `.stop()`."""
 
-    def __init__(self, server, thread, workdir, kubeconfig, url, token, ca_file, own_workdir):  # pylint: disable=too-many-arguments,too-many-positional-arguments
+    # pylint: disable-next=too-many-arguments,too-many-positional-arguments
+    def __init__(self, server, thread, workdir, kubeconfig, url, token, ca_file, own_workdir):
         self.server = server
         self.api = server.api
         self._thread = thread
@@ -164,7 +168,8 @@ class Handle:  # pylint: disable=too-many-instance-attributes
         return write_kubeconfig(path, self.url, token or self.token, self.ca_file, namespace)
 
 
-def start(port=0, crds=None, tokens=None, state=None, tls=False, host="127.0.0.1", kubeconfig=None, workdir=None,  # pylint: disable=too-many-arguments,too-many-locals
+# pylint: disable-next=too-many-arguments,too-many-locals,too-many-positional-arguments
+def start(port=0, crds=None, tokens=None, state=None, tls=False, host="127.0.0.1", kubeconfig=None, workdir=None,
           controllers=True, admin_token=ADMIN_TOKEN):
     """Start the test double in a background thread and return its Handle.
 

@@ -33,6 +33,7 @@ def now():
 class Request:  # pylint: disable=too-many-instance-attributes
     """One resource request after routing."""
 
+    # pylint: disable-next=too-many-arguments,too-many-positional-arguments
     def __init__(self, rtype, version, namespace=None, name=None, subresource="", query=None, user="system:admin"):
         self.rtype = rtype
         self.version = version
@@ -52,7 +53,7 @@ class Request:  # pylint: disable=too-many-instance-attributes
         return self.q("fieldValidation", "Warn") or "Warn"
 
 
-class Api:  # pylint: disable=too-many-public-methods
+class Api:  # pylint: disable=too-many-public-methods,too-many-instance-attributes
     """The object store and the verbs. Thread-safe (one lock; writes are serialized like etcd transactions)."""
 
     def __init__(self, controllers=True):
@@ -515,7 +516,7 @@ class Api:  # pylint: disable=too-many-public-methods
         expected = f"{rtype.plural}.{rtype.group}"
         if crd["metadata"]["name"] != expected:
             raise errors.invalid("CustomResourceDefinition", "apiextensions.k8s.io", crd["metadata"]["name"], [errors.FieldError(
-                "FieldValueInvalid", "metadata.name", crd["metadata"]["name"], f"must be spec.names.plural+\".\"+spec.group")])
+                "FieldValueInvalid", "metadata.name", crd["metadata"]["name"], "must be spec.names.plural+\".\"+spec.group")])
         self.registry.add(rtype)
         crd["status"] = {
             "acceptedNames": dict(crd["spec"]["names"]),
@@ -615,7 +616,9 @@ def _generation_changed(rtype, version, old, new):
     skip = {"metadata", "apiVersion", "kind"}
     if rtype.builtin or rtype.has_status(version):
         skip.add("status")
-    strip = lambda o: {k: v for k, v in o.items() if k not in skip}  # noqa: E731 pylint: disable=unnecessary-lambda-assignment
+
+    def strip(obj):
+        return {k: v for k, v in obj.items() if k not in skip}
     return strip(old) != strip(new)
 
 
@@ -630,8 +633,8 @@ def _next_cluster_ip(api):
 
 def default_builtin(rtype, obj, api):
     """The few defaults of built-in kinds that clients read back (not the full defaulting of the real server)."""
-    spec = obj.setdefault("spec", {}) if rtype.builtin and rtype.plural not in ("configmaps", "secrets", "events", "endpoints",
-                                                                               "serviceaccounts") else obj.get("spec")
+    specless = ("configmaps", "secrets", "events", "endpoints", "serviceaccounts")
+    spec = obj.setdefault("spec", {}) if rtype.builtin and rtype.plural not in specless else obj.get("spec")
     if rtype.key == ("", "namespaces"):
         spec.setdefault("finalizers", ["kubernetes"])
         obj.setdefault("status", {}).setdefault("phase", "Active")
@@ -658,7 +661,7 @@ def default_builtin(rtype, obj, api):
         obj.setdefault("type", "Opaque")
 
 
-def builtin_errors(rtype, obj):
+def builtin_errors(rtype, obj):  # pylint: disable=too-many-branches
     """Light validation of built-in kinds: the required fields clients most often forget."""
     errs = []
     spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
@@ -671,7 +674,7 @@ def builtin_errors(rtype, obj):
         if wanted and any(labels.get(k) != v for k, v in wanted.items()):
             errs.append(errors.FieldError("FieldValueInvalid", "spec.template.metadata.labels", labels,
                                           "`selector` does not match template `labels`"))
-        if not ((template.get("spec") or {}).get("containers")):
+        if not (template.get("spec") or {}).get("containers"):
             errs.append(errors.FieldError("FieldValueRequired", "spec.template.spec.containers"))
         if isinstance(spec.get("replicas"), int) and spec["replicas"] < 0:
             errs.append(errors.FieldError("FieldValueInvalid", "spec.replicas", spec["replicas"], "must be greater than or equal to 0"))

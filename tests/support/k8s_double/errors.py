@@ -77,6 +77,7 @@ def unauthorized():
     return ApiError(401, "Unauthorized", "Unauthorized")
 
 
+# pylint: disable-next=too-many-arguments,too-many-positional-arguments
 def forbidden(user, verb, resource, group, name, namespace, subresource=""):
     res = f"{resource}/{subresource}" if subresource else resource
     what = f'{qualified(resource, group)} "{name}"' if name else qualified(resource, group)
@@ -147,7 +148,7 @@ class Raw(str):
     """A bad value rendered verbatim (Go's %#v of a non-string, e.g. `0x0`)."""
 
 
-def format_value(value):
+def format_value(value):  # pylint: disable=too-many-return-statements
     """field.Error's rendering of a bad value (strings quoted like Go's %q)."""
     if isinstance(value, Raw):
         return str(value)

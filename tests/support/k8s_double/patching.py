@@ -168,6 +168,7 @@ def apply_merge(current, applied, list_keys=None, builtin=False):
     return _apply(copy.deepcopy(current) if current else {}, applied, "", "", list_keys or {}, builtin)
 
 
+# pylint: disable-next=too-many-arguments,too-many-positional-arguments
 def _apply(orig, patch, path, parent, list_keys, builtin):
     if not isinstance(patch, dict):
         return copy.deepcopy(patch)

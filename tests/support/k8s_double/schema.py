@@ -73,7 +73,7 @@ def _prune(value, schema, path, removed):
 
 
 # ---------------------------------------------------------------------------------------------------- JSON Schema
-def to_jsonschema(schema):
+def to_jsonschema(schema):  # pylint: disable=too-many-branches
     """Translate OpenAPI v3 (Kubernetes dialect) into a JSON Schema draft 7 document."""
     if isinstance(schema, list):
         return [to_jsonschema(s) for s in schema]
@@ -127,7 +127,7 @@ def has_cel(schema, cache=None):
     return cache[key]
 
 
-def type_name(value):
+def type_name(value):  # pylint: disable=too-many-return-statements
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -345,7 +345,7 @@ QUALIFIED_MSG = ("name part must consist of alphanumeric characters, '-', '_' or
                  "'([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')")
 
 
-def metadata_errors(meta, label_name=False):
+def metadata_errors(meta, label_name=False):  # pylint: disable=too-many-branches
     """ObjectMeta validation: name format (DNS-1123 subdomain, or label for namespaces/services), labels."""
     errors = []
     name = meta.get("name")

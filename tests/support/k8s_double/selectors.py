@@ -48,7 +48,7 @@ def parse_label_selector(selector):
     return reqs
 
 
-def match_labels(reqs, labels):
+def match_labels(reqs, labels):  # pylint: disable=too-many-return-statements
     labels = labels or {}
     for key, op, values in reqs:
         present = key in labels

@@ -16,7 +16,7 @@ import yaml
 
 from . import errors, protobuf
 from .api import Api, Request
-from .auth import Authenticator, allowed
+from .auth import allowed
 from .faults import Faults, RequestLog
 from .schema import SKIPPED_CEL_RULES
 
@@ -30,7 +30,7 @@ PUBLIC_PATHS = ("/version", "/healthz", "/livez", "/readyz")
 BUMP_ANNOTATION = "k8s-double.onprem.mesh/concurrent-write"
 
 
-class DoubleHTTPServer(ThreadingHTTPServer):
+class DoubleHTTPServer(ThreadingHTTPServer):  # pylint: disable=too-many-instance-attributes
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
@@ -84,6 +84,9 @@ class DoubleHTTPServer(ThreadingHTTPServer):
 class Handler(BaseHTTPRequestHandler):  # pylint: disable=too-many-public-methods
     protocol_version = "HTTP/1.1"
     server_version = "k8s-double/TEST-DOUBLE"
+    code = 0
+    entry = None
+    query = None
 
     def log_message(self, format, *args):  # pylint: disable=redefined-builtin
         return
@@ -146,7 +149,7 @@ class Handler(BaseHTTPRequestHandler):  # pylint: disable=too-many-public-method
                 self.server.log.add(self.entry)
 
     # ------------------------------------------------------------------------------------------ routing
-    def _route(self):  # pylint: disable=too-many-return-statements
+    def _route(self):  # pylint: disable=too-many-return-statements,too-many-branches
         split = urlsplit(self.path)
         path = split.path.rstrip("/") or "/"
         query = parse_qs(split.query, keep_blank_values=True)
@@ -240,7 +243,7 @@ class Handler(BaseHTTPRequestHandler):  # pylint: disable=too-many-public-method
             return "delete" if name else "deletecollection"
         return method.lower()
 
-    def _resource(self, parts, query, user, token):  # pylint: disable=too-many-branches,too-many-statements
+    def _resource(self, parts, query, user, token):  # pylint: disable=too-many-branches,too-many-statements,too-many-locals
         srv = self.server
         api = srv.api
         rtype, version, namespace, name, sub = self._resolve(parts)
@@ -297,7 +300,7 @@ class Handler(BaseHTTPRequestHandler):  # pylint: disable=too-many-public-method
             srv.bump(rtype, namespace, name)
         return None
 
-    def _perform(self, api, req, verb, body):
+    def _perform(self, api, req, verb, body):  # pylint: disable=too-many-return-statements
         if verb == "get":
             return 200, api.get(req)
         if verb == "list":
@@ -316,7 +319,7 @@ class Handler(BaseHTTPRequestHandler):  # pylint: disable=too-many-public-method
             return 200, api.delete(req, self._options(body, req))
         if verb == "deletecollection":
             return 200, api.delete_collection(req, self._options(body, req))
-        raise errors.ApiError(405, "MethodNotAllowed", f"the server does not allow this method on the requested resource", {})
+        raise errors.ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource", {})
 
     def _decode(self, body, rtype):
         ctype = (self.headers.get("Content-Type") or "application/json").split(";")[0].strip().lower()
