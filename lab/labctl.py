@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """labctl: run the local mesh lab (test Kubernetes API, Envoy, upstreams v1/v2, translator, Prometheus).
 
   python lab/labctl.py up [--foreground]        start everything (in the background unless --foreground)
@@ -93,19 +92,24 @@ def cmd_up(args):
             [sys.executable, os.path.abspath(__file__), "--run-dir", run_dir, "_serve"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + args.timeout
-    while time.monotonic() < deadline:
-        if os.path.exists(state_file):
-            _print_state(_state(run_dir))
-            return 0
-        if child.poll() is not None:
-            break
-        time.sleep(0.2)
+    try:
+        while time.monotonic() < deadline:
+            if os.path.exists(state_file):
+                _print_state(_state(run_dir))
+                return 0
+            if child.poll() is not None:
+                break
+            time.sleep(0.2)
+    except KeyboardInterrupt:  # Ctrl-C while starting: stop what was started
+        print("labctl: interrupted; stopping the lab", file=sys.stderr)
+        args.timeout = 0
     if child.poll() is None:
         child.terminate()
         try:
             child.wait(30)
         except subprocess.TimeoutExpired:
             child.kill()
+    procs.kill_stale(run_dir)
     with open(log_path, encoding="utf-8", errors="replace") as fh:
         tail = fh.read()[-3000:]
     print(f"labctl: the lab did not come up (log {log_path}):\n{tail}", file=sys.stderr)

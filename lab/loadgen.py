@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Bounded HTTP load generator for the lab (127.0.0.1 only).
 
 Stops by itself after `total` requests or `seconds`, whichever comes first. Keep-alive connections
@@ -46,7 +45,7 @@ class LoadResult:
             total = self.completed
         else:
             ok = sum(n for (ver, code), n in self.by_version_status.items() if ver == version and code < 500)
-            total = sum(n for (ver, _), n in self.by_version_status.items() if ver == version)
+            total = sum(n for (ver, dummy), n in self.by_version_status.items() if ver == version)
         return ok / total if total else None
 
     def percentile(self, p):

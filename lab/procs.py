@@ -17,13 +17,11 @@ import threading
 import time
 
 PR_SET_PDEATHSIG = 1
-_LIBC = None
+# Loaded here, in the parent: the child between fork and exec must not dlopen (other threads may hold locks).
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 def _pdeathsig():
-    global _LIBC  # noqa: PLW0603
-    if _LIBC is None:
-        _LIBC = ctypes.CDLL(None, use_errno=True)
     _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 

@@ -98,7 +98,6 @@ def write_config(config_dir, envoy_admin, interval="1s"):
     return path
 
 
-
 def lab_prometheus(envoy_admin, interval="1s", start_timeout=60):
     """Prometheus for the lab, started by the shared test harness (tests/support/prometheus_harness.py):
     same binary, free port, temp dir, readiness wait and stop; only the configuration is the lab's."""

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """The lab's stand-in for istiod: VirtualService -> Envoy routes (path-based RDS) -> status.
 
 Polls the lab VirtualService through the official `kubernetes` client (every ~200 ms), and when its

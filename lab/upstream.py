@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Lab upstream: a small threaded HTTP service that plays one version (v1, v2) of the `payment` workload.
 
 Every response carries the version in the ``x-lab-version`` header (and the body). Faults can be switched
@@ -228,7 +227,7 @@ class Upstream:
             if crash and self._app is not None:
                 self._close_app()
             elif not crash and self._app is None:
-                for _ in range(50):  # bounded: the port may linger a moment after close
+                for dummy in range(50):  # bounded: the port may linger a moment after close
                     try:
                         self._open_app()
                         break
