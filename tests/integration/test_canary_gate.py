@@ -32,13 +32,31 @@ SR = dict(name="errors", type="success_rate", min=99)
 P99 = dict(name="p99", type="latency", max=500)
 
 
+RECORDED = "workload:istio_requests_5xx:ratio10s"
+RULES = """
+groups:
+  - name: canary
+    interval: 1s
+    rules:
+      - record: %s
+        # "or ... * 0": a workload without any 5xx series gets 0, not an empty result (which the gate never passes)
+        expr: >-
+          (sum by (destination_workload_namespace, destination_workload) (rate(istio_requests_total{response_code=~"5.."}[10s]))
+          or sum by (destination_workload_namespace, destination_workload) (rate(istio_requests_total[10s])) * 0)
+          / sum by (destination_workload_namespace, destination_workload) (rate(istio_requests_total[10s]))
+""" % RECORDED
+
+
 @pytest.fixture(scope="module")
-def prom():
-    with IstioExporter() as exporter, PrometheusHarness([exporter.target]) as harness:
+def prom(tmp_path_factory):
+    rules = tmp_path_factory.mktemp("rules") / "canary.rules.yml"
+    rules.write_text(RULES)
+    with IstioExporter() as exporter, PrometheusHarness([exporter.target], rule_files=[str(rules)]) as harness:
         for workload, traffic in TRAFFIC.items():
             exporter.set_traffic(NS, workload, "v2", **traffic)
         # Enough scraped samples for rate() over the window (bounded wait; the tests assert on the gate, not on time).
         harness.wait_for_series('istio_requests_total{destination_workload="reviews-healthy"}', min_samples=6, timeout=90)
+        harness.wait_for_series('%s{destination_workload="reviews-errors"}' % RECORDED, min_samples=2, timeout=30)
         harness.exporter = exporter
         yield harness
 
@@ -136,6 +154,17 @@ def test_custom_query_with_placeholders(prom, tmp_path):
     assert check["query"] == query.replace("{{ namespace }}", NS).replace("{{ workload }}", "reviews-errors").replace(
         "{{ window }}", WINDOW)
     assert check["value"] == pytest.approx(4.0, abs=0.5)  # 20 rps * 20 %
+
+
+def test_custom_query_on_a_recording_rule(prom, tmp_path):
+    query = '%s{destination_workload_namespace="{{ namespace }}",destination_workload="{{ workload }}"} * 100' % RECORDED
+    check = dict(name="5xx-ratio", type="promql", query=query, max=1, min_requests=10)
+    rc, result, out = run_gate(tmp_path, gate_prometheus_url=prom.url, gate_workload="reviews-healthy", gate_checks=[check])
+    assert rc == 0, out
+    assert by_name(result)["5xx-ratio"]["value"] == 0 and by_name(result)["5xx-ratio"]["requests"] >= 10
+    rc, result, out = run_gate(tmp_path, gate_prometheus_url=prom.url, gate_workload="reviews-errors", gate_checks=[check])
+    assert rc != 0 and by_name(result)["5xx-ratio"]["value"] == pytest.approx(20.0, abs=1.0)
+    assert prom.reload() == 200  # --web.enable-lifecycle
 
 
 def test_invalid_promql_fails_quoting_prometheus_400(prom, tmp_path):
