@@ -53,7 +53,8 @@ options:
         description:
           - V(success_rate) - percent of requests to the canary that did not answer 5xx, from C(istio_requests_total)
             (C(sum(rate(...non-5xx...)) / sum(rate(...)) * 100)) for the canary's C(destination_workload_namespace),
-            C(destination_workload) and, when the target has a version, C(destination_version). Needs O(checks[].min).
+            C(destination_workload) and, when the target has a version, C(destination_version). A canary that only
+            answered 5xx measures 0, not an empty result. Needs O(checks[].min).
           - V(latency) - a quantile (O(checks[].quantile), p99 by default) of C(istio_request_duration_milliseconds_bucket)
             with C(histogram_quantile(q, sum by (le) (rate(...)))), in milliseconds. Needs O(checks[].max).
           - V(promql) - a custom PromQL O(checks[].query) compared with O(checks[].min) and/or O(checks[].max).

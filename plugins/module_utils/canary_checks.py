@@ -373,9 +373,14 @@ def istio_selector(target, reporter="destination", extra=None):
 
 
 def success_rate_query(target, window, reporter="destination"):
-    """Percent of non-5xx requests; empty vector without traffic series, NaN with series but no requests."""
-    return ("sum(rate(istio_requests_total{%s}[%s])) / sum(rate(istio_requests_total{%s}[%s])) * 100"
-            % (istio_selector(target, reporter, 'response_code!~"5.."'), window, istio_selector(target, reporter), window))
+    """Percent of non-5xx requests; empty vector without traffic series, NaN with series but no requests.
+
+    The "or ... * 0" makes a canary that only ever answered 5xx (no non-5xx series at all) measure 0 %, instead of an
+    empty result that on_no_data could turn into a pass.
+    """
+    total = "sum(rate(istio_requests_total{%s}[%s]))" % (istio_selector(target, reporter), window)
+    good = "sum(rate(istio_requests_total{%s}[%s]))" % (istio_selector(target, reporter, 'response_code!~"5.."'), window)
+    return "(%s or %s * 0) / %s * 100" % (good, total, total)
 
 
 def latency_query(target, window, quantile=0.99, reporter="destination"):

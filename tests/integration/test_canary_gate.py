@@ -27,6 +27,7 @@ TRAFFIC = {
     "reviews-errors": dict(rps=20, error_ratio=0.2, latency_ms=30),
     "reviews-slow": dict(rps=20, error_ratio=0.0, latency_ms=800),
     "reviews-quiet": dict(rps=0.2, error_ratio=0.0, latency_ms=30),
+    "reviews-down": dict(rps=20, error_ratio=1.0, latency_ms=5),
 }
 SR = dict(name="errors", type="success_rate", min=99)
 P99 = dict(name="p99", type="latency", max=500)
@@ -119,6 +120,14 @@ def test_twenty_percent_errors_fail_success_rate(prom, tmp_path):
     assert result["verdict"] == "fail" and checks["errors"]["verdict"] == "fail"
     assert checks["errors"]["value"] == pytest.approx(80.0, abs=1.0)
     assert "errors (success_rate): fail" in result["msg"] and "is not >= 99 %" in result["msg"]
+
+
+def test_only_5xx_measures_zero_even_when_no_data_would_pass(prom, tmp_path):
+    """The canary has no non-5xx series at all; the built-in query still measures 0 %, not an empty result."""
+    rc, result, out = run_gate(tmp_path, gate_prometheus_url=prom.url, gate_workload="reviews-down",
+                               gate_checks=[dict(SR, on_no_data="pass")])
+    assert rc != 0
+    assert by_name(result)["errors"]["value"] == 0 and by_name(result)["errors"]["verdict"] == "fail"
 
 
 def test_slow_buckets_fail_latency(prom, tmp_path):

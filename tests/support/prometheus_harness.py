@@ -103,7 +103,8 @@ class IstioExporter:
         with self._lock:
             self._advance()
             key = self._key(namespace, workload, version, reporter)
-            self._ensure(key, 200)
+            if error_ratio < 1:  # a canary that only fails has no 200 series at all, as in real Istio telemetry
+                self._ensure(key, 200)
             if error_ratio:
                 self._ensure(key, error_code)
             self._flows[key] = _Flow(rps, error_ratio, latency_ms, error_code)

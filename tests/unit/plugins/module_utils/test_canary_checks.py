@@ -130,8 +130,8 @@ LAT = dict(name="p99", type="latency", max=500)
 def test_success_rate_query_selects_canary_istio_labels():
     q = cc.success_rate_query(TARGET, "1m")
     sel = 'reporter="destination",destination_workload_namespace="shop",destination_workload="reviews-v2",destination_version="v2"'
-    assert q == ('sum(rate(istio_requests_total{%s,response_code!~"5.."}[1m])) / sum(rate(istio_requests_total{%s}[1m])) * 100'
-                 % (sel, sel))
+    assert q == ('(sum(rate(istio_requests_total{%s,response_code!~"5.."}[1m])) or sum(rate(istio_requests_total{%s}[1m])) * 0)'
+                 ' / sum(rate(istio_requests_total{%s}[1m])) * 100' % (sel, sel, sel))
 
 
 def test_latency_query_is_histogram_quantile_summed_by_le():
