@@ -858,6 +858,10 @@ def evaluate_check(ctx, check):
         return _RUNNERS[check["type"]](ctx, check)
     except CanaryCheckError as e:
         return _Outcome(FAIL, "configuration error: %s" % to_native(e), final=True)
+    except Exception as e:  # pylint: disable=broad-except
+        # A bug or an unexpected answer must not crash a rollout half-way (no rollback) nor pass: it fails the check.
+        return _Outcome(FAIL, "unexpected error in the %s check: %s: %s" % (check["type"], type(e).__name__, to_native(e)),
+                        final=True)
 
 
 # --------------------------------------------------------------------------------------------

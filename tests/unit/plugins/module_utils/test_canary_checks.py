@@ -743,3 +743,16 @@ def test_client_401_hints_at_prometheus_headers():
     with pytest.raises(PrometheusError) as err:
         PrometheusClient("http://p", transport=transport_answering(401, b"Unauthorized")).query("up")
     assert err.value.kind == "query_error" and "HTTP 401 (check prometheus_headers" in str(err.value)
+
+
+def test_unexpected_error_in_a_check_fails_it_without_crashing_the_gate():
+    class Broken:
+        def read_deployment(self, namespace, name):
+            return None  # not a dict: the check cannot read it
+
+        def list_pods(self, namespace, label_selector):
+            return []
+
+    gate = run(params(dict(READY, on_error="pass"), retry_inconclusive_for=60), reader=Broken())
+    c = gate["checks"][0]
+    assert gate["verdict"] == "fail" and c["attempts"] == 1 and "unexpected error in the workload_ready check: AttributeError" in c["reason"]
