@@ -176,6 +176,21 @@ def test_custom_query_on_a_recording_rule(prom, tmp_path):
     assert prom.reload() == 200  # --web.enable-lifecycle
 
 
+def test_http_checks_against_prometheus_own_endpoints(prom, tmp_path):
+    healthy = dict(name="healthy", type="http", url=prom.url + "/-/healthy")
+    buildinfo = dict(name="buildinfo", type="http", url=prom.url + "/api/v1/status/buildinfo", expect_json={"status": "success"})
+    rc, result, out = run_gate(tmp_path, gate_workload="reviews-healthy", gate_checks=[healthy, buildinfo])
+    assert rc == 0, out
+    assert [c["value"] for c in result["checks"]] == [200, 200]
+    wrong = dict(buildinfo, expect_json={"status": "success", "data": {"version": "0.0.0-not-this-one"}})
+    missing = dict(name="missing", type="http", url=prom.url + "/no-such-page")
+    rc, result, out = run_gate(tmp_path, gate_workload="reviews-healthy", gate_checks=[wrong, missing])
+    assert rc != 0
+    checks = by_name(result)
+    assert '$.data.version: expected "0.0.0-not-this-one"' in checks["buildinfo"]["reason"]
+    assert checks["missing"]["value"] == 404
+
+
 def test_invalid_promql_fails_quoting_prometheus_400(prom, tmp_path):
     bad = 'sum(rate(istio_requests_total{destination_workload="reviews-healthy"}[1m])'
     rc, result, out = run_gate(tmp_path, gate_prometheus_url=prom.url, gate_workload="reviews-healthy", gate_retry_for=30,
