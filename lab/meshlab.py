@@ -321,6 +321,17 @@ class MeshLab:
     def load(self, requests=1000, seconds=30.0, rps=None, concurrency=8, headers=None):
         return loadgen.run_load(self.url, requests, seconds, rps, concurrency, headers)
 
+    def warm_up(self, requests=100):
+        """Send a few requests to each version (v2 through the `end-user: jason` route) and wait until Prometheus
+        has them, so that the 200-series of both versions exist before a canary starts: rate() cannot see a
+        counter's increments from before its first scrape, which makes the first window of a fresh lab look
+        like low traffic. Returns the two LoadResults."""
+        to_v1 = self.load(requests=requests, seconds=30, concurrency=4)
+        to_v2 = self.load(requests=requests, seconds=30, concurrency=4, headers={"end-user": "jason"})
+        if self.prometheus_url:
+            self.wait_scraped()
+        return to_v1, to_v2
+
     def query(self, promql, timeout=10.0):
         return prom_query(self.prometheus_url, promql, timeout)
 

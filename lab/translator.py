@@ -222,6 +222,7 @@ class Translator:
         self.events_path = events_path
         self.status_as_string = status_as_string
         self.applied = None  # generation live in Envoy
+        self.unacknowledged = None  # routes version Envoy did not load
         self.last_error = None
         self.log = log or (lambda msg: print(f"translator: {msg}", file=sys.stderr, flush=True))
         self._stop = threading.Event()
@@ -272,9 +273,14 @@ class Translator:
                     self.last_error = (generation, str(exc))
                 return self.applied
             version = f"{generation}-{hashlib.sha256(json.dumps(routes, sort_keys=True).encode()).hexdigest()[:8]}"
+            if self.unacknowledged == version:
+                return self.applied  # Envoy did not take it; wait for the next generation (as istiod would)
             ec.write_xds(self.rds_path, version, [routes])
             if not self._wait_envoy(version):
-                self.log(f"Envoy did not load routes version {version} in time; will retry")
+                self.unacknowledged = version
+                self.log(f"Envoy did not load routes version {version} (rejected? see its log); "
+                         f"status stays at generation {self.applied}")
+                self._event(event="not_acknowledged", generation=generation, version=version)
                 return self.applied
             self.applied = generation
             self._event(event="applied", generation=generation, weights=weights_of(vs), version=version)
