@@ -1,0 +1,177 @@
+"""End to end: playbooks/canary.yml on the local mesh lab (real Envoy, real Prometheus, the test Kubernetes API).
+
+Traffic flows through Envoy to the two upstream versions; the built-in checks read Istio's metric names
+from Prometheus (recording rules over Envoy's stats); the translator applies the VirtualService's weights
+to Envoy and reports the generation in the object's status. One lab serves every test here; each test
+starts from v1 = 100 with no rollout recorded and no fault.
+"""
+import copy
+import json
+import os
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "lab"))
+
+from canary_driver import BackgroundLoad, CanaryRun, render_timeline, wait_until  # noqa: E402 pylint: disable=wrong-import-position,import-error
+from meshlab import MeshLab  # noqa: E402 pylint: disable=wrong-import-position,import-error
+from prometheus_harness import prometheus_available  # noqa: E402 pylint: disable=wrong-import-position,import-error
+
+pytestmark = pytest.mark.skipif(not prometheus_available(), reason="no Prometheus binary (run tools/bootstrap.sh)")
+
+STATE = "mesh.onprem.io/canary-rollout"
+LEASE = "mesh.onprem.io/canary-lease"
+INTERVAL = "8s"
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    with MeshLab(run_dir=str(tmp_path_factory.mktemp("meshlab"))) as mesh:
+        with BackgroundLoad(mesh, rps=100, max_seconds=1500) as load:
+            mesh.load_thread = load
+            time.sleep(4)
+            yield mesh
+
+
+def weights(lab_):
+    for route in lab_.virtual_service()["spec"]["http"]:
+        if route.get("name") == "primary":
+            return dict((d["destination"]["subset"], d.get("weight", 0)) for d in route["route"])
+    raise AssertionError("no primary route")
+
+
+def untouched_parts(vs):
+    """Everything but the primary route's weights and the rollout's annotations."""
+    spec = copy.deepcopy(vs["spec"])
+    for route in spec["http"]:
+        if route.get("name") == "primary":
+            for dest in route["route"]:
+                dest.pop("weight", None)
+    return spec
+
+
+@pytest.fixture
+def fresh(lab):  # pylint: disable=redefined-outer-name
+    """v1 = 100, no rollout annotations, no faults, Prometheus running, normal traffic."""
+    lab.fault("v2", clear=True)
+    lab.load_thread.rps = 100
+    vs = lab.virtual_service()
+    annotations = vs["metadata"].get("annotations") or {}
+    patch = {"metadata": {"annotations": dict((k, None) for k in (STATE, LEASE) if k in annotations)}}
+    if patch["metadata"]["annotations"]:
+        lab.custom.patch_namespaced_custom_object("networking.istio.io", "v1", lab.namespace, "virtualservices", lab.service, patch)
+    lab.set_canary_weight(0)
+    lab.wait_reconciled()
+    if lab.prometheus is not None and lab.prometheus.proc is not None and lab.prometheus.proc.poll() is not None:
+        pytest.fail("Prometheus was left stopped by an earlier test")
+    before = untouched_parts(lab.virtual_service())
+    yield lab
+    # The VirtualService's other routes (header match, timeouts...) are identical after every run.
+    assert untouched_parts(lab.virtual_service()) == before
+
+
+def state(lab_):
+    raw = (lab_.virtual_service()["metadata"].get("annotations") or {}).get(STATE)
+    return json.loads(raw) if raw else None
+
+
+def test_healthy_canary_is_promoted_with_real_values(fresh):  # pylint: disable=redefined-outer-name
+    run = CanaryRun(fresh, steps=[10, 50, 100], interval=INTERVAL).start()
+    result = run.wait()
+    print(render_timeline(result))
+    assert run.returncode == 0 and result["result"] == "promoted", run.output[-3000:]
+    assert weights(fresh) == {"v1": 0, "v2": 100}
+    analysed = [e for e in result["timeline"] if "verdict" in e]
+    assert [e["weight"] for e in analysed] == [10, 50]
+    for entry in analysed:
+        checks = dict((c["name"], c) for c in entry["checks"])
+        assert checks["success-rate"]["verdict"] == "pass" and checks["success-rate"]["value"] >= 99
+        assert checks["p99-latency"]["verdict"] == "pass" and 0 < checks["p99-latency"]["value"] < 500
+        assert entry["mesh_ready"] <= entry["ended"]
+    assert state(fresh)["phase"] == "promoted"
+
+
+def test_errors_on_the_canary_roll_back_and_the_time_to_stable_is_recorded(fresh):  # pylint: disable=redefined-outer-name
+    run = CanaryRun(fresh, steps=[10, 50, 100], interval=INTERVAL).start()
+    assert wait_until(lambda: weights(fresh).get("v2") == 10, timeout=60) is not None
+    fresh.fault("v2", error_rate=0.2)
+    onset = time.monotonic()
+    back = wait_until(lambda: weights(fresh).get("v2") == 0 and fresh.virtual_service().get("status", {}).get("observedGeneration")
+                      == str(fresh.virtual_service()["metadata"]["generation"]), timeout=120)
+    result = run.wait()
+    print(render_timeline(result))
+    assert back is not None, run.output[-3000:]
+    print("fault onset to all traffic on stable: %.1f s (window %s)" % (time.monotonic() - onset - 0, INTERVAL))
+    assert result["result"] == "rolled_back" and run.returncode != 0
+    assert "success-rate" in result["reason"] and "is not >= 99" in result["reason"]
+    assert weights(fresh) == {"v1": 100, "v2": 0} and state(fresh)["phase"] == "rolled_back"
+
+
+def test_added_latency_is_caught_by_the_p99_check(fresh):  # pylint: disable=redefined-outer-name
+    fresh.fault("v2", latency_ms=300)
+    run = CanaryRun(fresh, steps=[10, 100], interval=INTERVAL, extra={"canary_max_latency_ms": 200}).start()
+    result = run.wait()
+    print(render_timeline(result))
+    assert result["result"] == "rolled_back", run.output[-3000:]
+    p99 = dict((c["name"], c) for c in result["timeline"][0]["checks"])["p99-latency"]
+    assert p99["verdict"] == "fail" and p99["value"] >= 200
+    assert weights(fresh)["v2"] == 0
+
+
+def test_too_little_traffic_is_never_a_silent_pass(fresh):  # pylint: disable=redefined-outer-name
+    fresh.load_thread.rps = 2
+    run = CanaryRun(fresh, steps=[10, 100], interval=INTERVAL, extra={"canary_min_requests": 50, "canary_retry_inconclusive_for": 0}).start()
+    result = run.wait()
+    print(render_timeline(result))
+    assert result["result"] == "rolled_back", run.output[-3000:]
+    assert "min_requests is 50" in result["reason"] and "on_low_traffic: inconclusive" in result["reason"]
+    assert weights(fresh)["v2"] == 0
+
+
+def test_killed_playbook_resumes_at_the_recorded_step(fresh):  # pylint: disable=redefined-outer-name
+    first = CanaryRun(fresh, steps=[10, 25, 50, 100], interval=INTERVAL).start()
+    assert wait_until(lambda: weights(fresh).get("v2") == 25, timeout=90) is not None
+    first.kill()
+    recorded = state(fresh)
+    assert recorded["phase"] == "progressing" and recorded["step"] == 1
+    # the killed run's lease still holds: a plain rerun refuses, and changes nothing
+    blocked = CanaryRun(fresh, steps=[10, 25, 50, 100], interval=INTERVAL)
+    result = blocked.start().wait()
+    assert result["failed"] and "held by another rollout" in result["msg"] and weights(fresh)["v2"] == 25
+    # the operator knows that run is dead: force takes over and resumes at step 2 (25%)
+    rerun = CanaryRun(fresh, steps=[10, 25, 50, 100], interval=INTERVAL, extra={"canary_force": True})
+    result = rerun.start().wait()
+    print(render_timeline(result))
+    assert result["result"] == "promoted" and "resuming progressing at step 2 (weight 25)" in result["note"]
+    assert [e["weight"] for e in result["timeline"] if "verdict" in e] == [25, 50]
+
+
+def test_second_rollout_refuses_while_the_lease_holds(fresh):  # pylint: disable=redefined-outer-name
+    first = CanaryRun(fresh, steps=[10, 100], interval=INTERVAL).start()
+    assert wait_until(lambda: weights(fresh).get("v2") == 10, timeout=60) is not None
+    second = CanaryRun(fresh, steps=[20, 100], interval=INTERVAL).start()
+    refused = second.wait()
+    assert refused["failed"] and "held by another rollout" in refused["msg"], second.output[-3000:]
+    result = first.wait()
+    assert result["result"] == "promoted"
+
+
+# Last in this file: it replaces the lab's Prometheus.
+def test_prometheus_stopped_mid_run_is_held_never_promoted(fresh):  # pylint: disable=redefined-outer-name
+    run = CanaryRun(fresh, steps=[10, 50, 100], interval=INTERVAL, extra={"canary_on_failure": "hold", "canary_retry_inconclusive_for": 0}).start()
+    try:
+        assert wait_until(lambda: weights(fresh).get("v2") == 10, timeout=60) is not None
+        fresh.prometheus.stop()
+        result = run.wait()
+    finally:  # a new Prometheus (new port, empty data) for whatever runs next
+        fresh.prometheus.cleanup()
+        fresh.prometheus.start()
+        fresh.prometheus_url = fresh.prometheus.url
+        assert wait_until(lambda: fresh.query('sum(rate(istio_requests_total{reporter="destination"}[%s]))' % INTERVAL), timeout=60) is not None
+    print(render_timeline(result))
+    assert result["result"] == "held", run.output[-3000:]
+    assert weights(fresh) == {"v1": 90, "v2": 10}
+    assert state(fresh)["phase"] == "held" and "prometheus" in result["reason"].lower()
