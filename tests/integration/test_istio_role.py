@@ -115,7 +115,7 @@ def test_control_plane_canary_leaves_the_tags_until_asked(cluster, tmp_path):  #
 
 
 def test_changed_operator_file_reinstalls_the_revision(cluster, tmp_path):  # pylint: disable=redefined-outer-name
-    handle, _ = cluster
+    handle, dummy = cluster
     install_fake(tmp_path, "1.28.0")
     assert run(handle, tmp_path)[0] == 0
     rc, out, calls = run(handle, tmp_path, istio_tracing_sampling=5.0)

@@ -5,6 +5,7 @@ ansible-playbook (connection local, a temporary prefix), get_url against an HTTP
 starts, the sha256 checks, the install steps, and the kubeadm/containerd/IstioOperator files rendered from inventories
 and parsed back as documents.
 """
+import functools
 import hashlib
 import http.server
 import io
@@ -45,8 +46,7 @@ class Mirror:
 
     def __init__(self, root):
         self.root = root
-        handler = lambda *a, **kw: _QuietHandler(*a, directory=str(root), **kw)  # noqa: E731
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
         self.server.log = []
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
@@ -341,7 +341,7 @@ def test_render_single_control_plane_defaults(tmp_path):
 
 
 def test_render_ha_cluster(tmp_path):
-    nodes, iop, _ = render(tmp_path, "ha")
+    nodes, iop, dummy = render(tmp_path, "ha")
     addresses = {"ha-cp1": "198.51.100.11", "ha-cp2": "198.51.100.12", "ha-cp3": "198.51.100.13",
                  "ha-w1": "198.51.100.21", "ha-w2": "198.51.100.22"}
     assert sorted(nodes) == sorted(addresses)

@@ -105,17 +105,17 @@ NO_CHECKS = dict(mesh_namespace_verify_sidecars=False, mesh_namespace_mtls_mode=
 def test_revision_label_replaces_the_overriding_injection_label(k8s_double, api, tmp_path):  # pylint: disable=redefined-outer-name
     namespace(api, "shop", {"istio-injection": "enabled", "team": "shop"})
     namespace(api, "web")
-    rc, out, _ = run(k8s_double, tmp_path, mesh_namespace_list=[{"name": "shop"}, {"name": "web"}], **NO_CHECKS)
+    rc, out, dummy = run(k8s_double, tmp_path, mesh_namespace_list=[{"name": "shop"}, {"name": "web"}], **NO_CHECKS)
     assert rc == 0, out
     assert labels_of(api, "shop") == {"istio.io/rev": "prod-stable", "team": "shop", "kubernetes.io/metadata.name": "shop"}
     assert labels_of(api, "web")["istio.io/rev"] == "prod-stable" and "istio-injection" not in labels_of(api, "web")
-    rc, out, _ = run(k8s_double, tmp_path, mesh_namespace_list=[{"name": "shop"}, {"name": "web"}], **NO_CHECKS)
+    rc, out, dummy = run(k8s_double, tmp_path, mesh_namespace_list=[{"name": "shop"}, {"name": "web"}], **NO_CHECKS)
     assert rc == 0 and changed(out) == 0, out
 
 
 def test_injection_enabled_removes_the_revision_label(k8s_double, api, tmp_path):  # pylint: disable=redefined-outer-name
     namespace(api, "legacy", {"istio.io/rev": "1-27-3"})
-    rc, out, _ = run(k8s_double, tmp_path, mesh_namespace_list=[{"name": "legacy", "injection": "enabled"}], **NO_CHECKS)
+    rc, out, dummy = run(k8s_double, tmp_path, mesh_namespace_list=[{"name": "legacy", "injection": "enabled"}], **NO_CHECKS)
     assert rc == 0, out
     got = labels_of(api, "legacy")
     assert got.get("istio-injection") == "enabled" and "istio.io/rev" not in got
@@ -124,7 +124,7 @@ def test_injection_enabled_removes_the_revision_label(k8s_double, api, tmp_path)
 def test_missing_namespace_stops_before_any_change(k8s_double, api, tmp_path):  # pylint: disable=redefined-outer-name
     namespace(api, "shop", {"istio-injection": "enabled"})
     k8s_double.reset()
-    rc, out, _ = run(k8s_double, tmp_path, mesh_namespace_list=[{"name": "shop"}, {"name": "ghost"}], **NO_CHECKS)
+    rc, out, dummy = run(k8s_double, tmp_path, mesh_namespace_list=[{"name": "shop"}, {"name": "ghost"}], **NO_CHECKS)
     assert rc != 0, out
     assert "Namespace ghost listed in mesh_namespace_list does not exist" in out, out
     assert "No namespace was changed" in out
@@ -135,7 +135,7 @@ def test_missing_namespace_stops_before_any_change(k8s_double, api, tmp_path):  
 def test_wrong_answer_fails_at_the_start_naming_the_field(k8s_double, api, tmp_path):  # pylint: disable=redefined-outer-name
     namespace(api, "shop")
     k8s_double.reset()
-    rc, out, _ = run(k8s_double, tmp_path, mesh_namespace_list=[{"name": "shop", "mtls": "STRICTT"}])
+    rc, out, dummy = run(k8s_double, tmp_path, mesh_namespace_list=[{"name": "shop", "mtls": "STRICTT"}])
     assert rc != 0 and "mtls" in out and "STRICTT" in out, out
     assert not k8s_double.requests(), "argument validation runs before the cluster is contacted"
 
@@ -172,7 +172,7 @@ def test_two_of_two_report_names_each_pod_and_its_cause(k8s_double, api, tmp_pat
 
 def test_missing_sidecars_fail_the_play_by_default(k8s_double, api, tmp_path):  # pylint: disable=redefined-outer-name
     make_mixed_namespace(api)
-    rc, out, _ = run(k8s_double, tmp_path, mesh_namespace_list=[{"name": "shop"}])
+    rc, out, dummy = run(k8s_double, tmp_path, mesh_namespace_list=[{"name": "shop"}])
     assert rc != 0, out
     for name in ("shop/old", "shop/optout", "shop/hungry", "shop/starting"):
         assert name in out, name
@@ -188,7 +188,7 @@ def healthy_namespace(api_client, name):
 def test_strict_is_reached_through_permissive(k8s_double, api, tmp_path):  # pylint: disable=redefined-outer-name
     healthy_namespace(api, "pay")
     k8s_double.reset()
-    rc, out, _ = run(k8s_double, tmp_path, mesh_namespace_list=[{"name": "pay", "mtls": "STRICT"}])
+    rc, out, dummy = run(k8s_double, tmp_path, mesh_namespace_list=[{"name": "pay", "mtls": "STRICT"}])
     assert rc == 0, out
     assert peer_authentication(api, "pay") == {"default": "STRICT"}
     writes = [(r["method"], r.get("name")) for r in k8s_double.requests()
@@ -198,7 +198,7 @@ def test_strict_is_reached_through_permissive(k8s_double, api, tmp_path):  # pyl
     assert "Stage 1, PERMISSIVE, for pay" in out and "Stage 2, STRICT, for pay" in out
     assert out.index("Stage 1, PERMISSIVE") < out.index("Check every Deployment is available under PERMISSIVE") \
         < out.index("Stage 2, STRICT") < out.index("Check every Deployment is still available under STRICT")
-    rc, out, _ = run(k8s_double, tmp_path, mesh_namespace_list=[{"name": "pay", "mtls": "STRICT"}])
+    rc, out, dummy = run(k8s_double, tmp_path, mesh_namespace_list=[{"name": "pay", "mtls": "STRICT"}])
     assert rc == 0 and changed(out) == 0, out
     # The objects went through the real CRD schema: the same server refuses a mode the schema does not allow.
     with pytest.raises(k8s.exceptions.ApiException) as refused:
@@ -210,7 +210,7 @@ def test_strict_is_reached_through_permissive(k8s_double, api, tmp_path):  # pyl
 
 def test_default_mode_is_permissive(k8s_double, api, tmp_path):  # pylint: disable=redefined-outer-name
     healthy_namespace(api, "pay")
-    rc, out, _ = run(k8s_double, tmp_path, mesh_namespace_list=[{"name": "pay"}])
+    rc, out, dummy = run(k8s_double, tmp_path, mesh_namespace_list=[{"name": "pay"}])
     assert rc == 0, out
     assert peer_authentication(api, "pay") == {"default": "PERMISSIVE"}
 
@@ -218,7 +218,7 @@ def test_default_mode_is_permissive(k8s_double, api, tmp_path):  # pylint: disab
 def test_strict_is_refused_while_a_pod_lacks_its_sidecar(k8s_double, api, tmp_path):  # pylint: disable=redefined-outer-name
     healthy_namespace(api, "pay")
     pod(api, "pay", "batch-x1", sidecar=False)
-    rc, out, _ = run(k8s_double, tmp_path, mesh_namespace_list=[{"name": "pay", "mtls": "STRICT"}],
+    rc, out, dummy = run(k8s_double, tmp_path, mesh_namespace_list=[{"name": "pay", "mtls": "STRICT"}],
                      mesh_namespace_fail_on_missing_sidecar=False)
     assert rc != 0, out
     assert "pay stays PERMISSIVE" in out and "batch-x1" in out, out
@@ -233,7 +233,7 @@ def test_restart_only_deployments_whose_pods_lack_sidecars(k8s_double, api, tmp_
     pod(api, "shop", "meshed-1a2b", labels={"app": "meshed"})
     deployment(api, "shop", "optout", {"app": "optout"}, template_annotations={INJECT: "false"})
     pod(api, "shop", "optout-9z8y", sidecar=False, labels={"app": "optout"}, annotations={INJECT: "false"})
-    rc, out, _ = run(k8s_double, tmp_path, mesh_namespace_list=[{"name": "shop", "restart": True}], **NO_CHECKS)
+    rc, out, dummy = run(k8s_double, tmp_path, mesh_namespace_list=[{"name": "shop", "restart": True}], **NO_CHECKS)
     assert rc == 0, out
     apps = k8s.AppsV1Api(api)
     restarted = {name: (apps.read_namespaced_deployment(name, "shop").spec.template.metadata.annotations or {})
