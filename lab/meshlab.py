@@ -20,6 +20,7 @@ A state file (state.json) in the run dir holds URLs and paths; MeshLab.attach(ru
 import json
 import os
 import re
+import shutil
 import sys
 import urllib.parse
 import urllib.request
@@ -58,6 +59,8 @@ class MeshLab:
 
     def __init__(self, run_dir=None, envoy_concurrency=2, translator_interval=0.2, prometheus=True,
                  scrape_interval="1s", status_generation_as_string=True, start_timeout=60.0):
+        # A run dir of our own choosing is removed after a clean stop; a given one (or one after errors) is kept.
+        self._own_run_dir = run_dir is None
         self.run_dir = os.path.abspath(run_dir or os.path.join(DEFAULT_RUN_DIR, str(os.getpid())))
         self.envoy_concurrency = envoy_concurrency
         self.translator_interval = translator_interval
@@ -80,8 +83,10 @@ class MeshLab:
     def __enter__(self):
         return self.start()
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         self.stop()
+        if self._own_run_dir and exc_type is None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
         return False
 
     def start(self):
