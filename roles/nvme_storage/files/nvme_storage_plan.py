@@ -15,8 +15,12 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import base64
+import grp
 import json
+import os
+import pwd
 import re
+import stat
 import subprocess
 import sys
 import uuid
@@ -230,6 +234,32 @@ def discover():
     return disks
 
 
+def _name(lookup, ident):
+    try:
+        return lookup(ident)[0]
+    except KeyError:
+        return str(ident)
+
+
+def settled(entry, mount_options, fstab_lines):
+    """Is the entry already in place: file system mounted on its path, the /etc/fstab line as the mount task
+    writes it, and the mounted root's owner, group and mode? Lets a rerun skip those tasks."""
+    result = {"mounted": False, "fstab": False, "ownership": False}
+    try:
+        path_st = os.stat(entry["path"])
+        part_st = os.stat(entry["partition"])
+    except OSError:
+        return result
+    result["mounted"] = stat.S_ISBLK(part_st.st_mode) and path_st.st_dev == part_st.st_rdev
+    want = ["UUID=" + entry["uuid"], entry["path"], entry["fstype"], ",".join(mount_options)]
+    result["fstab"] = any(line.split()[:4] == want for line in fstab_lines)
+    result["ownership"] = (result["mounted"]
+                           and _name(pwd.getpwuid, path_st.st_uid) == str(entry["owner"])
+                           and _name(grp.getgrgid, path_st.st_gid) == str(entry["group"])
+                           and stat.S_IMODE(path_st.st_mode) == int(str(entry["mode"]), 8))
+    return result
+
+
 def main(argv):
     params = json.loads(base64.b64decode(argv[1]).decode("utf-8"))
     result = {"plan": [], "namespaces": [], "error": None}
@@ -238,6 +268,13 @@ def main(argv):
         result["plan"] = plan(result["namespaces"], params.get("devices") or [], params.get("rules") or [],
                               params["purposes"], params.get("fstype", "xfs"),
                               params.get("partlabel_prefix", "onprem-"))
+        with open("/etc/fstab") as f:
+            fstab_lines = [line for line in f if line.strip() and not line.lstrip().startswith("#")]
+        for entry in result["plan"]:
+            if entry["action"] in ("keep",):
+                entry["settled"] = settled(entry, params.get("mount_options") or ["defaults"], fstab_lines)
+            else:
+                entry["settled"] = {"mounted": False, "fstab": False, "ownership": False}
     except (PlanError, RuntimeError) as exc:
         result["error"] = str(exc)
     print(json.dumps(result))

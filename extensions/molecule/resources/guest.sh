@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Start or stop one QEMU guest for the Molecule scenarios (used by playbooks/create.yml and destroy.yml).
+#
+#   guest.sh start DIR NAME IMAGE_DIR PUBKEY MEMORY_MB CPUS SERIAL:SIZE [SERIAL:SIZE...]
+#       Boots NAME from a qcow2 overlay of IMAGE_DIR/base.qcow2 (the cached base stays clean) with one
+#       emulated NVMe controller per SERIAL:SIZE, SSH forwarded to a free loopback port, the kernel booted
+#       directly, software emulation (TCG). Waits for SSH (bounded by ONPREM_MESH_BOOT_TIMEOUT, default
+#       600 s) and prints {"port": P, "boot_seconds": S}. Console log: DIR/NAME/console.log.
+#   guest.sh stop DIR NAME
+#       Stops the guest by its PID file (only if that PID is this guest's QEMU) and removes DIR/NAME.
+set -euo pipefail
+
+action=$1 dir=$2 name=$3
+gdir=$dir/$name
+pidfile=$gdir/qemu.pid
+
+ours() {  # the PID in the PID file is alive and is this guest's QEMU
+  [ -f "$pidfile" ] || return 1
+  local pid; pid=$(cat "$pidfile")
+  [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "-name $name " 
+}
+
+case $action in
+start)
+  image=$4 pubkey=$5 memory=$6 cpus=$7
+  shift 7
+  if ours; then echo "guest $name is already running" >&2; exit 1; fi
+  rm -rf "$gdir"; mkdir -p "$gdir"
+  qemu-img create -q -f qcow2 -b "$image/base.qcow2" -F qcow2 "$gdir/root.qcow2"
+  disks=()
+  i=0
+  for spec in "$@"; do
+    qemu-img create -q -f qcow2 "$gdir/nvme$i.qcow2" "${spec#*:}"
+    disks+=(-drive "file=$gdir/nvme$i.qcow2,if=none,id=nvme$i,format=qcow2,cache=unsafe"
+            -device "nvme,serial=${spec%%:*},drive=nvme$i")
+    i=$((i + 1))
+  done
+  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  echo "$port" >"$gdir/port"
+  start=$(date +%s.%N)
+  qemu-system-x86_64 -name "$name" -machine q35 -accel tcg,thread=multi,tb-size=256 -cpu max \
+    -smp "$cpus" -m "$memory" -display none -monitor none -serial "file:$gdir/console.log" \
+    -daemonize -pidfile "$pidfile" \
+    -kernel "$image/vmlinuz" -initrd "$image/initrd.img" \
+    -append "root=/dev/vda rw console=ttyS0 quiet systemd.hostname=$name onprem.sshkey=$(base64 -w0 "$pubkey")" \
+    -drive "file=$gdir/root.qcow2,if=virtio,format=qcow2,cache=unsafe" \
+    "${disks[@]}" \
+    -netdev "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:$port-:22" -device virtio-net-pci,netdev=net0 \
+    -device virtio-rng-pci
+  deadline=$((SECONDS + ${ONPREM_MESH_BOOT_TIMEOUT:-600}))
+  until ssh -q -o BatchMode=yes -o ConnectTimeout=10 -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
+      -o IdentitiesOnly=yes -i "${pubkey%.pub}" -p "$port" root@127.0.0.1 true 2>/dev/null; do
+    if ! ours; then echo "guest $name: QEMU exited; console:" >&2; tail -30 "$gdir/console.log" >&2; exit 1; fi
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      echo "guest $name: no SSH on port $port after ${ONPREM_MESH_BOOT_TIMEOUT:-600} s; console:" >&2
+      tail -30 "$gdir/console.log" >&2
+      exit 1
+    fi
+    sleep 2
+  done
+  awk -v port="$port" -v start="$start" -v now="$(date +%s.%N)" \
+    'BEGIN { printf "{\"port\": %d, \"boot_seconds\": %.1f}\n", port, now - start }'
+  ;;
+stop)
+  if ours; then
+    pid=$(cat "$pidfile")
+    kill "$pid"
+    for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    if kill -0 "$pid" 2>/dev/null; then kill -9 "$pid"; fi
+    echo "stopped guest $name (pid $pid)" >&2
+  fi
+  rm -rf "$gdir"
+  ;;
+*)
+  echo "usage: $0 start|stop DIR NAME ..." >&2; exit 2 ;;
+esac
