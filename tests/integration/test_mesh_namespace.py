@@ -219,7 +219,7 @@ def test_strict_is_refused_while_a_pod_lacks_its_sidecar(k8s_double, api, tmp_pa
     healthy_namespace(api, "pay")
     pod(api, "pay", "batch-x1", sidecar=False)
     rc, out, dummy = run(k8s_double, tmp_path, mesh_namespace_list=[{"name": "pay", "mtls": "STRICT"}],
-                     mesh_namespace_fail_on_missing_sidecar=False)
+                         mesh_namespace_fail_on_missing_sidecar=False)
     assert rc != 0, out
     assert "pay stays PERMISSIVE" in out and "batch-x1" in out, out
     assert peer_authentication(api, "pay") == {"default": "PERMISSIVE"}
