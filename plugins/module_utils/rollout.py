@@ -111,6 +111,21 @@ def plan_steps(steps=None, step_weight=None, max_weight=None, interval=None):
     return planned
 
 
+PROBE_TYPES = ("success_rate", "latency", "promql")
+POLICY_KEYS = ("on_no_data", "on_nan", "on_error", "on_low_traffic")
+
+
+def probe_checks(check_params):
+    """The parameters for the probes inside a step: only the Prometheus checks, evaluated once, where
+    anything but a measured breach is inconclusive (so a probe can fail a step early, never pass it)."""
+    params = dict(check_params)
+    params["checks"] = [dict((k, v) for k, v in c.items() if k not in POLICY_KEYS)
+                        for c in check_params.get("checks") or [] if c.get("type") in PROBE_TYPES]
+    params.update(dict((k, "inconclusive") for k in POLICY_KEYS))
+    params.update(on_still_inconclusive="inconclusive", retry_inconclusive_for=0)
+    return params
+
+
 def iso(timestamp):
     return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
 
@@ -132,7 +147,7 @@ class Rollout:
 
     def __init__(self, change, gate, stable, canary, steps, on_failure="rollback", failure_limit=0,
                  wait_for_mesh=False, mesh_timeout=60.0, lease_seconds=None, force=False, restart=False,
-                 holder=None, now=time.time, sleep=time.sleep, poll_interval=0.5, log=None):
+                 holder=None, now=time.time, sleep=time.sleep, poll_interval=0.5, log=None, probe=None, probe_every=0):
         if stable == canary:
             raise RolloutError("stable and canary name the same subset %r; the canary must be another subset" % stable)
         if on_failure not in ("rollback", "hold"):
@@ -156,6 +171,8 @@ class Rollout:
         self.sleep = sleep
         self.poll_interval = poll_interval
         self.log = log or (lambda message: None)
+        self.probe = probe
+        self.probe_every = probe_every
         self.timeline = []
         self._started = False
 
@@ -290,12 +307,12 @@ class Rollout:
                     self.timeline.append(entry)
                     return self._fail(dict(base, schedule=schedule), index, failures + 1, entry["reason"], step["interval"])
                 entry["mesh_ready"] = iso(self.now())
-            window_start = self.now()
             token = self.gate.start_window()
-            remaining = step["interval"] - (self.now() - window_start)
-            if remaining > 0:
-                self.sleep(remaining)
-            gate = self.gate.evaluate(token)
+            gate = self._watch(started + step["interval"])
+            if gate is None:
+                gate = self.gate.evaluate(token)
+            else:
+                entry["failed_early"] = True
             verdict = gate.get("verdict")
             entry.update(ended=iso(self.now()), seconds=round(self.now() - started, 3), verdict=verdict, checks=gate.get("checks", []))
             calls = getattr(self.change.store, "calls", None)
@@ -318,6 +335,23 @@ class Rollout:
                                   ended=iso(self.now()), action="promoted"))
         return dict(base, changed=True, result="promoted", weights_after=self.weights(100), timeline=self.timeline, schedule=schedule,
                     failures=failures)
+
+    def _watch(self, deadline):
+        """Sleep until ``deadline`` (the step's start plus its interval, so a rollout takes the sum of its
+        intervals). With a probe, look every ``probe_every`` seconds on the way and return at once the
+        first probe result that *fails*; a probe's pass or inconclusive decides nothing, the full
+        analysis at the deadline does. Returns None when nothing failed early."""
+        while True:
+            remaining = deadline - self.now()
+            if remaining <= 0:
+                return None
+            if not self.probe or not self.probe_every or remaining <= self.probe_every:
+                self.sleep(remaining)
+                return None
+            self.sleep(self.probe_every)
+            early = self.probe.evaluate(None)
+            if early.get("verdict") == "fail":
+                return early
 
     @staticmethod
     def _describe(gate):

@@ -132,6 +132,14 @@ options:
     description: How many times a write is retried with a fresh read after a conflicting change.
     type: int
     default: 5
+  probe_interval:
+    description:
+      - While a step runs, evaluate its Prometheus checks (V(success_rate), V(latency), V(promql)) every
+        O(probe_interval) seconds too, and act on a measured threshold breach at once instead of at the end of
+        the step. Missing data, low traffic and query errors in such a probe decide nothing; the full analysis
+        at the end of the step does. V(0) turns probing off.
+    type: int
+    default: 5
   fail_on_rollback:
     description: Fail the task when the rollout ends rolled back or held (the results are returned either way).
     type: bool
@@ -252,7 +260,7 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible_collections.onprem.mesh.plugins.module_utils.canary_checks import CHECKS_ARGSPEC, CanaryCheckError, CanaryGate, CanaryTarget
 from ansible_collections.onprem.mesh.plugins.module_utils.k8s_client import (
     HAS_K8S, K8S_AUTH_ARGSPEC, K8S_IMP_ERR, IstioObjects, K8sError, build_api_client)
-from ansible_collections.onprem.mesh.plugins.module_utils.rollout import Rollout, plan_steps
+from ansible_collections.onprem.mesh.plugins.module_utils.rollout import Rollout, plan_steps, probe_checks
 from ansible_collections.onprem.mesh.plugins.module_utils.traffic import TrafficError, WeightChange, default_host, subset_labels
 
 
@@ -282,6 +290,7 @@ def argument_spec():
         force=dict(type="bool", default=False),
         restart=dict(type="bool", default=False),
         conflict_retries=dict(type="int", default=5),
+        probe_interval=dict(type="int", default=5),
         fail_on_rollback=dict(type="bool", default=True),
     )
     return spec
@@ -309,10 +318,14 @@ def main():
         version = p["canary_version"] or subset_labels(change.destination_rules, host, p["namespace"], p["canary"]).get("version")
         stable_version = subset_labels(change.destination_rules, host, p["namespace"], p["stable"]).get("version")
         target = CanaryTarget(p["namespace"], p["canary_workload"], version=version, stable_version=stable_version, host=host)
-        gate = CanaryGate(dict((k, p[k]) for k in CHECKS_ARGSPEC), target, k8s=api_client)
+        check_params = dict((k, p[k]) for k in CHECKS_ARGSPEC)
+        gate = CanaryGate(check_params, target, k8s=api_client)
+        probe_params = probe_checks(check_params)
+        probe = CanaryGate(probe_params, target, k8s=api_client) if probe_params["checks"] and p["probe_interval"] > 0 else None
         rollout = Rollout(change, gate, p["stable"], p["canary"], plan, on_failure=p["on_failure"], failure_limit=p["failure_limit"],
                           wait_for_mesh=p["wait_for_mesh"], mesh_timeout=p["mesh_timeout"], lease_seconds=p["lease_seconds"],
-                          force=p["force"], restart=p["restart"], holder=p["lease_holder"], log=module.log)
+                          force=p["force"], restart=p["restart"], holder=p["lease_holder"], log=module.log,
+                          probe=probe, probe_every=p["probe_interval"])
         result = rollout.run(check_mode=module.check_mode)
     except CanaryCheckError as exc:
         module.fail_json(msg="invalid canary checks: %s" % exc)

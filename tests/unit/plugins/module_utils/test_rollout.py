@@ -292,3 +292,47 @@ def test_forbidden_before_any_write_changes_nothing():
     with pytest.raises(Exception, match="403"):
         rollout.run()
     assert current_weights(store.route("payment", "shop", 1)) == {"v1": 100, "v2": 0}
+
+
+class Probe:
+    """Probe verdicts in order (then inconclusive); records when it was asked."""
+
+    def __init__(self, clock, verdicts):
+        self.clock = clock
+        self.verdicts = list(verdicts)
+        self.asked = []
+
+    def evaluate(self, token):
+        self.asked.append(self.clock.t)
+        verdict = self.verdicts.pop(0) if self.verdicts else "inconclusive"
+        return {"verdict": verdict, "reason": "probe %s" % verdict, "checks": [{"name": "success-rate", "verdict": verdict, "value": 70.0}]}
+
+
+def test_a_probe_breach_rolls_back_before_the_step_ends():
+    clock = Clock()
+    probe = Probe(clock, ["inconclusive", "pass", "fail"])
+    store, gate, clock, rollout = make(clock=clock, probe=probe, probe_every=5)
+    start = clock.t
+    result = rollout.run()
+    assert result["result"] == "rolled_back" and result["timeline"][0]["failed_early"]
+    assert [t - start for t in probe.asked] == [5, 10, 15]   # three probes in the first 30 s step, the third failed
+    assert gate.seen == [] and current_weights(store.route("payment", "shop", 1))["v2"] == 0
+    assert "probe fail" in result["reason"]
+
+
+def test_probes_that_never_fail_leave_the_decision_to_the_full_analysis():
+    clock = Clock()
+    probe = Probe(clock, ["pass", "inconclusive", "pass"] * 10)
+    _store, gate, clock, rollout = make(clock=clock, probe=probe, probe_every=10)
+    start = clock.t
+    assert rollout.run()["result"] == "promoted" and gate.seen == [5, 10, 25, 50]
+    assert clock.t - start == pytest.approx(120.0)   # probing does not stretch the schedule
+
+
+def test_probe_params_keep_only_prometheus_checks_and_never_pass_on_missing_data():
+    params = {"checks": [{"name": "sr", "type": "success_rate", "min": 99, "on_no_data": "pass"}, {"name": "hook", "type": "http", "url": "x"}],
+              "on_no_data": "pass", "on_low_traffic": "fail", "retry_inconclusive_for": 60}
+    probe = ro.probe_checks(params)
+    assert probe["checks"] == [{"name": "sr", "type": "success_rate", "min": 99}]
+    assert probe["on_no_data"] == probe["on_low_traffic"] == "inconclusive" and probe["retry_inconclusive_for"] == 0
+    assert probe["on_still_inconclusive"] == "inconclusive"
