@@ -177,6 +177,12 @@ def window_seconds(window):
     return sum(int(n) * _WINDOW_UNITS[u] for n, u in _WINDOW_PART_RE.findall(window))
 
 
+def duration_seconds(text):
+    """Seconds of a PromQL-style duration ('30s', '2m', '1m30s'), or None when the text is not one."""
+    text = str(text).strip()
+    return window_seconds(text) if _WINDOW_RE.match(text) else None
+
+
 def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

@@ -26,17 +26,16 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import json
-import re
 import time
 import uuid
 from datetime import datetime, timezone
 
+from ansible_collections.onprem.mesh.plugins.module_utils.canary_checks import duration_seconds
 from ansible_collections.onprem.mesh.plugins.module_utils.traffic import TrafficError, annotation_ops, current_weights
 
 STATE_ANNOTATION = "mesh.onprem.io/canary-rollout"
 LEASE_ANNOTATION = "mesh.onprem.io/canary-lease"
 ACTIVE_PHASES = ("progressing", "held")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 
 
 class RolloutError(TrafficError):
@@ -48,16 +47,17 @@ class LeaseHeld(RolloutError):
 
 
 def parse_duration(value, field):
-    """Seconds from 30, '30', '30s', '2m', '1h', '500ms'."""
+    """Seconds from 30, '30', or a duration as analysis_window takes it: '30s', '2m', '1m30s'."""
     if isinstance(value, bool):
         raise RolloutError("%s: expected a duration such as 30s, 2m or 1h, got %r" % (field, value))
     if isinstance(value, (int, float)):
         seconds = float(value)
+    elif str(value).strip().isdigit():
+        seconds = float(str(value).strip())
     else:
-        match = _DURATION.match(str(value or ""))
-        if not match:
+        seconds = duration_seconds(value)
+        if seconds is None:
             raise RolloutError("%s: expected a duration such as 30s, 2m or 1h, got %r" % (field, value))
-        seconds = float(match.group(1)) * {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600}[match.group(2)]
     if seconds < 0:
         raise RolloutError("%s: a duration cannot be negative, got %r" % (field, value))
     return seconds

@@ -336,3 +336,8 @@ def test_probe_params_keep_only_prometheus_checks_and_never_pass_on_missing_data
     assert probe["checks"] == [{"name": "sr", "type": "success_rate", "min": 99}]
     assert probe["on_no_data"] == probe["on_low_traffic"] == "inconclusive" and probe["retry_inconclusive_for"] == 0
     assert probe["on_still_inconclusive"] == "inconclusive"
+
+
+@pytest.mark.parametrize("text, seconds", [(30, 30.0), ("45", 45.0), ("30s", 30.0), ("2m", 120.0), ("1m30s", 90.0), ("500ms", 0.5)])
+def test_intervals_take_the_same_durations_as_analysis_window(text, seconds):
+    assert ro.parse_duration(text, "interval") == seconds
