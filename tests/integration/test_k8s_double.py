@@ -286,6 +286,56 @@ def test_kubectl_wait_follows_a_watch(kubectl, k8s_double_tls, k8s_double_client
     assert any(r.get("verb") == "watch" and r["resource"] == VS for r in k8s_double_tls.requests())
 
 
+DEPLOYMENT = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: reviews-v2, labels: {app: reviews, version: v2}}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: reviews, version: v2}}
+  template:
+    metadata: {labels: {app: reviews, version: v2}}
+    spec:
+      containers:
+      - {name: reviews, image: "docker.io/istio/examples-bookinfo-reviews-v2:1.20.2", ports: [{containerPort: 9080}]}
+"""
+
+
+@needs_kubectl
+def test_kubectl_deployment_rollout_scale_and_strategic_patch(kubectl):
+    assert "deployment.apps/reviews-v2 created" in kubectl("apply", "-f", "-", stdin=DEPLOYMENT, check=True).stdout
+    assert "successfully rolled out" in kubectl("rollout", "status", "deployment/reviews-v2", "--timeout=20s", check=True).stdout
+    assert "scaled" in kubectl("scale", "deployment/reviews-v2", "--replicas=3", check=True).stdout
+    patch = '{"spec":{"template":{"spec":{"containers":[{"name":"istio-proxy","image":"istio/proxyv2"}]}}}}'
+    assert "patched" in kubectl("patch", "deployment", "reviews-v2", "--type=strategic", "-p", patch, check=True).stdout
+    dep = kubectl.json("deployment", "reviews-v2")
+    assert [c["name"] for c in dep["spec"]["template"]["spec"]["containers"]] == ["reviews", "istio-proxy"]
+    assert dep["spec"]["replicas"] == 3 and dep["metadata"]["generation"] == 3
+    assert dep["status"]["observedGeneration"] == 3 and dep["status"]["readyReplicas"] == 3
+    created = kubectl("create", "deployment", "web", "--image=nginx")  # kubectl sends protobuf: not decoded by the double
+    assert created.returncode != 0 and "k8s_double (TEST DOUBLE) decodes protobuf bodies only for" in created.stderr
+    assert "configmap/settings created" in kubectl("create", "configmap", "settings", "--from-literal=weight=10", check=True).stdout
+    assert kubectl.json("configmap", "settings")["data"] == {"weight": "10"}
+
+
+@needs_kubectl
+def test_kubectl_validate_modes_and_server_side_apply(kubectl, k8s_double_tls):
+    unknown = json.dumps(vs_body(name="loose") | {"spec": {"hosts": ["loose"], "foo": 1}})
+    warned = kubectl("create", "--validate=warn", "-f", "-", stdin=unknown)
+    assert warned.returncode == 0 and 'Warning: unknown field "spec.foo"' in warned.stderr
+    kubectl("delete", "vs", "loose", check=True)
+    assert kubectl("create", "--validate=false", "-f", "-", stdin=unknown).returncode == 0
+    modes = [r["path"].split("fieldValidation=")[1].split("&")[0] for r in k8s_double_tls.requests()
+             if r.get("verb") == "create" and r.get("resource") == VS]
+    assert modes == ["Warn", "Ignore"]
+    applied = kubectl("apply", "--server-side", "-f", samples("virtual-service-reviews-80-20.yaml"))
+    assert "serverside-applied" in applied.stdout, applied.stderr
+    kubectl("apply", "--server-side", "-f", samples("virtual-service-reviews-90-10.yaml"), check=True)
+    assert [r["weight"] for r in kubectl.json("vs", "reviews")["spec"]["http"][0]["route"]] == [90, 10]
+    apply_patches = [r for r in k8s_double_tls.requests() if r.get("contentType") == "application/apply-patch+yaml"]
+    assert len(apply_patches) == 2 and all("fieldManager=kubectl" in r["path"] for r in apply_patches)
+
+
 # ------------------------------------------------------------------------------------------------ python client
 def test_replace_with_a_stale_resource_version_is_409(custom):
     created = custom.create_namespaced_custom_object(GROUP, VERSION, "default", VS, vs_body())

@@ -17,6 +17,8 @@ import threading
 import time
 import uuid
 
+import yaml
+
 from . import errors, patching, schema, selectors
 from .registry import Registry, crd_to_type
 
@@ -173,6 +175,8 @@ class Api:  # pylint: disable=too-many-public-methods,too-many-instance-attribut
     # ------------------------------------------------------------------------------------------ verbs
     def get(self, req):
         with self.lock:
+            if req.subresource == "scale":
+                return scale_view(self._current(req))
             return self.render(req.rtype, self._current(req), req.version)
 
     def list(self, req):
@@ -271,6 +275,8 @@ class Api:  # pylint: disable=too-many-public-methods,too-many-instance-attribut
 
     def update(self, req, obj, from_patch=False, patched_text=None):  # pylint: disable=too-many-branches,too-many-statements
         rtype = req.rtype
+        if req.subresource == "scale":
+            return self._update_scale(req, obj)
         self._check_type_meta(req, obj)
         obj = copy.deepcopy(obj)
         meta = obj.setdefault("metadata", {})
@@ -312,6 +318,25 @@ class Api:  # pylint: disable=too-many-public-methods,too-many-instance-attribut
             self._after_write(rtype, new)
         return result
 
+    def _update_scale(self, req, scale):
+        """PUT/PATCH of the autoscaling/v1 Scale subresource: only spec.replicas reaches the object."""
+        if not isinstance(scale, dict) or (scale.get("kind") and scale.get("kind") != "Scale"):
+            raise errors.bad_request("the object provided is not an autoscaling/v1 Scale")
+        replicas = (scale.get("spec") or {}).get("replicas")
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
+            raise errors.invalid("Scale", "autoscaling", req.name, [errors.FieldError(
+                "FieldValueInvalid", "spec.replicas", replicas, "must be greater than or equal to 0")])
+        with self.lock:
+            current = self._current(req)
+            sent_rv = (scale.get("metadata") or {}).get("resourceVersion")
+            if sent_rv and sent_rv != current["metadata"]["resourceVersion"]:
+                raise errors.stale(req.rtype.plural, req.rtype.group, req.name)
+            new = copy.deepcopy(current)
+            new.setdefault("spec", {})["replicas"] = replicas
+            full = Request(req.rtype, req.version, req.namespace, req.name, "", req.query, req.user)
+            self.update(full, new, from_patch=True)
+            return scale_view(self._current(req))
+
     def _merge_for_update(self, req, current, obj):
         rtype = req.rtype
         if req.subresource == "status":
@@ -320,12 +345,6 @@ class Api:  # pylint: disable=too-many-public-methods,too-many-instance-attribut
                 new["status"] = copy.deepcopy(obj["status"])
             else:
                 new.pop("status", None)
-            return new
-        if req.subresource == "scale":
-            new = copy.deepcopy(current)
-            replicas = (obj.get("spec") or {}).get("replicas")
-            if replicas is not None:
-                new.setdefault("spec", {})["replicas"] = replicas
             return new
         new = copy.deepcopy(obj)
         new["apiVersion"] = rtype.api_version()
@@ -359,6 +378,8 @@ class Api:  # pylint: disable=too-many-public-methods,too-many-instance-attribut
             for hook in list(self.bump_hooks):
                 hook(req, "write")
             current = self.render(rtype, self._current(req), req.version)
+            if req.subresource == "scale":
+                current = scale_view(self._current(req))
             text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
             if ctype == "application/json-patch+json":
                 patched = patching.json_patch(current, text)
@@ -371,7 +392,6 @@ class Api:  # pylint: disable=too-many-public-methods,too-many-instance-attribut
             return self.update(req, patched, from_patch=True, patched_text=json.dumps(patched, separators=(",", ":")))
 
     def _apply(self, req, body):
-        import yaml  # pylint: disable=import-outside-toplevel
         rtype = req.rtype
         if not req.q("fieldManager"):
             raise errors.invalid("PatchOptions", "meta.k8s.io", "", [errors.FieldError(
@@ -387,6 +407,13 @@ class Api:  # pylint: disable=too-many-public-methods,too-many-instance-attribut
         if name and name != req.name:
             raise errors.bad_request(f"the name of the object ({name}) does not match the name on the URL ({req.name})")
         keys = patching.list_map_keys(self._schema(rtype, req.version) or {})
+        body_schema = self._schema(rtype, req.version)
+        if body_schema is not None and req.validation == "Strict":
+            removed = schema.prune(copy.deepcopy(applied), body_schema)
+            if removed:  # the typed (structured-merge-diff) conversion of the apply configuration fails: a 500 without reason
+                raise errors.ApiError(500, "", f"failed to create typed patch object ({req.namespace + '/' if req.namespace else ''}"
+                                      f"{req.name}; {rtype.api_version(req.version)}, Kind={rtype.kind}): "
+                                      + ", ".join(f".{p}: field not declared in schema" for p in removed))
         with self.lock:
             for hook in list(self.bump_hooks):
                 hook(req, "write")
@@ -604,6 +631,19 @@ class Api:  # pylint: disable=too-many-public-methods,too-many-instance-attribut
             self.events.clear()
             self.first_event_rv = self.rv + 1
             self.changed.notify_all()
+
+
+def scale_view(obj):
+    """The autoscaling/v1 Scale of a Deployment/ReplicaSet/StatefulSet."""
+    meta = obj["metadata"]
+    spec = obj.get("spec") or {}
+    labels = (spec.get("selector") or {}).get("matchLabels") or {}
+    status = {"replicas": (obj.get("status") or {}).get("replicas", 0)}
+    if labels:
+        status["selector"] = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+    return {"kind": "Scale", "apiVersion": "autoscaling/v1",
+            "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp") if k in meta},
+            "spec": {"replicas": spec.get("replicas", 1)}, "status": status}
 
 
 def _without_rv(obj):

@@ -312,8 +312,6 @@ class Handler(BaseHTTPRequestHandler):  # pylint: disable=too-many-public-method
         if verb == "update":
             return 200, api.update(req, self._decode(body, req.rtype))
         if verb == "patch":
-            if req.subresource == "scale":
-                raise errors.method_not_supported(req.rtype.plural, req.rtype.group, "patch")
             return 200, api.patch(req, self.headers.get("Content-Type"), body)
         if verb == "delete":
             return 200, api.delete(req, self._options(body, req))
@@ -370,8 +368,11 @@ class Handler(BaseHTTPRequestHandler):  # pylint: disable=too-many-public-method
             timeout = float(req.q("timeoutSeconds") or 1800)
         except ValueError:
             timeout = 1800.0
+        srv.api.matcher(req)  # a bad selector answers 400 before the stream starts
+        rv_param = req.q("resourceVersion")
+        if rv_param not in ("", "0") and not rv_param.isdigit():
+            raise errors.bad_request(f"invalid resource version: {rv_param}")
         events = srv.api.watch(req, time.monotonic() + timeout, lambda: srv.stopping.is_set() or self._client_gone())
-        first = next(events, None)  # raises ApiError (e.g. bad selector) before the headers are sent
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
@@ -386,10 +387,8 @@ class Handler(BaseHTTPRequestHandler):  # pylint: disable=too-many-public-method
             self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
             self.wfile.flush()
         try:
-            if first is not None:
-                chunk((json.dumps(first) + "\n").encode())
-                for event in events:
-                    chunk((json.dumps(event) + "\n").encode())
+            for event in events:
+                chunk((json.dumps(event) + "\n").encode())
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError, OSError):
