@@ -104,7 +104,7 @@ def test_discovery_documents_carry_short_names_verbs_and_every_served_version(k8
     assert code == 200 and headers["X-Test-Double"] == BANNER
     assert [v["version"] for v in group["versions"]] == ["v1", "v1beta1", "v1alpha3"]
     assert group["preferredVersion"]["version"] == "v1"
-    code, _, resources = http(k8s_double, "GET", "/apis/networking.istio.io/v1")
+    code, _headers, resources = http(k8s_double, "GET", "/apis/networking.istio.io/v1")
     by_name = {r["name"]: r for r in resources["resources"]}
     assert resources["kind"] == "APIResourceList" and resources["groupVersion"] == "networking.istio.io/v1"
     assert by_name["virtualservices"]["shortNames"] == ["vs"] and by_name["destinationrules"]["shortNames"] == ["dr"]
@@ -113,7 +113,7 @@ def test_discovery_documents_carry_short_names_verbs_and_every_served_version(k8
     assert by_name["virtualservices/status"]["verbs"] == ["get", "patch", "update"]
     assert http(k8s_double, "GET", "/apis/security.istio.io/v1")[2]["resources"][0]["name"] == "authorizationpolicies"
     assert http(k8s_double, "GET", "/apis/networking.istio.io/v2")[0] == 404
-    code, _, version = http(k8s_double, "GET", "/version", token=False)
+    code, _headers, version = http(k8s_double, "GET", "/version", token=False)
     assert code == 200 and version["major"] == "1" and version["minor"] == "32"
 
 
@@ -236,7 +236,7 @@ def test_kubectl_restricted_token_gets_403_and_unknown_token_401(k8s_double_tls,
     stranger = Kubectl(k8s_double_kubeconfig(k8s_double_tls, token="no-such-token"), str(tmp_path / "c2"))
     refused = stranger("get", "vs")
     assert refused.returncode != 0 and "You must be logged in to the server" in refused.stderr
-    code, _, body = http(k8s_double_tls, "GET", "/api/v1/namespaces", token="no-such-token")
+    code, _headers, body = http(k8s_double_tls, "GET", "/api/v1/namespaces", token="no-such-token")
     assert code == 401 and body["reason"] == "Unauthorized"
 
 
@@ -403,7 +403,7 @@ def test_unknown_fields_pruned_with_warning_or_rejected_when_strict(k8s_double):
     assert code == 201 and "foo" not in obj["spec"]
     assert headers.get_all("Warning") == ['299 - "unknown field \\"spec.foo\\""']
     body["metadata"]["name"] = "strict"
-    code, _, status = http(k8s_double, "POST", f"/apis/{GROUP}/{VERSION}/namespaces/default/{VS}?fieldValidation=Strict", body)
+    code, _headers, status = http(k8s_double, "POST", f"/apis/{GROUP}/{VERSION}/namespaces/default/{VS}?fieldValidation=Strict", body)
     assert code == 400 and status["reason"] == "BadRequest"
     assert status["message"] == ('VirtualService in version "v1" cannot be handled as a VirtualService: strict decoding error: '
                                  'unknown field "spec.foo"')
@@ -413,32 +413,32 @@ def test_invalid_object_status_causes(k8s_double):
     body = vs_body()
     body["spec"]["http"][0]["route"][0]["weight"] = "ten"
     body["spec"]["http"][0]["timeout"] = "0.5ms"
-    code, _, status = http(k8s_double, "POST", f"/apis/{GROUP}/{VERSION}/namespaces/default/{VS}", body)
+    code, _headers, status = http(k8s_double, "POST", f"/apis/{GROUP}/{VERSION}/namespaces/default/{VS}", body)
     assert code == 422 and status["reason"] == "Invalid"
     assert status["details"]["kind"] == "VirtualService" and status["details"]["group"] == GROUP
     fields = [c["field"] for c in status["details"]["causes"]]
     assert fields[0] == "spec.http[0].route[0].weight" and status["details"]["causes"][0]["reason"] == "FieldValueTypeInvalid"
     body["spec"]["http"][0]["route"][0]["weight"] = 10
-    code, _, status = http(k8s_double, "POST", f"/apis/{GROUP}/{VERSION}/namespaces/default/{VS}", body)
+    code, _headers, status = http(k8s_double, "POST", f"/apis/{GROUP}/{VERSION}/namespaces/default/{VS}", body)
     assert code == 422
     assert status["message"] == ('VirtualService.networking.istio.io "reviews" is invalid: spec.http[0].timeout: Invalid value: '
                                  '"string": must be a valid duration greater than 1ms')
     bad_name = vs_body(name="Reviews_1")
-    code, _, status = http(k8s_double, "POST", f"/apis/{GROUP}/{VERSION}/namespaces/default/{VS}", bad_name)
+    code, _headers, status = http(k8s_double, "POST", f"/apis/{GROUP}/{VERSION}/namespaces/default/{VS}", bad_name)
     assert code == 422 and status["details"]["causes"][0]["field"] == "metadata.name"
 
 
 def test_json_patch_status_body_matches_the_real_server(k8s_double):
     http(k8s_double, "POST", f"/apis/{GROUP}/{VERSION}/namespaces/default/{VS}", vs_body())
     path = f"/apis/{GROUP}/{VERSION}/namespaces/default/{VS}/reviews"
-    code, _, status = http(k8s_double, "PATCH", path, [{"op": "test", "path": "/metadata/resourceVersion", "value": "1"}],
-                           content_type="application/json-patch+json")
+    failing_test = [{"op": "test", "path": "/metadata/resourceVersion", "value": "1"}]
+    code, _headers, status = http(k8s_double, "PATCH", path, failing_test, content_type="application/json-patch+json")
     assert code == 422 and status == {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                                       "message": "the server rejected our request due to an error in our request",
                                       "reason": "Invalid", "details": {}, "code": 422}
-    code, _, status = http(k8s_double, "PATCH", path, {"spec": {}}, content_type="application/json-patch+json")
+    code, _headers, status = http(k8s_double, "PATCH", path, {"spec": {}}, content_type="application/json-patch+json")
     assert code == 400 and status["reason"] == "BadRequest"
-    code, _, status = http(k8s_double, "PATCH", path, {"spec": {}}, content_type="text/plain")
+    code, _headers, status = http(k8s_double, "PATCH", path, {"spec": {}}, content_type="text/plain")
     assert code == 415 and status["reason"] == "UnsupportedMediaType"
 
 
@@ -473,7 +473,7 @@ def test_selectors(k8s_double, custom):
     assert names(label_selector="!track") == ["c"]
     assert names(label_selector="track,track!=stable") == ["b"]
     assert names(field_selector="metadata.name=c") == ["c"]
-    code, _, status = http(k8s_double, "GET", f"/apis/{GROUP}/{VERSION}/namespaces/default/{VS}?fieldSelector=spec.hosts%3Dx")
+    code, _headers, status = http(k8s_double, "GET", f"/apis/{GROUP}/{VERSION}/namespaces/default/{VS}?fieldSelector=spec.hosts%3Dx")
     assert code == 400 and status["message"] == "field label not supported: spec.hosts"
     page = custom.list_namespaced_custom_object(GROUP, VERSION, "default", VS, limit=2)
     assert len(page["items"]) == 2 and page["metadata"]["continue"]
@@ -489,7 +489,7 @@ def test_fault_injection_and_request_counters(k8s_double, custom):
     assert code == 409 and "the object has been modified" in body["message"]
     custom.patch_namespaced_custom_object(GROUP, VERSION, "default", VS, "reviews", {"spec": {"hosts": ["x"]}})
     k8s_double.inject({"kind": "error", "code": 503, "verb": "get", "count": 2})
-    for _ in range(2):
+    for _attempt in range(2):
         assert api_exception(custom.get_namespaced_custom_object, GROUP, VERSION, "default", VS, "reviews")[0] == 503
     seen = custom.get_namespaced_custom_object(GROUP, VERSION, "default", VS, "reviews")
     k8s_double.inject({"kind": "bump", "resource": VS, "name": "reviews"})
@@ -501,7 +501,7 @@ def test_fault_injection_and_request_counters(k8s_double, custom):
     assert code == 403 and body["message"].startswith('virtualservices.networking.istio.io "reviews" is forbidden: User "k8s-double-admin"')
     counters = k8s_double.counters()
     assert counters["patch virtualservices"] == 2 and counters["get virtualservices"] == 4 and counters["update virtualservices"] == 1
-    code, _, remote = http(k8s_double, "GET", "/_double/counters", token=False)
+    code, _headers, remote = http(k8s_double, "GET", "/_double/counters", token=False)
     assert code == 200 and remote == counters
     assert http(k8s_double, "GET", "/api/v1/_double", token=False)[0] == 401
 
@@ -552,7 +552,7 @@ def test_tokens_file_and_forbidden_message_for_create(istio_crds, tmp_path):
     tokens.write_text(yaml.safe_dump({"users": [{"token": "bot", "user": "canary-bot", "rules": [
         {"apiGroups": ["networking.istio.io"], "resources": ["virtualservices"], "verbs": ["get", "patch"]}]}]}))
     with start(crds=istio_crds, tokens=str(tokens)) as handle:
-        code, _, status = http(handle, "POST", f"/apis/{GROUP}/{VERSION}/namespaces/default/{VS}", vs_body(), token="bot")
+        code, _headers, status = http(handle, "POST", f"/apis/{GROUP}/{VERSION}/namespaces/default/{VS}", vs_body(), token="bot")
         assert code == 403
         assert status["message"] == ('virtualservices.networking.istio.io is forbidden: User "canary-bot" cannot create resource '
                                      '"virtualservices" in API group "networking.istio.io" in the namespace "default"')

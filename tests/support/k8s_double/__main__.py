@@ -29,7 +29,7 @@ def main(argv=None):
           file=sys.stderr, flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
+        signal.signal(sig, lambda *_args: done.set())
     while not done.wait(1):
         pass
     handle.stop()

@@ -209,7 +209,7 @@ class Api:  # pylint: disable=too-many-public-methods,too-many-instance-attribut
         labels = selectors.parse_label_selector(req.q("labelSelector"))
         fields = selectors.parse_field_selector(req.q("fieldSelector"), req.rtype.plural)
         out = []
-        for (namespace, _), obj in sorted(self._table(req.rtype).items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
+        for (namespace, _name), obj in sorted(self._table(req.rtype).items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
             if req.rtype.namespaced and req.namespace and namespace != req.namespace:
                 continue
             if not selectors.match_labels(labels, obj["metadata"].get("labels")) or not selectors.match_fields(fields, obj):
@@ -250,8 +250,8 @@ class Api:  # pylint: disable=too-many-public-methods,too-many-instance-attribut
             if rtype.namespaced and not self._namespace_exists(req.namespace):
                 raise errors.not_found("namespaces", "", req.namespace)
             if not meta.get("name") and meta.get("generateName"):
-                for _ in range(20):
-                    candidate = meta["generateName"] + "".join(random.choice(_NAME_CHARS) for _ in range(5))
+                for _attempt in range(20):
+                    candidate = meta["generateName"] + "".join(random.choice(_NAME_CHARS) for _letter in range(5))
                     if (meta.get("namespace"), candidate) not in self._table(rtype):
                         meta["name"] = candidate
                         break
@@ -528,7 +528,7 @@ class Api:  # pylint: disable=too-many-public-methods,too-many-instance-attribut
                 if not pending:
                     self.changed.wait(min(0.5, max(0.0, deadline - time.monotonic())))
                     continue
-            for rv, _, namespace, etype, obj in pending:
+            for rv, _key, namespace, etype, obj in pending:
                 last = max(last, rv)
                 if match(namespace, obj):
                     yield {"type": etype, "object": self.render(req.rtype, obj, req.version)}

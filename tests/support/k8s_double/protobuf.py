@@ -49,7 +49,7 @@ def _text(value):
 def _map(entries, value_fn=_text):
     result = {}
     for entry in entries:
-        parts = {n: v for n, _, v in fields(entry)}
+        parts = {n: v for n, _wire, v in fields(entry)}
         result[_text(parts.get(1, b""))] = value_fn(parts.get(2, b""))
     return result
 
@@ -61,7 +61,7 @@ def _b64(value):
 def _object_meta(data):
     meta, labels, annotations, finalizers = {}, [], [], []
     names = {1: "name", 2: "generateName", 3: "namespace", 5: "uid", 6: "resourceVersion"}
-    for number, _, value in fields(data):
+    for number, _wire, value in fields(data):
         if number in names:
             meta[names[number]] = _text(value)
         elif number == 11:
@@ -81,16 +81,16 @@ def _object_meta(data):
 
 def _namespace(parts):
     obj = {}
-    for number, _, value in parts:
+    for number, _wire, value in parts:
         if number == 2:
-            finalizers = [_text(v) for n, _, v in fields(value) if n == 1]
+            finalizers = [_text(v) for n, _wire, v in fields(value) if n == 1]
             obj["spec"] = {"finalizers": finalizers} if finalizers else {}
     return obj
 
 
 def _configmap(parts):
     obj, data, binary = {}, [], []
-    for number, _, value in parts:
+    for number, _wire, value in parts:
         if number == 2:
             data.append(value)
         elif number == 3:
@@ -106,7 +106,7 @@ def _configmap(parts):
 
 def _secret(parts):
     obj, data, string_data = {}, [], []
-    for number, _, value in parts:
+    for number, _wire, value in parts:
         if number == 2:
             data.append(value)
         elif number == 3:
@@ -124,9 +124,9 @@ def _secret(parts):
 
 def _serviceaccount(parts):
     obj = {}
-    for number, _, value in parts:
+    for number, _wire, value in parts:
         if number == 3:
-            obj.setdefault("imagePullSecrets", []).append({"name": _text(dict((n, v) for n, _, v in fields(value)).get(1, b""))})
+            obj.setdefault("imagePullSecrets", []).append({"name": _text(dict((n, v) for n, _wire, v in fields(value)).get(1, b""))})
         elif number == 4:
             obj["automountServiceAccountToken"] = bool(value)
     return obj
@@ -140,15 +140,15 @@ def decode(body):
     """The JSON-shaped object of a protobuf request body, or None when the kind is not one the double decodes."""
     if not body.startswith(MAGIC):
         return None
-    envelope = {n: v for n, _, v in fields(body[len(MAGIC):])}
-    type_meta = {n: _text(v) for n, _, v in fields(envelope.get(1, b""))}
+    envelope = {n: v for n, _wire, v in fields(body[len(MAGIC):])}
+    type_meta = {n: _text(v) for n, _wire, v in fields(envelope.get(1, b""))}
     api_version, kind = type_meta.get(1, ""), type_meta.get(2, "")
     decoder = DECODERS.get((api_version, kind))
     if decoder is None:
         return None
     parts = fields(envelope.get(2, b""))
     obj = {"apiVersion": api_version, "kind": kind, "metadata": {}}
-    for number, _, value in parts:
+    for number, _wire, value in parts:
         if number == 1:
             obj["metadata"] = _object_meta(value)
     obj.update(decoder(parts))

@@ -357,7 +357,7 @@ class Handler(BaseHTTPRequestHandler):  # pylint: disable=too-many-public-method
     def _client_gone(self):
         """A watching client sends nothing more: a readable socket means it closed the connection."""
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
+            readable, _writable, _errored = select.select([self.connection], [], [], 0)
         except (OSError, ValueError):
             return True
         return bool(readable)
