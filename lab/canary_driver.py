@@ -148,6 +148,6 @@ def render_timeline(result, title=None):
     lines.append("%-4s %-7s %-12s %-8s %-8s %s" % ("step", "canary", "action", "verdict", "seconds", "checks (value, verdict)"))
     for e in result.get("timeline", []):
         checks = "  ".join("%s=%s %s" % (c.get("name"), _fmt(c.get("value")), c.get("verdict")) for c in e.get("checks", []))
-        lines.append("%-4s %-7s %-12s %-8s %-8s %s" % (e.get("step"), "%d%%" % e.get("weight", 0), e.get("action", "-"),
-                                                     e.get("verdict", "-"), _fmt(e.get("seconds")), checks or e.get("reason", "")))
+        row = (e.get("step"), "%d%%" % e.get("weight", 0), e.get("action", "-"), e.get("verdict", "-"), _fmt(e.get("seconds")), checks or e.get("reason", ""))
+        lines.append("%-4s %-7s %-12s %-8s %-8s %s" % row)
     return "\n".join(lines)

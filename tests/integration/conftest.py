@@ -10,3 +10,8 @@ if SUPPORT not in sys.path:
 LAB = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "lab")
 if LAB not in sys.path:
     sys.path.insert(0, LAB)
+
+# The test Kubernetes API's fixtures (k8s_double, k8s_double_tls, k8s_double_client, k8s_double_kubeconfig, istio_crds)
+# for every suite here; a conftest cannot use pytest_plugins below the root, so they are imported.
+from k8s_double.pytest_plugin import (  # noqa: E402,F401 pylint: disable=wrong-import-position,unused-import
+    istio_crds, k8s_double, k8s_double_client, k8s_double_kubeconfig, k8s_double_tls)

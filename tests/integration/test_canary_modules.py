@@ -16,7 +16,6 @@ import yaml
 from kubernetes import client
 
 from k8s_double import istio_crds_path  # pylint: disable=import-error
-from k8s_double.pytest_plugin import istio_crds, k8s_double, k8s_double_client, k8s_double_kubeconfig, k8s_double_tls  # noqa: F401 pylint: disable=import-error,unused-import
 from playbook_runner import ROOT, run_playbook  # pylint: disable=import-error
 
 TARGET = os.path.join(ROOT, "tests", "integration", "targets", "canary_modules")

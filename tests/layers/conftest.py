@@ -1,8 +1,11 @@
 """Fixtures for the outer layers: a copy of the tree where ansible-test accepts it."""
 import os
 import shutil
+import sys
 
 import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # layer_tools (pytest runs with --import-mode=importlib)
 
 from layer_tools import BUILD, DEPENDENCIES, ROOT, tracked_files  # pylint: disable=import-error
 
