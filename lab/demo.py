@@ -34,7 +34,8 @@ def main():
     with MeshLab(run_dir=os.path.join(os.path.dirname(HERE), ".cache", "lab", "demo")) as lab, \
             BackgroundLoad(lab, rps=args.rps, max_seconds=900):
         print("lab up: envoy %s, prometheus %s, test API %s" % (lab.url, lab.prometheus_url, lab.kube_url), flush=True)
-        time.sleep(5)  # a few scrapes of traffic before the first window
+        lab.warm_up()  # series for v1 and v2 exist before the first window (rate() needs two samples)
+        time.sleep(5)
 
         print("\nrelease 1: healthy v2, steps 5 10 25 50 100, %s each ..." % args.interval, flush=True)
         healthy = CanaryRun(lab, steps=[5, 10, 25, 50, 100], interval=args.interval).start()
