@@ -1,0 +1,136 @@
+"""Unit tests for roles/nvme_storage/files/nvme_storage_plan.py: mapping, bad input, and the data-safety decision."""
+import importlib.util
+import os
+
+import pytest
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "..", "roles", "nvme_storage", "files", "nvme_storage_plan.py")
+_SPEC = importlib.util.spec_from_file_location("nvme_storage_plan", _PATH)
+nsp = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(nsp)
+
+GIB = 1024 ** 3
+PURPOSES = {
+    "containerd": {"path": "/var/lib/containerd", "label": "containerd"},
+    "etcd": {"path": "/var/lib/etcd", "mode": "0700"},
+}
+
+
+def disk(name, serial, signatures=(), partitions=(), model="QEMU NVMe Ctrl", size=2 * GIB):
+    return {"name": name, "path": "/dev/" + name, "serial": serial, "model": model, "size": size,
+            "signatures": [dict(s, device="/dev/" + name) for s in signatures], "partitions": list(partitions)}
+
+
+def ours(name, serial, purpose, fs="xfs", label=None):
+    part = {"path": "/dev/%sp1" % name, "type": "part", "partlabel": "onprem-" + purpose,
+            "signatures": [{"device": "/dev/%sp1" % name, "type": fs, "label": label or purpose, "uuid": "u-" + serial}]
+            if fs else []}
+    return disk(name, serial, [{"type": "PMBR"}, {"type": "gpt"}, {"type": "gpt"}], [part])
+
+
+def by_purpose(entries):
+    return {e["purpose"]: e for e in entries}
+
+
+def test_empty_disks_are_created_by_serial():
+    disks = [disk("nvme0n1", "A"), disk("nvme1n1", "B")]
+    plan = by_purpose(nsp.plan(disks, [{"serial": "B", "purpose": "etcd"}, {"serial": "A", "purpose": "containerd"}],
+                               [], PURPOSES))
+    assert plan["etcd"]["device"] == "/dev/nvme1n1"
+    assert plan["etcd"]["action"] == "create"
+    assert plan["etcd"]["partition"] == "/dev/nvme1n1p1"
+    assert plan["etcd"]["label"] == "etcd"
+    assert plan["etcd"]["mode"] == "0700"
+    assert plan["containerd"]["device"] == "/dev/nvme0n1"
+
+
+def test_uuid_is_stable_for_a_new_disk_and_read_back_for_an_existing_one():
+    first = nsp.plan([disk("nvme0n1", "A")], [{"serial": "A", "purpose": "etcd"}], [], PURPOSES)[0]
+    again = nsp.plan([disk("nvme0n1", "A")], [{"serial": "A", "purpose": "etcd"}], [], PURPOSES)[0]
+    assert first["uuid"] == again["uuid"]
+    other = nsp.plan([disk("nvme0n1", "Z")], [{"serial": "Z", "purpose": "etcd"}], [], PURPOSES)[0]
+    assert other["uuid"] != first["uuid"]
+    existing = nsp.plan([ours("nvme0n1", "A", "etcd")], [{"serial": "A", "purpose": "etcd"}], [], PURPOSES)[0]
+    assert existing["uuid"] == "u-A"
+    assert existing["fs_present"] is True
+
+
+def test_a_disk_of_this_role_is_kept():
+    entry = nsp.plan([ours("nvme0n1", "A", "etcd")], [{"serial": "A", "purpose": "etcd"}], [], PURPOSES)[0]
+    assert entry["action"] == "keep"
+
+
+def test_a_partition_of_this_role_without_file_system_is_kept_and_gets_one():
+    entry = nsp.plan([ours("nvme0n1", "A", "etcd", fs=None)], [{"serial": "A", "purpose": "etcd"}], [], PURPOSES)[0]
+    assert entry["action"] == "keep"
+    assert entry["fs_present"] is False
+
+
+@pytest.mark.parametrize("signatures,partitions,shown", [
+    ([{"type": "ext4", "label": "precious"}], [], "ext4 (label precious)"),
+    ([{"type": "LVM2_member"}], [], "LVM2_member"),
+    ([{"type": "linux_raid_member"}], [], "linux_raid_member"),
+    ([{"type": "in use by lvm"}], [], "in use by lvm"),
+    ([{"type": "dos"}], [{"path": "/dev/nvme0n1p1", "partlabel": None, "signatures": []}], "dos"),
+])
+def test_a_disk_with_any_foreign_signature_is_refused(signatures, partitions, shown):
+    entry = nsp.plan([disk("nvme0n1", "A", signatures, partitions)], [{"serial": "A", "purpose": "etcd"}], [], PURPOSES)[0]
+    assert entry["action"] == "refuse"
+    assert "/dev/nvme0n1" in entry["reason"]
+    assert shown in entry["reason"]
+    assert "nvme_storage_devices[0].wipe" in entry["reason"]
+
+
+def test_our_partition_name_with_a_foreign_file_system_is_refused():
+    entry = nsp.plan([ours("nvme0n1", "A", "etcd", fs="ext4")], [{"serial": "A", "purpose": "etcd"}], [], PURPOSES)[0]
+    assert entry["action"] == "refuse"
+
+
+def test_a_gpt_of_another_purpose_is_refused():
+    entry = nsp.plan([ours("nvme0n1", "A", "containerd")], [{"serial": "A", "purpose": "etcd"}], [], PURPOSES)[0]
+    assert entry["action"] == "refuse"
+
+
+def test_wipe_flag_allows_erasing_and_lists_partitions_first():
+    part = {"path": "/dev/nvme0n1p1", "partlabel": "data", "signatures": [{"type": "ext4", "device": "/dev/nvme0n1p1"}]}
+    d = disk("nvme0n1", "A", [{"type": "gpt"}], [part])
+    entry = nsp.plan([d], [{"serial": "A", "purpose": "etcd", "wipe": True}], [], PURPOSES)[0]
+    assert entry["action"] == "wipe"
+    assert entry["wipe_targets"] == ["/dev/nvme0n1p1", "/dev/nvme0n1"]
+
+
+def test_wipe_flag_does_not_wipe_a_disk_of_this_role_again():
+    entry = nsp.plan([ours("nvme0n1", "A", "etcd")], [{"serial": "A", "purpose": "etcd", "wipe": True}], [], PURPOSES)[0]
+    assert entry["action"] == "keep"
+
+
+def test_rules_map_unclaimed_disks_in_name_order_and_serials_win():
+    disks = [disk("nvme1n1", "B"), disk("nvme0n1", "A"), disk("nvme2n1", "C", model="Other", size=100 * GIB)]
+    rules = [{"purpose": "containerd", "model": "^QEMU"}, {"purpose": "etcd", "min_size_gib": 50}]
+    plan = by_purpose(nsp.plan(disks, [{"serial": "A", "purpose": "etcd"}], rules, PURPOSES))
+    assert plan["etcd"]["serial"] == "A"          # by serial; the etcd rule is not used
+    assert plan["containerd"]["serial"] == "B"    # first unclaimed QEMU disk by name
+    plan = by_purpose(nsp.plan(disks, [], rules, PURPOSES))
+    assert plan["containerd"]["serial"] == "A"
+    assert plan["etcd"]["serial"] == "C"
+
+
+def test_a_refused_disk_mapped_by_rule_says_how_to_wipe_it():
+    entry = nsp.plan([disk("nvme0n1", "A", [{"type": "xfs"}])], [], [{"purpose": "etcd"}], PURPOSES)[0]
+    assert entry["action"] == "refuse"
+    assert "map it by serial in nvme_storage_devices with wipe: true" in entry["reason"]
+
+
+@pytest.mark.parametrize("devices,rules,message", [
+    ([{"serial": "A", "purpose": "scratch"}], [], "nvme_storage_devices[0].purpose: unknown purpose 'scratch'"),
+    ([], [{"purpose": "scratch"}], "nvme_storage_rules[0].purpose: unknown purpose 'scratch'"),
+    ([{"serial": "X", "purpose": "etcd"}], [], "nvme_storage_devices[0].serial: no NVMe namespace with serial 'X'"),
+    ([{"serial": "A", "purpose": "etcd"}, {"serial": "A", "purpose": "containerd"}], [],
+     "nvme_storage_devices[1].serial: two purposes on one disk"),
+    ([{"serial": "A", "purpose": "etcd"}, {"serial": "B", "purpose": "etcd"}], [],
+     "nvme_storage_devices[1].purpose: purpose 'etcd' is already mapped"),
+    ([], [{"purpose": "etcd", "model": "Samsung"}], "nvme_storage_rules[0]: no unclaimed NVMe namespace matches"),
+])
+def test_bad_input_names_the_variable(devices, rules, message):
+    with pytest.raises(nsp.PlanError, match=r"^" + __import__("re").escape(message)):
+        nsp.plan([disk("nvme0n1", "A"), disk("nvme1n1", "B")], devices, rules, PURPOSES)
