@@ -21,8 +21,8 @@ from k8s_double import BANNER, istio_data_dir, start  # pylint: disable=import-e
 
 # pylint: disable=redefined-outer-name  # pytest fixtures
 
-pytest_plugins = ["k8s_double.pytest_plugin"]
-
+# Fixtures (k8s_double, k8s_double_tls, k8s_double_client, k8s_double_kubeconfig, istio_crds) come from
+# k8s_double.pytest_plugin, imported by tests/integration/conftest.py.
 KUBECTL = shutil.which("kubectl")
 GROUP, VERSION, VS = "networking.istio.io", "v1", "virtualservices"
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="the kubectl client is not installed")
@@ -396,6 +396,22 @@ def test_watch_streams_changes_after_a_resource_version(custom):
     assert seen[0][2] < seen[1][2]
 
 
+def test_watch_with_a_label_selector_sees_objects_enter_and_leave(custom):
+    from kubernetes import watch  # pylint: disable=import-outside-toplevel
+    obj = custom.create_namespaced_custom_object(GROUP, VERSION, "default", VS, vs_body())
+    start_rv = obj["metadata"]["resourceVersion"]
+    for labels in ({"track": "canary"}, {"track": "canary", "step": "1"}, {"track": None}):
+        custom.patch_namespaced_custom_object(GROUP, VERSION, "default", VS, "reviews", {"metadata": {"labels": labels}})
+    seen = []
+    stream = watch.Watch()
+    for event in stream.stream(custom.list_namespaced_custom_object, GROUP, VERSION, "default", VS, resource_version=start_rv,
+                               label_selector="track=canary", timeout_seconds=5):
+        seen.append((event["type"], event["object"]["metadata"].get("labels", {}).get("step")))
+        if len(seen) == 3:
+            stream.stop()
+    assert seen == [("ADDED", None), ("MODIFIED", "1"), ("DELETED", "1")]
+
+
 def test_unknown_fields_pruned_with_warning_or_rejected_when_strict(k8s_double):
     body = vs_body()
     body["spec"]["foo"] = 1
@@ -426,6 +442,10 @@ def test_invalid_object_status_causes(k8s_double):
     bad_name = vs_body(name="Reviews_1")
     code, _headers, status = http(k8s_double, "POST", f"/apis/{GROUP}/{VERSION}/namespaces/default/{VS}", bad_name)
     assert code == 422 and status["details"]["causes"][0]["field"] == "metadata.name"
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "9080-reviews"}, "spec": {"ports": [{"port": 9080}]}}
+    code, _headers, status = http(k8s_double, "POST", "/api/v1/namespaces/default/services", service)
+    assert code == 422 and status["message"].startswith('Service "9080-reviews" is invalid: metadata.name: Invalid value: "9080-reviews": '
+                                                        "a DNS-1035 label must consist of lower case alphanumeric characters")
 
 
 def test_json_patch_status_body_matches_the_real_server(k8s_double):

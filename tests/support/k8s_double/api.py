@@ -86,9 +86,10 @@ class Api:  # pylint: disable=too-many-public-methods,too-many-instance-attribut
     def _table(self, rtype):
         return self.objects.setdefault(rtype.key, {})
 
-    def _record(self, etype, rtype, obj):
+    def _record(self, etype, rtype, obj, old=None):
+        """Append a watch event; `old` (the replaced stored object, never mutated) lets watches see selector transitions."""
         self.events.append((int(obj["metadata"]["resourceVersion"]), rtype.key, obj["metadata"].get("namespace"), etype,
-                            copy.deepcopy(obj)))
+                            copy.deepcopy(obj), old))
         if len(self.events) == self.events.maxlen:
             self.first_event_rv = self.events[0][0]
         self.changed.notify_all()
@@ -151,11 +152,9 @@ class Api:  # pylint: disable=too-many-public-methods,too-many-instance-attribut
             return
         unknown = [f'unknown field "{p}"' for p in removed]
         if req.validation == "Strict":
-            if is_patch:
-                raise errors.ApiError(422, "Invalid", f' "" is invalid: patch: Invalid value: {errors.go_quote(patched or "")}: '
-                                      f'strict decoding error: {", ".join(unknown)}',
-                                      {"causes": [{"reason": "FieldValueInvalid", "field": "patch",
-                                                   "message": f'Invalid value: "...": strict decoding error: {", ".join(unknown)}'}]})
+            if is_patch:  # like the real patch handler: NewInvalid(GroupKind{}, "", patch: Invalid value: <patched JSON>)
+                raise errors.invalid("", "", "", [errors.FieldError("FieldValueInvalid", "patch", patched or "",
+                                                                    f"strict decoding error: {', '.join(unknown)}")])
             raise errors.bad_request(f"{req.rtype.kind} in version \"{req.version}\" cannot be handled as a {req.rtype.kind}: "
                                      f"strict decoding error: {', '.join(unknown)}")
         if req.validation != "Ignore":
@@ -164,7 +163,7 @@ class Api:  # pylint: disable=too-many-public-methods,too-many-instance-attribut
     def _validate(self, req, obj):
         rtype = req.rtype
         meta = obj.get("metadata") or {}
-        errs = schema.metadata_errors(meta, label_name=rtype.name_is_label)
+        errs = schema.metadata_errors(meta, name_rule=rtype.name_rule)
         body_schema = self._schema(rtype, req.version)
         if body_schema:
             errs.extend(schema.validate(obj, body_schema, rtype.validators))
@@ -313,7 +312,7 @@ class Api:  # pylint: disable=too-many-public-methods,too-many-instance-attribut
                 self._record("DELETED", rtype, new)
                 return self.render(rtype, new, req.version)
             self._table(rtype)[key] = new
-            self._record("MODIFIED", rtype, new)
+            self._record("MODIFIED", rtype, new, current)
             result = self.render(rtype, new, req.version)
             self._after_write(rtype, new)
         return result
@@ -453,7 +452,7 @@ class Api:  # pylint: disable=too-many-public-methods,too-many-instance-attribut
                     new["metadata"]["deletionGracePeriodSeconds"] = 0
                     new["metadata"]["resourceVersion"] = self._next_rv()
                     self._table(rtype)[key] = new
-                    self._record("MODIFIED", rtype, new)
+                    self._record("MODIFIED", rtype, new, current)
                     current = new
                 return self.render(rtype, current, req.version)
             if rtype.key == ("", "namespaces"):
@@ -528,9 +527,11 @@ class Api:  # pylint: disable=too-many-public-methods,too-many-instance-attribut
                 if not pending:
                     self.changed.wait(min(0.5, max(0.0, deadline - time.monotonic())))
                     continue
-            for rv, _key, namespace, etype, obj in pending:
+            for rv, _key, namespace, etype, obj, old in pending:
                 last = max(last, rv)
-                if match(namespace, obj):
+                now_in = match(namespace, obj)
+                etype = _watch_type(etype, now_in, match(namespace, old) if old is not None else now_in)
+                if etype:
                     yield {"type": etype, "object": self.render(req.rtype, obj, req.version)}
 
     # ------------------------------------------------------------------------------------------ CRDs
@@ -599,7 +600,7 @@ class Api:  # pylint: disable=too-many-public-methods,too-many-instance-attribut
         new["status"] = status
         new["metadata"]["resourceVersion"] = self._next_rv()
         self._table(rtype)[(new["metadata"].get("namespace"), new["metadata"]["name"])] = new
-        self._record("MODIFIED", rtype, new)
+        self._record("MODIFIED", rtype, new, obj)
 
     # ------------------------------------------------------------------------------------------ state
     def snapshot(self):
@@ -644,6 +645,17 @@ def scale_view(obj):
     return {"kind": "Scale", "apiVersion": "autoscaling/v1",
             "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp") if k in meta},
             "spec": {"replicas": spec.get("replicas", 1)}, "status": status}
+
+
+def _watch_type(etype, matches_now, matched_before):
+    """The event a filtered watch sees (like the watch cache): an object entering the selector is ADDED, one leaving
+    it is DELETED, one outside it is not seen."""
+    if etype == "MODIFIED":
+        if matches_now and not matched_before:
+            return "ADDED"
+        if matched_before and not matches_now:
+            return "DELETED"
+    return etype if matches_now else None
 
 
 def _without_rv(obj):

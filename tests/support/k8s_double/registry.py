@@ -33,7 +33,7 @@ class ResourceType:  # pylint: disable=too-many-instance-attributes
         self.schemas = dict(opts.get("schemas") or {})  # version -> openAPIV3Schema (custom resources only)
         self.printer_columns = dict(opts.get("printer_columns") or {})
         self.builtin = opts.get("builtin", False)
-        self.name_is_label = opts.get("name_is_label", False)
+        self.name_rule = opts.get("name_rule", "subdomain")  # metadata.name format: subdomain, label or dns1035
         self.has_generation = opts.get("has_generation", not self.builtin)
         self.return_deleted_object = opts.get("return_deleted_object", not self.builtin)
         self.crd_name = opts.get("crd_name")
@@ -60,9 +60,9 @@ class ResourceType:  # pylint: disable=too-many-instance-attributes
 
 def _builtin_types():
     core = [
-        ("namespaces", "Namespace", False, ["ns"], {"status", "finalize"}, {"name_is_label": True, "return_deleted_object": True}),
+        ("namespaces", "Namespace", False, ["ns"], {"status", "finalize"}, {"name_rule": "label", "return_deleted_object": True}),
         ("pods", "Pod", True, ["po"], {"status"}, {"return_deleted_object": True}),
-        ("services", "Service", True, ["svc"], {"status"}, {"name_is_label": True, "return_deleted_object": True}),
+        ("services", "Service", True, ["svc"], {"status"}, {"name_rule": "dns1035", "return_deleted_object": True}),
         ("configmaps", "ConfigMap", True, ["cm"], set(), {}),
         ("secrets", "Secret", True, [], set(), {}),
         ("serviceaccounts", "ServiceAccount", True, ["sa"], set(), {}),

@@ -343,21 +343,24 @@ LABEL_VALUE_MSG = ("a valid label must be an empty string or consist of alphanum
 QUALIFIED_MSG = ("name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an "
                  "alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for validation is "
                  "'([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')")
+DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+DNS1035_MSG = ("a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an alphabetic character, "
+               "and end with an alphanumeric character (e.g. 'my-name',  or 'abc-123', regex used for validation is "
+               "'[a-z]([-a-z0-9]*[a-z0-9])?')")
+NAME_RULES = {"subdomain": (DNS1123_SUBDOMAIN, SUBDOMAIN_MSG, 253), "label": (DNS1123_LABEL, LABEL_MSG, 63),
+              "dns1035": (DNS1035_LABEL, DNS1035_MSG, 63)}
 
 
-def metadata_errors(meta, label_name=False):  # pylint: disable=too-many-branches
-    """ObjectMeta validation: name format (DNS-1123 subdomain, or label for namespaces/services), labels."""
+def metadata_errors(meta, name_rule="subdomain"):  # pylint: disable=too-many-branches
+    """ObjectMeta validation: name format (DNS-1123 subdomain; label for namespaces; DNS-1035 label for services), labels."""
     errors = []
     name = meta.get("name")
     if not name and not meta.get("generateName"):
         errors.append(FieldError("FieldValueRequired", "metadata.name", detail="name or generateName is required"))
     elif name:
-        if label_name:
-            if not DNS1123_LABEL.match(name) or len(name) > 63:
-                detail = LABEL_MSG if len(name) <= 63 else "must be no more than 63 characters"
-                errors.append(FieldError("FieldValueInvalid", "metadata.name", name, detail))
-        elif not DNS1123_SUBDOMAIN.match(name) or len(name) > 253:
-            detail = SUBDOMAIN_MSG if len(name) <= 253 else "must be no more than 253 characters"
+        regex, message, limit = NAME_RULES[name_rule]
+        if not regex.match(name) or len(name) > limit:
+            detail = message if len(name) <= limit else f"must be no more than {limit} characters"
             errors.append(FieldError("FieldValueInvalid", "metadata.name", name, detail))
     labels = meta.get("labels") or {}
     if not isinstance(labels, dict):

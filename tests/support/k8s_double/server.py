@@ -71,7 +71,7 @@ class DoubleHTTPServer(ThreadingHTTPServer):  # pylint: disable=too-many-instanc
             new["metadata"]["resourceVersion"] = str(api.rv + 1)
             api.rv += 1
             table[(new["metadata"].get("namespace"), name)] = new
-            api._record("MODIFIED", rtype, new)  # pylint: disable=protected-access
+            api._record("MODIFIED", rtype, new, obj)  # pylint: disable=protected-access
             return new
 
     def _before_write_hook(self, req, _phase):
