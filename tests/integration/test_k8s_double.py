@@ -412,6 +412,19 @@ def test_watch_with_a_label_selector_sees_objects_enter_and_leave(custom):
     assert seen == [("ADDED", None), ("MODIFIED", "1"), ("DELETED", "1")]
 
 
+def test_delete_answers_a_success_status_and_honours_finalizers(custom):
+    created = custom.create_namespaced_custom_object(GROUP, VERSION, "default", VS, vs_body())
+    answer = custom.delete_namespaced_custom_object(GROUP, VERSION, "default", VS, "reviews")
+    assert answer == {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                      "details": {"name": "reviews", "group": GROUP, "kind": VS, "uid": created["metadata"]["uid"]}}
+    custom.create_namespaced_custom_object(GROUP, VERSION, "default", VS, vs_body(metadata={"name": "reviews", "finalizers": ["example.com/hold"]}))
+    held = custom.delete_namespaced_custom_object(GROUP, VERSION, "default", VS, "reviews")
+    assert held["metadata"]["deletionTimestamp"] and held["metadata"]["finalizers"] == ["example.com/hold"]
+    assert custom.get_namespaced_custom_object(GROUP, VERSION, "default", VS, "reviews")["metadata"]["deletionTimestamp"]
+    custom.patch_namespaced_custom_object(GROUP, VERSION, "default", VS, "reviews", {"metadata": {"finalizers": None}})
+    assert api_exception(custom.get_namespaced_custom_object, GROUP, VERSION, "default", VS, "reviews")[0] == 404
+
+
 def test_unknown_fields_pruned_with_warning_or_rejected_when_strict(k8s_double):
     body = vs_body()
     body["spec"]["foo"] = 1

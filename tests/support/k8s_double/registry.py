@@ -35,7 +35,9 @@ class ResourceType:  # pylint: disable=too-many-instance-attributes
         self.builtin = opts.get("builtin", False)
         self.name_rule = opts.get("name_rule", "subdomain")  # metadata.name format: subdomain, label or dns1035
         self.has_generation = opts.get("has_generation", not self.builtin)
-        self.return_deleted_object = opts.get("return_deleted_object", not self.builtin)
+        # DELETE answers the object (stores with ReturnDeletedObject: pods, services, namespaces, serviceaccounts) or a
+        # Status "Success" (everything else, custom resources included); with pending finalizers always the object.
+        self.return_deleted_object = opts.get("return_deleted_object", False)
         self.crd_name = opts.get("crd_name")
         self.validators = {}
 
@@ -65,7 +67,7 @@ def _builtin_types():
         ("services", "Service", True, ["svc"], {"status"}, {"name_rule": "dns1035", "return_deleted_object": True}),
         ("configmaps", "ConfigMap", True, ["cm"], set(), {}),
         ("secrets", "Secret", True, [], set(), {}),
-        ("serviceaccounts", "ServiceAccount", True, ["sa"], set(), {}),
+        ("serviceaccounts", "ServiceAccount", True, ["sa"], set(), {"return_deleted_object": True}),
         ("events", "Event", True, ["ev"], set(), {}),
         ("endpoints", "Endpoints", True, ["ep"], set(), {"list_kind": "EndpointsList", "singular": "endpoints"}),
         ("nodes", "Node", False, ["no"], {"status"}, {}),
@@ -76,8 +78,12 @@ def _builtin_types():
         ("statefulsets", "StatefulSet", True, ["sts"], {"status", "scale"}, {"has_generation": True}),
         ("daemonsets", "DaemonSet", True, ["ds"], {"status"}, {"has_generation": True}),
     ]
+    admission = [
+        ("mutatingwebhookconfigurations", "MutatingWebhookConfiguration", False, [], set(), {"has_generation": True}),
+        ("validatingwebhookconfigurations", "ValidatingWebhookConfiguration", False, [], set(), {"has_generation": True}),
+    ]
     types = []
-    for group, version, table in (("", "v1", core), ("apps", "v1", apps)):
+    for group, version, table in (("", "v1", core), ("apps", "v1", apps), ("admissionregistration.k8s.io", "v1", admission)):
         for plural, kind, namespaced, short, subs, extra in table:
             types.append(ResourceType(group, [version], plural, kind, namespaced, short_names=short, builtin=True,
                                       subresources={version: subs}, categories=["all"] if plural in (
