@@ -209,4 +209,3 @@ def test_wrong_survey_answer_fails_at_the_start_naming_the_field(fresh, tmp_path
     after = fresh.virtual_service()["metadata"]
     assert after["resourceVersion"] == before["resourceVersion"] and after["generation"] == before["generation"]
     assert STATE not in (after.get("annotations") or {}) and LEASE not in (after.get("annotations") or {})
-
