@@ -5,6 +5,7 @@ molecule's output and a table of per-guest times: image build, boot to SSH, firs
 """
 import os
 import re
+import sys
 import time
 
 import pytest
@@ -35,7 +36,7 @@ def guest_times(output):
 
 @pytest.mark.layer("molecule")
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_molecule_scenario(scenario):
+def test_molecule_scenario(scenario, capsys):
     start = time.monotonic()
     out = run(["molecule", "test", "-s", scenario], cwd=ROOT, timeout=3600,
               env={"ANSIBLE_CONFIG": os.path.join(ROOT, "ansible.cfg"), "NO_COLOR": "1", "PY_COLORS": "0",
@@ -44,11 +45,14 @@ def test_molecule_scenario(scenario):
     total = time.monotonic() - start
     image = IMAGE.search(out)
     times = guest_times(out)
-    print(f"\n== molecule {scenario}: {total:.0f} s in all; image: {image.group(0) if image else '?'}")
-    print(f"{'guest':<16} {'boot s':>8} {'converge s':>11} {'changed':>8} {'rerun s':>8} {'changed':>8}")
+    lines = [f"== molecule {scenario}: {total:.0f} s in all; image: {image.group(0) if image else '?'}",
+             f"{'guest':<16} {'boot s':>8} {'converge s':>11} {'changed':>8} {'rerun s':>8} {'changed':>8}"]
     for host, t in sorted(times.items()):
-        print(f"{host:<16} {t.get('boot', 0):8.1f} {t.get('converge', 0):11.1f} {t.get('converge_changed', 0):8d} "
-              f"{t.get('rerun', 0):8.1f} {t.get('rerun_changed', 0):8d}")
+        lines.append(f"{host:<16} {t.get('boot', 0):8.1f} {t.get('converge', 0):11.1f} "
+                     f"{t.get('converge_changed', 0):8d} {t.get('rerun', 0):8.1f} {t.get('rerun_changed', 0):8d}")
+    print("\n".join(lines))           # in the report with molecule's output
+    with capsys.disabled():          # and on the terminal of a passing run
+        sys.stdout.write("\n" + "\n".join(lines) + "\n")
     assert times, "no guest times in molecule's output (callback guest_times not enabled?)"
     for host, t in times.items():
         assert "converge" in t and "rerun" in t, f"{host}: converge and idempotence rerun both expected: {t}"
