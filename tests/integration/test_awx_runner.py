@@ -179,6 +179,8 @@ def test_survey_job_rolls_back_a_faulty_canary_and_still_reports(fresh, tmp_path
 BAD_ANSWERS = [
     pytest.param({"canary_steps": "five"}, "canary_steps", id="steps-not-numbers"),
     pytest.param({"canary_steps": ["10", "150"]}, "canary_steps", id="steps-out-of-range"),
+    pytest.param({"canary_steps": ["50", "10", "100"]}, "canary_steps", id="steps-not-increasing"),
+    pytest.param({"canary_interval": "2 min"}, "canary_interval", id="interval-not-a-duration"),
     pytest.param({"canary_failure_limit": "many"}, "canary_failure_limit", id="failure-limit-not-int"),
     pytest.param({"canary_failure_limit": -1}, "canary_failure_limit", id="failure-limit-negative"),
     pytest.param({"canary_min_success_rate": "high"}, "canary_min_success_rate", id="success-rate-not-float"),
@@ -204,6 +206,8 @@ def test_wrong_survey_answer_fails_at_the_start_naming_the_field(fresh, tmp_path
     assert data["task"].startswith("Validating arguments against arg spec") or data["task"].startswith("Check the"), data["task"]
     messages = [data["res"].get("msg", "")] + [r.get("msg", "") for r in data["res"].get("results", []) if r.get("failed")]
     assert any(field in m for m in messages), data["res"]
+    if data["task"].startswith("Check the"):  # the range checks name only the failing field
+        assert [m for m in messages if m.startswith("canary_")] == [m for m in messages if m.startswith(field + " ")], messages
     started = [e["event_data"].get("task") for e in events if e.get("event") == "runner_on_start"]
     assert ROLLOUT_TASK not in started
     after = fresh.virtual_service()["metadata"]
