@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark the host roles on QEMU guests: run the Molecule scenarios and print, per guest, the time to boot
 to SSH, the first converge and the idempotent rerun (both roles), with the changed-task counts, plus the
 guest image build (or cache hit) and each scenario's total.

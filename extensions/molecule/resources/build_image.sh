@@ -101,10 +101,12 @@ PermitRootLogin prohibit-password
 PasswordAuthentication no
 UseDNS no
 EOF
-chroot "$root" systemctl enable onprem-ssh-key.service systemd-networkd.service ssh.service >>"$log" 2>&1
-chroot "$root" systemctl mask systemd-networkd-wait-online.service apt-daily.timer apt-daily-upgrade.timer \
-  e2scrub_all.timer fstrim.timer >>"$log" 2>&1
-chroot "$root" systemctl set-default multi-user.target >>"$log" 2>&1
+{
+  chroot "$root" systemctl enable onprem-ssh-key.service systemd-networkd.service ssh.service
+  chroot "$root" systemctl mask systemd-networkd-wait-online.service apt-daily.timer apt-daily-upgrade.timer \
+    e2scrub_all.timer fstrim.timer
+  chroot "$root" systemctl set-default multi-user.target
+} >>"$log" 2>&1
 rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*_Packages
 
 mkdir -p "$work/out"
