@@ -475,6 +475,23 @@ def test_json_patch_status_body_matches_the_real_server(k8s_double):
     assert code == 415 and status["reason"] == "UnsupportedMediaType"
 
 
+def test_create_with_a_resource_version_fails_and_server_side_apply_creates_with_201(k8s_double):
+    body = vs_body()
+    body["metadata"]["resourceVersion"] = "42"
+    code, _headers, status = http(k8s_double, "POST", f"/apis/{GROUP}/{VERSION}/namespaces/default/{VS}", body)
+    assert code == 500 and status["reason"] == "InternalError"
+    assert status["message"] == "Internal error occurred: resourceVersion should not be set on objects to be created"
+    path = f"/apis/{GROUP}/{VERSION}/namespaces/default/{VS}/reviews?fieldManager=canary"
+    code, _headers, created = http(k8s_double, "PATCH", path, yaml.safe_dump(body).encode(), content_type="application/apply-patch+yaml")
+    assert code == 201 and created["metadata"]["resourceVersion"] != "42" and created["metadata"]["generation"] == 1
+    body["spec"]["http"][0]["route"][0]["weight"] = 75
+    del body["metadata"]["resourceVersion"]
+    code, _headers, applied = http(k8s_double, "PATCH", path, yaml.safe_dump(body).encode(), content_type="application/apply-patch+yaml")
+    assert code == 200 and applied["spec"]["http"][0]["route"][0]["weight"] == 75 and applied["metadata"]["generation"] == 2
+    code, _headers, status = http(k8s_double, "PATCH", path.split("?")[0], yaml.safe_dump(body).encode(), content_type="application/apply-patch+yaml")
+    assert code == 422 and status["message"] == 'PatchOptions.meta.k8s.io "" is invalid: fieldManager: Required value: is required for apply patch'
+
+
 def test_deployment_strategic_merge_by_container_name(k8s_double, k8s_double_client):
     from kubernetes import client  # pylint: disable=import-outside-toplevel
     apps = client.AppsV1Api(k8s_double_client(k8s_double))

@@ -45,6 +45,8 @@ class Request:  # pylint: disable=too-many-instance-attributes
         self.query = query or {}
         self.user = user
         self.warnings = []
+        self.created = False  # a server-side apply that created the object answers 201
+        self.verb = ""
 
     def q(self, key, default=""):
         value = self.query.get(key, default)
@@ -254,6 +256,7 @@ class Api:  # pylint: disable=too-many-public-methods,too-many-instance-attribut
                     if (meta.get("namespace"), candidate) not in self._table(rtype):
                         meta["name"] = candidate
                         break
+            sent_rv = meta.get("resourceVersion")
             for key in ("uid", "resourceVersion", "generation", "creationTimestamp", "deletionTimestamp",
                         "deletionGracePeriodSeconds", "managedFields", "selfLink"):
                 meta.pop(key, None)
@@ -263,6 +266,8 @@ class Api:  # pylint: disable=too-many-public-methods,too-many-instance-attribut
             obj["kind"] = rtype.kind
             default_builtin(rtype, obj, self)
             self._validate(req, obj)
+            if sent_rv:  # etcd3 store.Create refuses it; the handler turns that plain error into a 500
+                raise errors.internal_error("resourceVersion should not be set on objects to be created")
             if (meta.get("namespace"), meta["name"]) in self._table(rtype):
                 raise errors.already_exists(rtype.plural, rtype.group, meta["name"])
             if rtype.key == ("apiextensions.k8s.io", "customresourcedefinitions"):
@@ -422,6 +427,9 @@ class Api:  # pylint: disable=too-many-public-methods,too-many-instance-attribut
                     raise errors.not_found(rtype.plural, rtype.group, req.name)
                 fresh = patching.apply_merge({}, applied, keys, rtype.builtin)
                 fresh.setdefault("metadata", {})["name"] = req.name
+                for key in ("resourceVersion", "uid", "creationTimestamp", "generation"):  # WipeObjectMetaSystemFields
+                    fresh["metadata"].pop(key, None)
+                req.created = True
                 return self.create(req, fresh)
             current = self.render(rtype, existing, req.version)
             merged = patching.apply_merge(current, applied, keys, rtype.builtin)

@@ -100,9 +100,8 @@ def internal_error(message="injected fault"):
                     {"causes": [{"message": message}]})
 
 
-def unavailable(message="the server is currently unable to handle the request", retry_after=None):
-    headers = {"Retry-After": str(retry_after)} if retry_after else {}
-    return ApiError(503, "ServiceUnavailable", message, {}, headers=headers)
+def unavailable(message="the server is currently unable to handle the request"):
+    return ApiError(503, "ServiceUnavailable", message, {})
 
 
 def gone(message):

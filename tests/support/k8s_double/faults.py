@@ -2,7 +2,8 @@
 
 A fault is a dict; `kind` is one of:
 
-- ``error``: answer ``code`` (500, 503, 429...) instead of serving the request.
+- ``error``: answer ``code`` (500, 503, 429...) instead of serving the request; ``retryAfter`` adds a Retry-After
+  header (the python client's urllib3 then retries 429/503 by itself, as it would against the real server).
 - ``conflict``: answer 409 Conflict ("the object has been modified...") to writes (update/patch/delete).
 - ``bump``: a concurrent writer: the matching object gets a new resourceVersion (an annotation
   ``k8s-double.onprem.mesh/concurrent-write`` changes) right after the next matching GET returns (``when: after-get``,

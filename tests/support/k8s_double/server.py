@@ -81,6 +81,24 @@ class DoubleHTTPServer(ThreadingHTTPServer):  # pylint: disable=too-many-instanc
             self.bump(req.rtype, req.namespace, req.name)
 
 
+def injected_error(fault):
+    """The Status of an `error` fault: 500 InternalError, 503 ServiceUnavailable, 429 TooManyRequests, or any code."""
+    code = int(fault.get("code", 500))
+    message = fault.get("message")
+    if code == 500:
+        err = errors.internal_error(message or "injected fault (k8s_double)")
+    elif code == 503:
+        err = errors.unavailable(message or "the server is currently unable to handle the request")
+    elif code == 429:
+        err = errors.ApiError(429, "TooManyRequests", message or "the server has received too many requests and has asked us to try again later",
+                              {})
+    else:
+        err = errors.ApiError(code, fault.get("reason", ""), message or f"injected fault {code} (k8s_double)", {})
+    if fault.get("retryAfter"):  # urllib3 (python client) retries 413/429/503 by itself when Retry-After is present
+        err.headers["Retry-After"] = str(fault["retryAfter"])
+    return err
+
+
 class Handler(BaseHTTPRequestHandler):  # pylint: disable=too-many-public-methods
     protocol_version = "HTTP/1.1"
     server_version = "k8s-double/TEST-DOUBLE"
@@ -264,12 +282,7 @@ class Handler(BaseHTTPRequestHandler):  # pylint: disable=too-many-public-method
             time.sleep(float(fault.get("seconds", 0)))
         fault = srv.faults.take("error", ctx)
         if fault:
-            code = int(fault.get("code", 500))
-            if code == 503:
-                raise errors.unavailable(fault.get("message") or "the server is currently unable to handle the request", fault.get("retryAfter"))
-            if code == 500:
-                raise errors.internal_error(fault.get("message") or "injected fault (k8s_double)")
-            raise errors.ApiError(code, fault.get("reason", ""), fault.get("message") or f"injected fault {code} (k8s_double)", {})
+            raise injected_error(fault)
         if verb in ("update", "patch", "delete") and srv.faults.take("conflict", ctx):
             raise errors.stale(rtype.plural, rtype.group, name)
         req = Request(rtype, version, namespace, name, sub, query, user.name)
@@ -312,7 +325,8 @@ class Handler(BaseHTTPRequestHandler):  # pylint: disable=too-many-public-method
         if verb == "update":
             return 200, api.update(req, self._decode(body, req.rtype))
         if verb == "patch":
-            return 200, api.patch(req, self.headers.get("Content-Type"), body)
+            result = api.patch(req, self.headers.get("Content-Type"), body)
+            return (201 if req.created else 200), result
         if verb == "delete":
             return 200, api.delete(req, self._options(body, req))
         if verb == "deletecollection":
