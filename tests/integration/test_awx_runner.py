@@ -8,8 +8,8 @@ Prometheus URL from the environment AWX credentials would set).
 
 Checked: the job's status and return code, the events AWX stores (the rollout task's `runner_on_ok`), and the
 set_stats data AWX hands to workflow nodes (the `playbook_on_stats` event's `artifact_data`): the result, the
-weights and a timeline with measured values. Wrong survey answers fail in the first tasks, naming the field,
-with the VirtualService unchanged.
+weights and a timeline with measured values. A check job with the survey's defaults plans without a change. Wrong
+survey answers fail in the first tasks, naming the field, with the VirtualService unchanged.
 """
 import json
 import os
@@ -70,14 +70,14 @@ def survey_answers(**answers):
     return out
 
 
-def run_job(lab_, tmp_path, ident, extravars):
+def run_job(lab_, tmp_path, ident, extravars, cmdline=None):
     """One job: ansible_runner.run as AWX's task runner calls it, bounded by the runner's own timeout."""
     env = dict(lab_.env(), ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"), ANSIBLE_NOCOLOR="1",
                PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""), NO_PROXY="127.0.0.1,localhost")
     (tmp_path / "job").mkdir(exist_ok=True)
     return ansible_runner.run(private_data_dir=str(tmp_path / "job"), project_dir=ROOT, playbook="playbooks/canary.yml",
                               inventory=INVENTORY, extravars=extravars, envvars=env, ident=ident, quiet=True,
-                              timeout=600, settings={"suppress_ansible_output": True})
+                              timeout=600, settings={"suppress_ansible_output": True}, cmdline=cmdline)
 
 
 def events_of(run):
@@ -174,6 +174,24 @@ def test_survey_job_rolls_back_a_faulty_canary_and_still_reports(fresh, tmp_path
     failed = [e for e in artifact["canary_timeline"] if e.get("verdict") == "fail"]
     assert failed and any(c["name"] == "success-rate" and c["verdict"] == "fail" for c in failed[0]["checks"])
     assert weights(fresh) == {"v1": 100, "v2": 0}
+
+
+def test_check_job_with_the_survey_defaults_plans_without_a_change(fresh, tmp_path):  # pylint: disable=redefined-outer-name
+    """AWX job type "check" (ansible-playbook --check) with every survey default: the answers pass the role's checks,
+    the plan covers the default schedule, and the VirtualService is not touched."""
+    extravars = survey_answers(canary_service="payment", canary_namespace="lab", canary_route_name="primary")
+    assert extravars["canary_steps"] == ["5", "10", "25", "50", "100"] and extravars["canary_wait_for_mesh"] == "false"
+    before = fresh.virtual_service()["metadata"]
+    run = run_job(fresh, tmp_path, "check-defaults", extravars, cmdline="--check")
+    events = events_of(run)
+    assert run.status == "successful", stdout_of(run)[-3000:]
+    ok = [e for e in events if e.get("event") == "runner_on_ok" and e["event_data"].get("task") == ROLLOUT_TASK]
+    res = ok[0]["event_data"]["res"]
+    assert res["result"] == "planned" and [row["weight"] for row in res["schedule"]] == [5, 10, 25, 50, 100]
+    assert res["planned_seconds"] == 4 * 120
+    assert stats_artifact(events)["canary_result"] == "planned"
+    after = fresh.virtual_service()["metadata"]
+    assert after["resourceVersion"] == before["resourceVersion"] and weights(fresh) == {"v1": 100, "v2": 0}
 
 
 BAD_ANSWERS = [
