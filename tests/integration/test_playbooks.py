@@ -228,6 +228,42 @@ def test_survey_questions_fit_the_roles_argument_specs(name, playbook):
             assert set(q["default"].split("\n")) <= set(q["choices"]), var
 
 
+def awx_answers(survey, **answers):
+    """Extra vars as AWX builds them from a survey's defaults and answers (multiselect: a list of strings)."""
+    out = {}
+    for q in survey["spec"]:
+        value = answers.pop(q["variable"], q["default"])
+        if q["type"] == "multiselect" and isinstance(value, str):
+            value = [v for v in value.split("\n") if v]
+        if value != "" or q["required"]:
+            out[q["variable"]] = value
+    assert not answers
+    return out
+
+
+@pytest.mark.parametrize("name,playbook,answers,error", [
+    ("canary", "canary.yml", {"canary_service": "payment"}, None),
+    ("canary", "canary.yml", {"canary_service": "payment", "canary_steps": ["10", "50", "100"], "canary_wait_for_mesh": "true",
+                              "canary_on_failure": "hold", "canary_min_success_rate": 99.5}, None),
+    ("canary", "canary.yml", {"canary_service": "payment", "canary_max_latency_ms": "fast"}, "canary_max_latency_ms"),
+    ("site", "site.yml", {}, None),
+    ("site", "site.yml", {"istio_move_tags": "false", "kubernetes_kube_proxy_mode": "ipvs", "mesh_namespace_mtls_mode": "STRICT"}, None),
+    ("site", "site.yml", {"istio_move_tags": "maybe"}, "istio_move_tags"),
+    ("site", "site.yml", {"kvm_host_expected_pods": "many"}, "kvm_host_expected_pods"),
+], ids=["canary-defaults", "canary-answers", "canary-wrong-type", "site-defaults", "site-answers", "site-not-bool", "site-not-int"])
+def test_survey_answers_pass_the_roles_own_validation(tmp_path, name, playbook, answers, error):
+    """What AWX would send, through the same validate_argument_spec the roles start with."""
+    extravars = awx_answers(load_json("awx", "surveys", name + ".json"), **answers)
+    extravars.update(survey_roles=sorted(set(playbook_roles(playbook))), roles_dir=os.path.join(ROOT, "roles"))
+    answers_file = tmp_path / "answers.json"
+    answers_file.write_text(json.dumps(extravars))
+    run = ansible_playbook(os.path.join("tests", "integration", "targets", "awx_survey", "validate.yml"), "-e", "@%s" % answers_file)
+    if error is None:
+        assert run.returncode == 0, run.stdout + run.stderr
+    else:
+        assert run.returncode != 0 and error in run.stdout, run.stdout + run.stderr
+
+
 def test_canary_survey_covers_the_release_inputs():
     variables = set(q["variable"] for q in load_json("awx", "surveys", "canary.json")["spec"])
     assert {"canary_service", "canary_namespace", "canary_stable_subset", "canary_canary_subset", "canary_steps",
