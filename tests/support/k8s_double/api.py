@@ -395,7 +395,7 @@ class Api:  # pylint: disable=too-many-public-methods,too-many-instance-attribut
                 raise errors.bad_request("the patched object is not a JSON object")
             return self.update(req, patched, from_patch=True, patched_text=json.dumps(patched, separators=(",", ":")))
 
-    def _apply(self, req, body):
+    def _apply(self, req, body):  # pylint: disable=too-many-locals
         rtype = req.rtype
         if not req.q("fieldManager"):
             raise errors.invalid("PatchOptions", "meta.k8s.io", "", [errors.FieldError(
@@ -505,7 +505,7 @@ class Api:  # pylint: disable=too-many-public-methods,too-many-instance-attribut
                 gone["metadata"]["resourceVersion"] = self._next_rv()
                 self._record("DELETED", rtype, gone)
 
-    def watch(self, req, deadline, stopped):
+    def watch(self, req, deadline, stopped):  # pylint: disable=too-many-locals
         """Yield watch events ({"type", "object"}) for a request until the deadline (time.monotonic()) or stop."""
         match = self.matcher(req)
         rv_param = req.q("resourceVersion")

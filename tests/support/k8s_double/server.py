@@ -291,18 +291,7 @@ class Handler(BaseHTTPRequestHandler):  # pylint: disable=too-many-public-method
             return self._watch(req)
         dry = (query.get("dryRun") or [""])[0] == "All"
         if dry and verb in ("create", "update", "patch", "delete", "deletecollection"):
-            with api.lock:
-                saved = (copy.deepcopy(api.objects), api.rv, len(api.events), api.on_write, api.first_event_rv)
-                api.on_write = None
-                try:
-                    code, result = self._perform(api, req, verb, body)
-                finally:
-                    api.objects, api.rv = saved[0], saved[1]
-                    while len(api.events) > saved[2]:
-                        api.events.pop()
-                    api.on_write, api.first_event_rv = saved[3], saved[4]
-            if isinstance(result, dict) and result.get("metadata") and verb == "create":
-                result["metadata"].pop("resourceVersion", None)
+            code, result = self._perform_dry_run(api, req, verb, body)
         else:
             code, result = self._perform(api, req, verb, body)
         headers = {}
@@ -312,6 +301,22 @@ class Handler(BaseHTTPRequestHandler):  # pylint: disable=too-many-public-method
         if verb == "get" and srv.faults.take("bump", ctx, when="after-get"):
             srv.bump(rtype, namespace, name)
         return None
+
+    def _perform_dry_run(self, api, req, verb, body):
+        """dryRun=All: the whole request runs, then the store is put back (under the lock, so no watcher sees it)."""
+        with api.lock:
+            saved = (copy.deepcopy(api.objects), api.rv, len(api.events), api.on_write, api.first_event_rv)
+            api.on_write = None
+            try:
+                code, result = self._perform(api, req, verb, body)
+            finally:
+                api.objects, api.rv = saved[0], saved[1]
+                while len(api.events) > saved[2]:
+                    api.events.pop()
+                api.on_write, api.first_event_rv = saved[3], saved[4]
+        if isinstance(result, dict) and result.get("metadata") and verb == "create":
+            result["metadata"].pop("resourceVersion", None)
+        return code, result
 
     def _perform(self, api, req, verb, body):  # pylint: disable=too-many-return-statements
         if verb == "get":
