@@ -43,7 +43,7 @@ def engine_overhead(steps=4, runs=200):
         {"route": [{"destination": {"host": "p", "subset": "v1"}, "weight": 100}, {"destination": {"host": "p", "subset": "v2"}, "weight": 0}]}]}}
     dr = {"kind": "DestinationRule", "metadata": {"name": "p", "namespace": "n"}, "spec": {"host": "p", "subsets": [{"name": "v1"}, {"name": "v2"}]}}
     times = []
-    for _ in range(runs):
+    for dummy in range(runs):
         store = FakeIstio([vs, dr])
         rollout = ro.Rollout(WeightChange(store, "n", "p"), Gate(), "v1", "v2", ro.plan_steps(list(range(10, 10 * steps + 1, 10))),
                              now=time.time, sleep=lambda s: None)

@@ -79,8 +79,8 @@ def select_route(vs, host, namespace, route_name=None, route_index=None):
     else:
         candidates = [i for i, r in enumerate(http) if _is_subset_route(r, host, namespace)]
         if not candidates:
-            raise TrafficError("VirtualService %s has no HTTP route whose destinations are all subsets of host %s; check service_host, or set route_name or route_index"
-                               % (vs_name, host))
+            raise TrafficError("VirtualService %s has no HTTP route whose destinations are all subsets of host %s;"
+                               " check service_host, or set route_name or route_index" % (vs_name, host))
         if len(candidates) > 1:
             raise TrafficError("the route to change is ambiguous: VirtualService %s has %d HTTP routes to subsets of %s: %s; set route_name or route_index"
                                % (vs_name, len(candidates), host, ", ".join(route_label(http[i], i) for i in candidates)))

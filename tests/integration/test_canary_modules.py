@@ -117,8 +117,8 @@ def test_missing_destination_rule_is_named(k8s_double, api, tmp_path):  # pylint
 
 def test_forbidden_says_what_rbac_is_missing(k8s_double, api, k8s_double_kubeconfig, tmp_path):  # pylint: disable=redefined-outer-name
     create(api, samples("virtual-service-reviews-90-10.yaml") + samples("destination-rule-all.yaml"))
-    k8s_double.add_token("reader-token", "canary-reader", rules=[{"apiGroups": [GROUP], "resources": ["virtualservices", "destinationrules"],
-                                                               "verbs": ["get", "list"]}])
+    rules = [{"apiGroups": [GROUP], "resources": ["virtualservices", "destinationrules"], "verbs": ["get", "list"]}]
+    k8s_double.add_token("reader-token", "canary-reader", rules=rules)
     kubeconfig = k8s_double_kubeconfig(k8s_double, token="reader-token")
     _rc, result, _out = split(k8s_double, tmp_path, kubeconfig=kubeconfig, name="reviews", weights={"v1": 50, "v2": 50})
     assert result["failed"] and "HTTP 403" in result["msg"] and 'cannot patch resource "virtualservices"' in result["msg"]

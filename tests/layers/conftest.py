@@ -26,4 +26,5 @@ def collection_tree():
         os.makedirs(os.path.dirname(link), exist_ok=True)
         if not os.path.lexists(link):
             os.symlink(os.path.join(ROOT, "collections", "ansible_collections", dep), link)
-    return target
+    yield target
+    shutil.rmtree(os.path.dirname(BUILD), ignore_errors=True)
