@@ -7,7 +7,8 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VENV_BIN = os.path.dirname(sys.executable)
 # Outside the work tree: inside it, ansible-test would list files with git and miss the ignored copy.
-BUILD = os.path.join(os.environ.get("ONPREM_MESH_BUILD_DIR") or os.path.join(tempfile.gettempdir(), "onprem-mesh-build-%d" % os.getpid()), "ansible_collections")
+_BUILD_ROOT = os.environ.get("ONPREM_MESH_BUILD_DIR") or os.path.join(tempfile.gettempdir(), "onprem-mesh-build-%d" % os.getpid())
+BUILD = os.path.join(_BUILD_ROOT, "ansible_collections")
 DEPENDENCIES = ("kubernetes/core", "ansible/posix", "community/general")
 
 
