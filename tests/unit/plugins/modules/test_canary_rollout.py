@@ -1,0 +1,100 @@
+# -*- coding: utf-8 -*-
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""traffic_split and canary_rollout as Ansible runs them: arguments in, exit_json/fail_json out, the API faked."""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import pytest
+
+from ansible.module_utils import basic
+from ansible.module_utils.testing import patch_module_args
+from ansible_collections.onprem.mesh.plugins.modules import canary_rollout, traffic_split
+from ansible_collections.onprem.mesh.tests.unit.plugins.module_utils.fake_istio import FakeIstio
+
+ROUTE = {"name": "primary", "route": [{"destination": {"host": "payment", "subset": "v1"}, "weight": 100},
+                                      {"destination": {"host": "payment", "subset": "v2"}, "weight": 0}]}
+OBJECTS = [{"kind": "VirtualService", "metadata": {"name": "payment", "namespace": "shop"}, "spec": {"hosts": ["payment"], "http": [ROUTE]}},
+           {"kind": "DestinationRule", "metadata": {"name": "payment", "namespace": "shop"},
+            "spec": {"host": "payment", "subsets": [{"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}]}}]
+
+
+class ExitJson(Exception):
+    pass
+
+
+class FailJson(Exception):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def exits(monkeypatch):
+    def exit_json(self, **kwargs):
+        raise ExitJson(kwargs)
+
+    def fail_json(self, **kwargs):
+        kwargs["failed"] = True
+        raise FailJson(kwargs)
+
+    monkeypatch.setattr(basic.AnsibleModule, "exit_json", exit_json)
+    monkeypatch.setattr(basic.AnsibleModule, "fail_json", fail_json)
+
+
+@pytest.fixture
+def store(monkeypatch):
+    fake = FakeIstio(OBJECTS)
+    for module in (traffic_split, canary_rollout):
+        monkeypatch.setattr(module, "build_api_client", lambda params: object())
+        monkeypatch.setattr(module, "IstioObjects", lambda api_client: fake)
+    return fake
+
+
+def run(module, args, check_mode=False, diff=False):
+    if check_mode:
+        args = dict(args, _ansible_check_mode=True)
+    if diff:
+        args = dict(args, _ansible_diff=True)
+    with patch_module_args(args):
+        with pytest.raises((ExitJson, FailJson)) as outcome:
+            module.main()
+    return outcome.value.args[0]
+
+
+def test_traffic_split_check_mode_with_diff(store):
+    out = run(traffic_split, dict(name="payment", namespace="shop", weights={"v1": 95, "v2": 5}), check_mode=True, diff=True)
+    assert out["changed"] and out["diff"]["before"] == {"weights": {"v1": 100, "v2": 0}} and out["diff"]["after"] == {"weights": {"v1": 95, "v2": 5}}
+    assert store.calls["write"] == 0
+
+
+def test_traffic_split_route_name_and_index_are_exclusive(store):
+    out = run(traffic_split, dict(name="payment", namespace="shop", route_name="primary", route_index=0, weights={"v1": 100}))
+    assert out["failed"] and "mutually exclusive" in out["msg"]
+
+
+def test_canary_rollout_needs_a_check(store):
+    out = run(canary_rollout, dict(name="payment", namespace="shop", stable="v1", canary="v2", steps=[5, 50]))
+    assert out["failed"] and out["msg"].startswith("checks: a rollout needs at least one health check")
+    assert store.calls["write"] == 0
+
+
+def test_canary_rollout_check_mode_plans_from_step_max(store):
+    args = dict(name="payment", namespace="shop", stable="v1", canary="v2", step_weight=20, max_weight=60, interval="1m",
+                checks=[{"name": "hook", "type": "http", "url": "http://127.0.0.1:9/approve"}])
+    out = run(canary_rollout, args, check_mode=True)
+    assert out["result"] == "planned" and [s["weight"] for s in out["schedule"]] == [20, 40, 60, 100]
+    assert out["planned_seconds"] == 180.0 and store.calls["write"] == 0
+
+
+def test_canary_rollout_bad_schedule_names_the_field(store):
+    args = dict(name="payment", namespace="shop", stable="v1", canary="v2", steps=[50, 25],
+                checks=[{"name": "hook", "type": "http", "url": "http://127.0.0.1:9/approve"}])
+    out = run(canary_rollout, args)
+    assert out["failed"] and "steps[1]: weights must increase step by step; 25 follows 50" in out["msg"]
+
+
+def test_canary_rollout_bad_check_names_the_field(store):
+    args = dict(name="payment", namespace="shop", stable="v1", canary="v2", steps=[10], checks=[{"name": "p99", "type": "latency"}],
+                prometheus_url="http://127.0.0.1:9")
+    out = run(canary_rollout, args)
+    assert out["failed"] and out["msg"].startswith("invalid canary checks: checks[0].max")
