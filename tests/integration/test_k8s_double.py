@@ -274,16 +274,26 @@ def test_kubectl_wait_follows_a_watch(kubectl, k8s_double_tls, k8s_double_client
     from kubernetes import client  # pylint: disable=import-outside-toplevel
     kubectl("apply", "-f", samples("virtual-service-reviews-80-20.yaml"), check=True)
     api = client.CustomObjectsApi(k8s_double_client(k8s_double_tls))
-    timer = threading.Timer(1.0, lambda: api.patch_namespaced_custom_object(
-        GROUP, VERSION, "default", VS, "reviews", {"spec": {"http": [{"route": [
-            {"destination": {"host": "reviews", "subset": "v2"}, "weight": 100}]}]}}))
-    timer.start()
+
+    def watching():
+        return any(r.get("verb") == "watch" and r.get("resource") == VS for r in k8s_double_tls.requests())
+
+    def patch_once_kubectl_watches():
+        for _attempt in range(200):  # bounded: at most 20 s
+            if watching():
+                break
+            threading.Event().wait(0.1)
+        api.patch_namespaced_custom_object(GROUP, VERSION, "default", VS, "reviews", {"spec": {"http": [{"route": [
+            {"destination": {"host": "reviews", "subset": "v2"}, "weight": 100}]}]}})
+    writer = threading.Thread(target=patch_once_kubectl_watches)
+    writer.start()
     try:
-        proc = kubectl("wait", "vs/reviews", "--for=jsonpath={.spec.http[0].route[0].weight}=100", "--timeout=20s")
+        proc = kubectl("wait", "vs/reviews", "--for=jsonpath={.spec.http[0].route[0].weight}=100", "--timeout=30s")
     finally:
-        timer.join()
+        writer.join(timeout=40)
     assert proc.returncode == 0, proc.stderr
-    assert any(r.get("verb") == "watch" and r["resource"] == VS for r in k8s_double_tls.requests())
+    assert "virtualservice.networking.istio.io/reviews condition met" in proc.stdout
+    assert watching()
 
 
 DEPLOYMENT = """
