@@ -471,6 +471,22 @@ def test_invalid_object_status_causes(k8s_double):
                                                         "a DNS-1035 label must consist of lower case alphanumeric characters")
 
 
+def test_list_map_duplicates_and_string_formats_are_invalid(k8s_double, custom):
+    entry = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ServiceEntry", "metadata": {"name": "ext"},
+             "spec": {"hosts": ["api.example.com"], "resolution": "DNS",
+                      "ports": [{"number": 443, "name": "https", "protocol": "TLS"}, {"number": 443, "name": "https"}]}}
+    code, _headers, status = http(k8s_double, "POST", f"/apis/{GROUP}/{VERSION}/namespaces/default/serviceentries", entry)
+    assert code == 422
+    assert status["message"] == ('ServiceEntry.networking.istio.io "ext" is invalid: [spec.ports[1]: Duplicate value: '
+                                 'map[string]interface {}{"name":"https"}, spec.ports: Invalid value: "array": port number cannot be duplicated]')
+    custom.create_namespaced_custom_object(GROUP, VERSION, "default", VS, vs_body())
+    bad_time = {"status": {"conditions": [{"type": "Reconciled", "status": "True", "lastTransitionTime": "yesterday"}]}}
+    code, body = api_exception(custom.patch_namespaced_custom_object_status, GROUP, VERSION, "default", VS, "reviews", bad_time)
+    assert code == 422 and body["details"]["causes"][0] == {
+        "reason": "FieldValueInvalid", "field": "status.conditions[0].lastTransitionTime",
+        "message": 'Invalid value: "yesterday": status.conditions[0].lastTransitionTime in body must be of type date-time: "yesterday"'}
+
+
 def test_json_patch_status_body_matches_the_real_server(k8s_double):
     http(k8s_double, "POST", f"/apis/{GROUP}/{VERSION}/namespaces/default/{VS}", vs_body())
     path = f"/apis/{GROUP}/{VERSION}/namespaces/default/{VS}/reviews"

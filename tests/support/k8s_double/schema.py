@@ -6,6 +6,7 @@ errors are rendered as k8s field errors (`spec.x: Invalid value: "string": spec.
 "string"`). x-kubernetes-validations (CEL) rules: a fixed table of the rule texts used by Istio's CRDs is evaluated in
 Python; any other rule is skipped and listed in SKIPPED_CEL_RULES.
 """
+import base64
 import copy
 import json
 import re
@@ -13,7 +14,7 @@ import threading
 
 import jsonschema
 
-from .errors import FieldError
+from .errors import FieldError, Raw, go_quote
 
 OBJECT_META_FIELDS = {
     "name", "generateName", "namespace", "selfLink", "uid", "resourceVersion", "generation", "creationTimestamp",
@@ -87,7 +88,10 @@ def to_jsonschema(schema):  # pylint: disable=too-many-branches
             out[key] = to_jsonschema(value)
         elif key in ("allOf", "anyOf", "oneOf"):
             out[key] = [to_jsonschema(v) for v in value]
-        elif key.startswith("x-kubernetes-") or key in ("nullable", "format", "description", "example", "externalDocs", "default"):
+        elif key == "format":
+            if value in CHECKED_FORMATS:
+                out[key] = value
+        elif key.startswith("x-kubernetes-") or key in ("nullable", "description", "example", "externalDocs", "default"):
             continue
         else:
             out[key] = copy.deepcopy(value)
@@ -107,13 +111,31 @@ def to_jsonschema(schema):  # pylint: disable=too-many-branches
     return out
 
 
+# String formats kube-openapi checks (strfmt) that Istio's CRDs use; int32/double are not range-checked there either.
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
+FORMATS = jsonschema.FormatChecker(formats=())
+CHECKED_FORMATS = ("date-time", "byte")
+
+
+@FORMATS.checks("date-time")
+def _is_date_time(value):
+    return not isinstance(value, str) or bool(_RFC3339.match(value))
+
+
+@FORMATS.checks("byte", raises=(ValueError, TypeError))
+def _is_byte(value):
+    if isinstance(value, str):
+        base64.b64decode(value, validate=True)
+    return True
+
+
 def validator_for(schema, cache=None):
     """A jsonschema validator for an openAPIV3Schema, memoized in `cache` (a dict owned by the resource type)."""
     cache = {} if cache is None else cache
     with _LOCK:
         entry = cache.get(id(schema))
         if entry is None or entry[0] is not schema:
-            entry = (schema, jsonschema.Draft7Validator(to_jsonschema(schema)))
+            entry = (schema, jsonschema.Draft7Validator(to_jsonschema(schema), format_checker=FORMATS))
             cache[id(schema)] = entry
         return entry[1]
 
@@ -166,7 +188,6 @@ def _openapi_error(error):  # pylint: disable=too-many-return-statements,too-man
         return FieldError("FieldValueTypeInvalid", path, got, f'{path} in body must be of type {",".join(shown)}: "{got}"')
     if kind == "enum":
         values = [v if isinstance(v, str) else json.dumps(v) for v in want if v is not None]
-        from .errors import go_quote  # pylint: disable=import-outside-toplevel
         return FieldError("FieldValueNotSupported", path, value, "supported values: " + ", ".join(go_quote(v) for v in values))
     if kind == "maxLength":
         return FieldError("FieldValueTooLong", path, value, f"may not be more than {want} bytes")
@@ -190,6 +211,8 @@ def _openapi_error(error):  # pylint: disable=too-many-return-statements,too-man
     }.get(kind, f"{path} in body: {error.message}")
     if kind in ("oneOf", "anyOf", "allOf", "not"):
         value = type_name(value)
+    if kind == "format":
+        detail = f"{path} in body must be of type {want}: {go_quote(str(value))}"
     return FieldError("FieldValueInvalid", path, value, detail)
 
 
@@ -203,6 +226,7 @@ def validate(obj, schema, cache=None):
     body = {k: v for k, v in obj.items() if k != "metadata"}
     errors = [_openapi_error(e) for e in validator_for(schema, cache).iter_errors(body)]
     errors.sort(key=lambda e: e.field)
+    errors.extend(list_type_errors(body, schema, ""))
     if not has_cel(schema, cache):
         return errors
     if any(e.kind in BLOCKING for e in errors):
@@ -211,6 +235,54 @@ def validate(obj, schema, cache=None):
                                  "invalid; correct the existing errors to complete validation"))
     else:
         errors.extend(cel_errors(body, schema, ""))
+    return errors
+
+
+def go_repr(value):  # pylint: disable=too-many-return-statements
+    """Go's %#v of a decoded JSON value (for `Duplicate value: map[string]interface {}{"name":"http"}`)."""
+    if isinstance(value, dict):
+        return "map[string]interface {}{" + ", ".join(f"{go_quote(k)}:{go_repr(value[k])}" for k in sorted(value)) + "}"
+    if isinstance(value, list):
+        return "[]interface {}{" + ", ".join(go_repr(v) for v in value) + "}"
+    if isinstance(value, str):
+        return go_quote(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return f"{value}"
+    if value is None:
+        return "interface {}(nil)"
+    return repr(value)
+
+
+def list_type_errors(value, schema, path):
+    """x-kubernetes-list-type map/set: duplicate keys (or items) answer `Duplicate value`, like ValidateListSetsAndMaps."""
+    errors = []
+    if not isinstance(schema, dict):
+        return errors
+    if isinstance(value, list):
+        kind = schema.get("x-kubernetes-list-type")
+        seen = []
+        for index, item in enumerate(value):
+            if kind == "map" and isinstance(item, dict):
+                ident = tuple(json.dumps(item.get(k), sort_keys=True) for k in schema.get("x-kubernetes-list-map-keys") or ())
+                if ident in seen:
+                    shown = {k: item[k] for k in schema.get("x-kubernetes-list-map-keys") or () if k in item}
+                    errors.append(FieldError("FieldValueDuplicate", child(path, index), Raw(go_repr(shown))))
+                seen.append(ident)
+            elif kind == "set":
+                ident = json.dumps(item, sort_keys=True)
+                if ident in seen:
+                    errors.append(FieldError("FieldValueDuplicate", child(path, index), item))
+                seen.append(ident)
+            errors.extend(list_type_errors(item, schema.get("items"), child(path, index)))
+    elif isinstance(value, dict):
+        props = schema.get("properties") or {}
+        addl = schema.get("additionalProperties")
+        for key, sub_value in value.items():
+            sub_schema = props.get(key) if key in props else (addl if isinstance(addl, dict) else None)
+            if sub_schema is not None:
+                errors.extend(list_type_errors(sub_value, sub_schema, child(path, key)))
     return errors
 
 
