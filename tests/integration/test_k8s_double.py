@@ -487,6 +487,21 @@ def test_list_map_duplicates_and_string_formats_are_invalid(k8s_double, custom):
         "message": 'Invalid value: "yesterday": status.conditions[0].lastTransitionTime in body must be of type date-time: "yesterday"'}
 
 
+def test_peer_authentication_cel_rules(k8s_double):
+    path = "/apis/security.istio.io/v1/namespaces/default/peerauthentications"
+    body = {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication", "metadata": {"name": "strict"},
+            "spec": {"mtls": {"mode": "STRICT"}, "portLevelMtls": {"8080": {"mode": "DISABLE"}}}}
+    code, _headers, status = http(k8s_double, "POST", path, body)
+    assert code == 422
+    assert status["message"] == 'PeerAuthentication.security.istio.io "strict" is invalid: spec: Invalid value: "object": portLevelMtls requires selector'
+    body["spec"]["mtls"]["mode"] = "SOMETIMES"
+    code, _headers, status = http(k8s_double, "POST", path, body)
+    assert code == 422 and [c["reason"] for c in status["details"]["causes"]] == ["FieldValueNotSupported", "FieldValueInvalid"]
+    body["spec"]["mtls"]["mode"] = "STRICT"
+    body["spec"]["selector"] = {"matchLabels": {"app": "reviews"}}
+    assert http(k8s_double, "POST", path, body)[0] == 201
+
+
 def test_json_patch_status_body_matches_the_real_server(k8s_double):
     http(k8s_double, "POST", f"/apis/{GROUP}/{VERSION}/namespaces/default/{VS}", vs_body())
     path = f"/apis/{GROUP}/{VERSION}/namespaces/default/{VS}/reviews"

@@ -11,6 +11,7 @@ import copy
 import json
 import re
 import threading
+import urllib.parse
 
 import jsonschema
 
@@ -345,6 +346,38 @@ CEL_RULES = {
     "self.all(l1, self.exists_one(l2, l1.number == l2.number))": _exists_one_number,
     "self.all(key, 0 < int(key) && int(key) <= 65535)": _port_keys,
     "has(self.address) || has(self.network)": lambda v: "address" in v or "network" in v,
+    "self.all(key, key.size() != 0)": lambda v: all(len(k) != 0 for k in v),
+    "has(self.portLevelMtls) ? (((has(self.selector) && has(self.selector.matchLabels)) ? self.selector.matchLabels : {}).size() > 0) : true":
+        lambda v: "portLevelMtls" not in v or len((v.get("selector") or {}).get("matchLabels") or {}) > 0,
+    "(has(self.serviceAccounts) || has(self.notServiceAccounts)) ? (!has(self.principals) && !has(self.notPrincipals) && "
+    "!has(self.namespaces) && !has(self.notNamespaces)) : true":
+        lambda v: not ("serviceAccounts" in v or "notServiceAccounts" in v)
+        or not any(k in v for k in ("principals", "notPrincipals", "namespaces", "notNamespaces")),
+    '((has(self.resolution) ? self.resolution : "NONE") == "NONE") ? !has(self.endpoints) : true':
+        lambda v: v.get("resolution", "NONE") != "NONE" or "endpoints" not in v,
+    '((has(self.resolution) ? self.resolution : "") == "DNS_ROUND_ROBIN") ? ((has(self.endpoints) ? self.endpoints : []).size() <= 1) : true':
+        lambda v: v.get("resolution", "") != "DNS_ROUND_ROBIN" or len(v.get("endpoints") or []) <= 1,
+    '!((has(self.addresses) ? self.addresses : []).exists(k, k.contains("/")) && !((has(self.resolution) ? self.resolution : "NONE") '
+    'in ["STATIC", "NONE"]))':
+        lambda v: not (any("/" in a for a in v.get("addresses") or []) and v.get("resolution", "NONE") not in ("STATIC", "NONE")),
+    '(has(self.address) ? self.address : "").startsWith("unix://") ? !has(self.ports) : true':
+        lambda v: not v.get("address", "").startswith("unix://") or "ports" not in v,
+    'self.startsWith("unix://") ? !self.endsWith("/") : true': lambda v: not v.startswith("unix://") or not v.endswith("/"),
+    'self.startsWith("unix://") ? (self.substring(7, 8) == "/" || self.substring(7, 8) == "@") : true':
+        lambda v: not v.startswith("unix://") or v[7:8] in ("/", "@"),
+    '((has(self.operation) ? self.operation : "") == "REMOVE") ? !has(self.value) : true':
+        lambda v: v.get("operation", "") != "REMOVE" or "value" not in v,
+    '((has(self.operation) ? self.operation : "") == "UPSERT") ? (self.value != "") : true':
+        lambda v: v.get("operation", "") != "UPSERT" or v["value"] != "",
+    '(has(self.valueFrom) ? self.valueFrom : "") != "HOST" || !has(self.value)': lambda v: v.get("valueFrom", "") != "HOST" or "value" not in v,
+    'has(self.context) ? ((self.context == "WAYPOINT") ? has(self.waypoint) : !has(self.waypoint)) : !has(self.waypoint)':
+        lambda v: ("waypoint" in v) == (v.get("context") == "WAYPOINT"),
+    "has(self.wasm) != has(self.lua)": lambda v: ("wasm" in v) != ("lua" in v),
+    'url(self).getScheme() in ["http", "https"]': lambda v: urllib.parse.urlsplit(v).scheme in ("http", "https"),
+    'isURL(self) ? (url(self).getScheme() in ["", "http", "https", "file", "oci"]) : (isURL("http://" + self) && url("http://" + self).getScheme() '
+    'in ["", "http", "https", "file", "oci"])': lambda v: "://" not in v or v.split("://", 1)[0] in ("http", "https", "file", "oci"),
+    'isURL(self) ? (url(self).getScheme() in ["", "http", "https", "oci", "file"]) : (isURL("http://" + self) && url("http://" + self).getScheme() '
+    'in ["", "http", "https", "oci", "file"])': lambda v: "://" not in v or v.split("://", 1)[0] in ("http", "https", "file", "oci"),
 }
 _AT_MOST_ONE_RE = re.compile(r"^\(has\(self\.(\w+)\) \? 1 : 0\)(?: \+ \(has\(self\.(\w+)\) \? 1 : 0\))+ <= 1$")
 
