@@ -416,3 +416,17 @@ def test_preflight_passes_a_good_inventory(tmp_path):
     rc, out = playbook(PREFLIGHT, tmp_path, inventory=os.path.join(INVENTORIES, "ha", "hosts.yml"),
                        kubernetes_cni_manifest_sha256="0" * 64)
     assert rc == 0, out
+
+
+@pytest.mark.parametrize("role, variables, field", [
+    ("kubernetes", {"kubernetes_install_method": "zip"}, "kubernetes_install_method"),
+    ("kubernetes", {"kubernetes_api_bind_port": "six"}, "kubernetes_api_bind_port"),
+    ("istio", {"istio_mesh_mtls_mode": "strict"}, "istio_mesh_mtls_mode"),
+    ("container_runtime", {"container_runtime_source": "snap"}, "container_runtime_source"),
+])
+def test_a_wrong_answer_fails_at_the_start_naming_the_field(tmp_path, mirror, role, variables, field):
+    rc, out = steps(tmp_path, role, ["main"], **variables)
+    assert rc != 0 and "Validating arguments against arg spec" in out and field in out, out
+    assert "Check the" not in out.split("Validating arguments")[1].split("PLAY RECAP")[0].split("fatal")[0], \
+        "nothing may run before the argument check"
+    assert not mirror.log
