@@ -430,3 +430,19 @@ def test_a_wrong_answer_fails_at_the_start_naming_the_field(tmp_path, mirror, ro
     assert "Check the" not in out.split("Validating arguments")[1].split("PLAY RECAP")[0].split("fatal")[0], \
         "nothing may run before the argument check"
     assert not mirror.log
+
+
+@pytest.mark.parametrize("role", ["container_runtime", "kubernetes"])
+@pytest.mark.parametrize("os_facts, supported", [
+    ({"distribution": "CentOS", "distribution_version": "9", "distribution_major_version": "9"}, False),
+    ({"distribution": "Debian", "distribution_version": "11.9", "distribution_major_version": "11"}, False),
+    ({"distribution": "Ubuntu", "distribution_version": "24.04", "distribution_major_version": "24"}, True),
+])
+def test_unsupported_operating_system_stops_at_preflight(tmp_path, role, os_facts, supported):
+    rc, out = playbook(os.path.join(TARGETS, "k8s_render", "os.yml"), tmp_path,
+                       inventory=os.path.join(INVENTORIES, "single", "hosts.yml"), test_role=role, test_os=os_facts,
+                       kubernetes_cni_manifest_sha256="0" * 64)
+    if supported:
+        assert rc == 0, out
+    else:
+        assert rc != 0 and f"this host runs {os_facts['distribution']} {os_facts['distribution_version']}" in out, out
