@@ -15,6 +15,7 @@ Python API::
     handle.write_kubeconfig(path, token=..., namespace=...)
     handle.stop()
 """
+import atexit
 import json
 import os
 import shutil
@@ -78,6 +79,7 @@ def _certs():
     with _CERTS_LOCK:
         if not _CERTS or not all(os.path.exists(p) for p in _CERTS["files"]):
             directory = tempfile.mkdtemp(prefix="k8s-double-certs-")
+            atexit.register(shutil.rmtree, directory, True)
             _CERTS["files"] = _make_certs(directory)
         return _CERTS["files"]
 
