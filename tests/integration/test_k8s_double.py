@@ -386,6 +386,14 @@ def test_status_subresource_split(k8s_double, custom):
     assert after["status"] == {"observedGeneration": 1} and after["spec"]["hosts"] == ["reviews"]
     assert "labels" not in after["metadata"] and after["metadata"]["generation"] == 1
     assert http(k8s_double, "GET", "/api/v1/namespaces/default/configmaps/x/status")[0] == 404  # no status subresource
+    for generation in (3, "3"):  # x-kubernetes-int-or-string
+        assert custom.patch_namespaced_custom_object_status(GROUP, VERSION, "default", VS, "reviews", {
+            "status": {"observedGeneration": generation}})["status"]["observedGeneration"] == generation
+    code, body = api_exception(custom.patch_namespaced_custom_object_status, GROUP, VERSION, "default", VS, "reviews",
+                               {"status": {"observedGeneration": True}})
+    assert code == 422 and body["details"]["causes"][0]["field"] == "status.observedGeneration"
+    named = custom.create_namespaced_custom_object(GROUP, VERSION, "default", VS, vs_body(metadata={"generateName": "reviews-"}))
+    assert named["metadata"]["name"].startswith("reviews-") and len(named["metadata"]["name"]) == len("reviews-") + 5
 
 
 def test_watch_streams_changes_after_a_resource_version(custom):
