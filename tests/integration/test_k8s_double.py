@@ -270,6 +270,17 @@ def test_kubectl_invalid_virtualservice_is_422_with_field_causes(kubectl):
 
 
 @needs_kubectl
+def test_kubectl_get_prints_the_crd_printer_columns(kubectl):
+    kubectl("apply", "-f", samples("virtual-service-reviews-80-20.yaml"), "-f", samples("destination-rule-all.yaml"), check=True)
+    lines = kubectl("get", "vs", check=True).stdout.splitlines()
+    assert lines[0].split() == ["NAME", "GATEWAYS", "HOSTS", "AGE"]
+    assert lines[1].split()[:2] == ["reviews", '["reviews"]']
+    rows = [line.split() for line in kubectl("get", "dr", "-A", "--show-labels", check=True).stdout.splitlines()]
+    assert rows[0] == ["NAMESPACE", "NAME", "HOST", "AGE", "LABELS"] and rows[4][:3] == ["default", "reviews", "reviews"]
+    assert kubectl("get", "ns", "default", check=True).stdout.split()[:5] == ["NAME", "STATUS", "AGE", "default", "Active"]
+
+
+@needs_kubectl
 def test_kubectl_wait_follows_a_watch(kubectl, k8s_double_tls, k8s_double_client):
     from kubernetes import client  # pylint: disable=import-outside-toplevel
     kubectl("apply", "-f", samples("virtual-service-reviews-80-20.yaml"), check=True)

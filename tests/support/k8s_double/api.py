@@ -717,8 +717,8 @@ def default_builtin(rtype, obj, api):
     elif rtype.key == ("", "pods"):
         spec.setdefault("restartPolicy", "Always")
         obj.setdefault("status", {}).setdefault("phase", "Pending")
-    elif rtype.key == ("", "secrets"):
-        obj.setdefault("type", "Opaque")
+    elif rtype.key == ("", "secrets") and not obj.get("type"):
+        obj["type"] = "Opaque"
 
 
 def builtin_errors(rtype, obj):  # pylint: disable=too-many-branches

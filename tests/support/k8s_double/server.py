@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
-from . import errors, protobuf
+from . import errors, protobuf, tables
 from .api import Api, Request
 from .auth import allowed
 from .faults import Faults, RequestLog
@@ -297,6 +297,12 @@ class Handler(BaseHTTPRequestHandler):  # pylint: disable=too-many-public-method
         headers = {}
         if req.warnings:
             headers["Warning"] = ['299 - ' + errors.go_quote(w) for w in req.warnings]
+        if verb in ("get", "list") and tables.wants_table(self.headers.get("Accept")):
+            items = result.get("items", []) if verb == "list" else [result]
+            if verb == "list" and rtype.builtin:  # lists of built-in kinds carry no per-item apiVersion/kind
+                items = [dict(i, apiVersion=rtype.api_version(version), kind=rtype.kind) for i in items]
+            result = tables.table(rtype, version, items, result.get("metadata", {}).get("resourceVersion") or api.rv,
+                                  req.q("includeObject", "Metadata") or "Metadata")
         self._send(code, result, headers)
         if verb == "get" and srv.faults.take("bump", ctx, when="after-get"):
             srv.bump(rtype, namespace, name)
@@ -406,7 +412,15 @@ class Handler(BaseHTTPRequestHandler):  # pylint: disable=too-many-public-method
             self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
             self.wfile.flush()
         try:
+            as_table = tables.wants_table(self.headers.get("Accept"))
+            headers = True
             for event in events:
+                if as_table and event["type"] in ("ADDED", "MODIFIED", "DELETED"):  # a one-row Table; headers in the first only
+                    obj = event["object"]
+                    event = {"type": event["type"], "object": tables.table(
+                        req.rtype, req.version, [obj], obj["metadata"].get("resourceVersion", ""),
+                        req.q("includeObject", "Metadata") or "Metadata", headers)}
+                    headers = False
                 chunk((json.dumps(event) + "\n").encode())
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
