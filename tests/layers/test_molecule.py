@@ -12,7 +12,7 @@ import pytest
 
 from layer_tools import ROOT, run  # pylint: disable=import-error
 
-SCENARIOS = ("host_roles", "data_safety")
+SCENARIOS = ("host_roles", "data_safety", "container_runtime")
 GUEST_TIME = re.compile(r"GUEST-TIME playbook=(?P<playbook>\S+) host=(?P<host>\S+) seconds=(?P<seconds>[\d.]+) "
                         r"changed=(?P<changed>\d+)")
 BOOT = re.compile(r"guest (?P<host>\S+) booted to SSH in (?P<seconds>[\d.]+) s")

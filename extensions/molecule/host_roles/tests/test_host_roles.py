@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-PURPOSES = {"/var/lib/containerd": ("containerd", "0o711"), "/var/lib/etcd": ("etcd", "0o700")}
+PURPOSES = {"/var/lib/containerd": ("containerd", "0o700"), "/var/lib/etcd": ("etcd", "0o700")}
 SYSCTLS = {
     "net.ipv4.ip_forward": "1",
     "net.ipv6.conf.all.forwarding": "1",
