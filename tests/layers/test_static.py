@@ -39,7 +39,7 @@ def test_build_install_and_document(tmp_path):
     assert len(tarballs) == 1, out
     with tarfile.open(tarballs[0]) as tar:
         names = tar.getnames()
-    for ignored in ("inventories/", "molecule/", "tests/output/", ".venv/", "collections/ansible_collections/"):
+    for ignored in ("inventories/", "extensions/", "tests/output/", "tests/support/", ".venv/", "collections/ansible_collections/", "lab/"):
         assert not any(n.startswith(ignored) for n in names), f"{ignored} must not be shipped"
     dest = tmp_path / "installed"
     config = tmp_path / "ansible.cfg"
