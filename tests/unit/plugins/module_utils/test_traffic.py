@@ -50,6 +50,8 @@ DEFAULT_ROUTE = {"name": "default", "route": [dest("v1", 100), dest("v2", 0)], "
 
 @pytest.mark.parametrize("weights, message", [
     ({"v1": 90, "v2": 20}, "sum to 110"),
+    ({"v1": 50, "v2": 51}, "sum to 101"),
+    ({"v1": 50, "v2": 49}, "sum to 99"),
     ({"v1": 110, "v2": -10}, "between 0 and 100"),
     ({"v1": 89.5, "v2": 10.5}, "whole number"),
     ({"v1": "ninety", "v2": 10}, "whole number from 0 to 100"),
