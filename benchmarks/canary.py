@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "lab"))
 sys.path.insert(0, os.path.join(ROOT, "collections"))
 
-from canary_driver import BackgroundLoad, CanaryRun, wait_until  # noqa: E402 pylint: disable=wrong-import-position,import-error
+from canary_driver import BackgroundLoad, CanaryRun, primary_weights, reset_release, wait_until  # noqa: E402 pylint: disable=wrong-import-position,import-error
 from meshlab import MeshLab  # noqa: E402 pylint: disable=wrong-import-position,import-error
 
 
@@ -53,24 +53,6 @@ def engine_overhead(steps=4, runs=200):
     return statistics.median(times) * 1e6
 
 
-def weights(lab):
-    for route in lab.virtual_service()["spec"]["http"]:
-        if route.get("name") == "primary":
-            return dict((d["destination"]["subset"], d.get("weight", 0)) for d in route["route"])
-    return {}
-
-
-def reset(lab):
-    lab.fault("v2", clear=True)
-    annotations = lab.virtual_service()["metadata"].get("annotations") or {}
-    keys = [k for k in annotations if k.startswith("mesh.onprem.io/")]
-    if keys:
-        lab.custom.patch_namespaced_custom_object("networking.istio.io", "v1", lab.namespace, "virtualservices", lab.service,
-                                                  {"metadata": {"annotations": dict((k, None) for k in keys)}})
-    lab.set_canary_weight(0)
-    lab.wait_reconciled()
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--interval", default="8s")
@@ -98,12 +80,12 @@ def main():
 
         onsets = []
         for i in range(args.faults):
-            reset(lab)
+            reset_release(lab)
             run = CanaryRun(lab, steps=[10, 50, 100], interval=args.interval).start()
-            wait_until(lambda: weights(lab).get("v2") == 10, timeout=60)
+            wait_until(lambda: primary_weights(lab).get("v2") == 10, timeout=60)
             time.sleep(random.uniform(0.5, interval - 0.5))
             lab.fault("v2", error_rate=0.2)  # onset: wait_until below counts from here
-            back = wait_until(lambda: weights(lab).get("v2") == 0 and str(lab.virtual_service().get("status", {}).get("observedGeneration"))
+            back = wait_until(lambda: primary_weights(lab).get("v2") == 0 and str(lab.virtual_service().get("status", {}).get("observedGeneration"))
                               == str(lab.virtual_service()["metadata"]["generation"]), timeout=4 * interval + 30, interval=0.1)
             run.wait()
             if back is not None:

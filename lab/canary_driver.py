@@ -151,3 +151,23 @@ def render_timeline(result, title=None):
         row = (e.get("step"), "%d%%" % e.get("weight", 0), e.get("action", "-"), e.get("verdict", "-"), _fmt(e.get("seconds")), checks or e.get("reason", ""))
         lines.append("%-4s %-7s %-12s %-8s %-8s %s" % row)
     return "\n".join(lines)
+
+
+def primary_weights(lab):
+    """Subset -> weight of the lab VirtualService's route ``primary``, as the API server has it now."""
+    for route in lab.virtual_service()["spec"]["http"]:
+        if route.get("name") == "primary":
+            return dict((d["destination"]["subset"], d.get("weight", 0)) for d in route["route"])
+    raise AssertionError("the lab VirtualService has no route named primary")
+
+
+def reset_release(lab):
+    """Back to the start of a release: no fault, no rollout recorded (state and lease), v1 = 100, reconciled."""
+    lab.fault("v2", clear=True)
+    annotations = lab.virtual_service()["metadata"].get("annotations") or {}
+    keys = [k for k in annotations if k.startswith("mesh.onprem.io/")]
+    if keys:
+        lab.custom.patch_namespaced_custom_object("networking.istio.io", "v1", lab.namespace, "virtualservices", lab.service,
+                                                  {"metadata": {"annotations": dict((k, None) for k in keys)}})
+    lab.set_canary_weight(0)
+    lab.wait_reconciled()

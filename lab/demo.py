@@ -15,13 +15,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from canary_driver import BackgroundLoad, CanaryRun, render_timeline, wait_until  # noqa: E402 pylint: disable=wrong-import-position
+from canary_driver import BackgroundLoad, CanaryRun, primary_weights, render_timeline, reset_release, wait_until  # noqa: E402 pylint: disable=wrong-import-position
 from meshlab import MeshLab  # noqa: E402 pylint: disable=wrong-import-position
-
-
-def reset_to_stable(lab):
-    lab.set_canary_weight(0)
-    lab.wait_reconciled()
 
 
 def main():
@@ -41,14 +36,14 @@ def main():
         healthy = CanaryRun(lab, steps=[5, 10, 25, 50, 100], interval=args.interval).start()
         first = healthy.wait()
 
-        reset_to_stable(lab)
+        reset_release(lab)
         print("\nrelease 2: v2 answers 20% errors ...", flush=True)
         lab.fault("v2", error_rate=0.2)
         onset = time.time()
         faulty = CanaryRun(lab, steps=[5, 10, 25, 50, 100], interval=args.interval).start()
         second = faulty.wait()
         back = wait_until(lambda: lab.virtual_service().get("status", {}).get("observedGeneration") is not None and
-                          _weights(lab).get("v2") == 0, timeout=30)
+                          primary_weights(lab).get("v2") == 0, timeout=30)
         stable_after = time.time() - onset if back is not None else None
         lab.fault("v2", clear=True)
 
@@ -60,13 +55,6 @@ def main():
     ok = first.get("result") == "promoted" and second.get("result") == "rolled_back"
     print("DEMO %s" % ("OK: healthy canary promoted, faulty canary rolled back" if ok else "FAILED"))
     return 0 if ok else 1
-
-
-def _weights(lab):
-    for route in lab.virtual_service()["spec"]["http"]:
-        if route.get("name") == "primary":
-            return dict((d["destination"]["subset"], d.get("weight", 0)) for d in route["route"])
-    return {}
 
 
 if __name__ == "__main__":

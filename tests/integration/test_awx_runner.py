@@ -20,7 +20,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "lab"))
 
-from canary_driver import BackgroundLoad  # noqa: E402 pylint: disable=wrong-import-position,import-error
+from canary_driver import BackgroundLoad, primary_weights as weights, reset_release  # noqa: E402 pylint: disable=wrong-import-position,import-error
 from meshlab import MeshLab  # noqa: E402 pylint: disable=wrong-import-position,import-error
 from prometheus_harness import prometheus_available  # noqa: E402 pylint: disable=wrong-import-position,import-error
 
@@ -103,24 +103,10 @@ def lab(tmp_path_factory):
             yield mesh
 
 
-def weights(lab_):
-    for route in lab_.virtual_service()["spec"]["http"]:
-        if route.get("name") == "primary":
-            return dict((d["destination"]["subset"], d.get("weight", 0)) for d in route["route"])
-    raise AssertionError("no primary route")
-
-
 @pytest.fixture
 def fresh(lab):  # pylint: disable=redefined-outer-name
     """v1 = 100, no rollout annotations, no fault, normal traffic."""
-    lab.fault("v2", clear=True)
-    vs = lab.virtual_service()
-    annotations = vs["metadata"].get("annotations") or {}
-    patch = {"metadata": {"annotations": dict((k, None) for k in (STATE, LEASE) if k in annotations)}}
-    if patch["metadata"]["annotations"]:
-        lab.custom.patch_namespaced_custom_object("networking.istio.io", "v1", lab.namespace, "virtualservices", lab.service, patch)
-    lab.set_canary_weight(0)
-    lab.wait_reconciled()
+    reset_release(lab)
     return lab
 
 

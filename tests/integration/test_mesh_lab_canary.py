@@ -16,14 +16,13 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "lab"))
 
-from canary_driver import BackgroundLoad, CanaryRun, render_timeline, wait_until  # noqa: E402 pylint: disable=wrong-import-position,import-error
+from canary_driver import BackgroundLoad, CanaryRun, primary_weights as weights, render_timeline, reset_release, wait_until  # noqa: E402 pylint: disable=wrong-import-position,import-error
 from meshlab import MeshLab  # noqa: E402 pylint: disable=wrong-import-position,import-error
 from prometheus_harness import prometheus_available  # noqa: E402 pylint: disable=wrong-import-position,import-error
 
 pytestmark = pytest.mark.skipif(not prometheus_available(), reason="no Prometheus binary (run tools/bootstrap.sh)")
 
 STATE = "mesh.onprem.io/canary-rollout"
-LEASE = "mesh.onprem.io/canary-lease"
 INTERVAL = "8s"
 
 
@@ -34,13 +33,6 @@ def lab(tmp_path_factory):
             mesh.load_thread = load
             time.sleep(4)
             yield mesh
-
-
-def weights(lab_):
-    for route in lab_.virtual_service()["spec"]["http"]:
-        if route.get("name") == "primary":
-            return dict((d["destination"]["subset"], d.get("weight", 0)) for d in route["route"])
-    raise AssertionError("no primary route")
 
 
 def untouched_parts(vs):
@@ -56,15 +48,8 @@ def untouched_parts(vs):
 @pytest.fixture
 def fresh(lab):  # pylint: disable=redefined-outer-name
     """v1 = 100, no rollout annotations, no faults, Prometheus running, normal traffic."""
-    lab.fault("v2", clear=True)
     lab.load_thread.rps = 100
-    vs = lab.virtual_service()
-    annotations = vs["metadata"].get("annotations") or {}
-    patch = {"metadata": {"annotations": dict((k, None) for k in (STATE, LEASE) if k in annotations)}}
-    if patch["metadata"]["annotations"]:
-        lab.custom.patch_namespaced_custom_object("networking.istio.io", "v1", lab.namespace, "virtualservices", lab.service, patch)
-    lab.set_canary_weight(0)
-    lab.wait_reconciled()
+    reset_release(lab)
     if lab.prometheus is not None and lab.prometheus.proc is not None and lab.prometheus.proc.poll() is not None:
         pytest.fail("Prometheus was left stopped by an earlier test")
     before = untouched_parts(lab.virtual_service())

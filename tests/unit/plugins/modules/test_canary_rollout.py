@@ -8,8 +8,8 @@ __metaclass__ = type
 
 import pytest
 
-from ansible.module_utils import basic
 from ansible.module_utils.testing import patch_module_args
+from ansible_collections.onprem.mesh.tests.unit.plugins.modules.module_exits import ExitJson, FailJson
 from ansible_collections.onprem.mesh.plugins.modules import canary_rollout, traffic_split
 from ansible_collections.onprem.mesh.tests.unit.plugins.module_utils.fake_istio import FakeIstio
 
@@ -18,27 +18,6 @@ ROUTE = {"name": "primary", "route": [{"destination": {"host": "payment", "subse
 OBJECTS = [{"kind": "VirtualService", "metadata": {"name": "payment", "namespace": "shop"}, "spec": {"hosts": ["payment"], "http": [ROUTE]}},
            {"kind": "DestinationRule", "metadata": {"name": "payment", "namespace": "shop"},
             "spec": {"host": "payment", "subsets": [{"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}]}}]
-
-
-class ExitJson(Exception):
-    pass
-
-
-class FailJson(Exception):
-    pass
-
-
-@pytest.fixture(autouse=True)
-def exits(monkeypatch):
-    def exit_json(self, **kwargs):
-        raise ExitJson(kwargs)
-
-    def fail_json(self, **kwargs):
-        kwargs["failed"] = True
-        raise FailJson(kwargs)
-
-    monkeypatch.setattr(basic.AnsibleModule, "exit_json", exit_json)
-    monkeypatch.setattr(basic.AnsibleModule, "fail_json", fail_json)
 
 
 @pytest.fixture
