@@ -19,6 +19,24 @@ from canary_driver import BackgroundLoad, CanaryRun, primary_weights, render_tim
 from meshlab import MeshLab  # noqa: E402 pylint: disable=wrong-import-position
 
 
+def releases(lab, interval):
+    """The two releases; returns their results and the time from fault onset to all traffic on stable."""
+    time.sleep(5)  # a few scrapes of traffic before the first window
+    print("\nrelease 1: healthy v2, steps 5 10 25 50 100, %s each ..." % interval, flush=True)
+    first = CanaryRun(lab, steps=[5, 10, 25, 50, 100], interval=interval).start().wait()
+
+    reset_release(lab)
+    print("\nrelease 2: v2 answers 20% errors ...", flush=True)
+    lab.fault("v2", error_rate=0.2)
+    onset = time.time()
+    second = CanaryRun(lab, steps=[5, 10, 25, 50, 100], interval=interval).start().wait()
+    back = wait_until(lambda: lab.virtual_service().get("status", {}).get("observedGeneration") is not None and
+                      primary_weights(lab).get("v2") == 0, timeout=30)
+    stable_after = time.time() - onset if back is not None else None
+    lab.fault("v2", clear=True)
+    return first, second, stable_after
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--interval", default="10s", help="time at each step before its analysis (default 10s)")
@@ -26,31 +44,16 @@ def main():
     args = parser.parse_args()
     started = time.time()
     print("starting the mesh lab on 127.0.0.1 ...", flush=True)
-    with MeshLab(run_dir=os.path.join(os.path.dirname(HERE), ".cache", "lab", "demo")) as lab, \
-            BackgroundLoad(lab, rps=args.rps, max_seconds=900):
+    with MeshLab(run_dir=os.path.join(os.path.dirname(HERE), ".cache", "lab", "demo")) as lab:
         print("lab up: envoy %s, prometheus %s, test API %s" % (lab.url, lab.prometheus_url, lab.kube_url), flush=True)
         lab.warm_up()  # series for v1 and v2 exist before the first window (rate() needs two samples)
-        time.sleep(5)
-
-        print("\nrelease 1: healthy v2, steps 5 10 25 50 100, %s each ..." % args.interval, flush=True)
-        healthy = CanaryRun(lab, steps=[5, 10, 25, 50, 100], interval=args.interval).start()
-        first = healthy.wait()
-
-        reset_release(lab)
-        print("\nrelease 2: v2 answers 20% errors ...", flush=True)
-        lab.fault("v2", error_rate=0.2)
-        onset = time.time()
-        faulty = CanaryRun(lab, steps=[5, 10, 25, 50, 100], interval=args.interval).start()
-        second = faulty.wait()
-        back = wait_until(lambda: lab.virtual_service().get("status", {}).get("observedGeneration") is not None and
-                          primary_weights(lab).get("v2") == 0, timeout=30)
-        stable_after = time.time() - onset if back is not None else None
-        lab.fault("v2", clear=True)
+        with BackgroundLoad(lab, rps=args.rps, max_seconds=900):
+            first, second, stable_after = releases(lab, args.interval)
 
         print("\n" + render_timeline(first, "== release 1 (healthy canary) =="))
         print("\n" + render_timeline(second, "== release 2 (canary with 20% errors) =="))
         if stable_after is not None:
-            print("\nfault onset to all traffic on stable: %.1f s (analysis window %s)" % (stable_after, args.interval))
+            print("\nfrom the fault (set before release 2 started) to all traffic on stable: %.1f s (steps of %s)" % (stable_after, args.interval))
     print("\nlab stopped; demo took %.0f s" % (time.time() - started))
     ok = first.get("result") == "promoted" and second.get("result") == "rolled_back"
     print("DEMO %s" % ("OK: healthy canary promoted, faulty canary rolled back" if ok else "FAILED"))
