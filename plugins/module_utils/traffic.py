@@ -20,6 +20,17 @@ import copy
 from ansible_collections.onprem.mesh.plugins.module_utils.k8s_client import json_pointer
 
 
+# Which VirtualService and route a module changes (documented by the onprem.mesh.vs_route doc fragment).
+VS_ROUTE_ARGSPEC = dict(
+    name=dict(type="str", required=True),
+    namespace=dict(type="str", default="default"),
+    service_host=dict(type="str"),
+    route_name=dict(type="str"),
+    route_index=dict(type="int"),
+    conflict_retries=dict(type="int", default=5),
+)
+
+
 class TrafficError(ValueError):
     """Bad input or an object that cannot be changed as asked; the message names the field and the fix."""
 

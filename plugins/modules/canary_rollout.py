@@ -31,6 +31,7 @@ author:
   - onprem.mesh contributors (@onprem-mesh)
 extends_documentation_fragment:
   - onprem.mesh.k8s_auth
+  - onprem.mesh.vs_route
   - onprem.mesh.canary_checks
 attributes:
   check_mode:
@@ -40,23 +41,6 @@ attributes:
     support: full
     description: Shows the weights of the route before and after the rollout.
 options:
-  name:
-    description: Name of the VirtualService.
-    type: str
-    required: true
-  namespace:
-    description: Namespace of the VirtualService, its DestinationRule and the canary Deployment.
-    type: str
-    default: default
-  service_host:
-    description: The service whose subsets are shifted; defaults to the VirtualService's only C(spec.hosts) entry.
-    type: str
-  route_name:
-    description: Choose the HTTP route by name (see M(onprem.mesh.traffic_split)). Mutually exclusive with O(route_index).
-    type: str
-  route_index:
-    description: Choose the HTTP route by its position in C(spec.http), from 0.
-    type: int
   stable:
     description: The DestinationRule subset that serves the traffic now.
     type: str
@@ -128,10 +112,6 @@ options:
     description: Start from the first step even though the VirtualService records an unfinished or finished rollout.
     type: bool
     default: false
-  conflict_retries:
-    description: How many times a write is retried with a fresh read after a conflicting change.
-    type: int
-    default: 5
   probe_interval:
     description:
       - While a step runs, evaluate its Prometheus checks (V(success_rate), V(latency), V(promql)) every
@@ -261,18 +241,14 @@ from ansible_collections.onprem.mesh.plugins.module_utils.canary_checks import C
 from ansible_collections.onprem.mesh.plugins.module_utils.k8s_client import (
     HAS_K8S, K8S_AUTH_ARGSPEC, K8S_IMP_ERR, IstioObjects, K8sError, build_api_client)
 from ansible_collections.onprem.mesh.plugins.module_utils.rollout import Rollout, plan_steps, probe_checks
-from ansible_collections.onprem.mesh.plugins.module_utils.traffic import TrafficError, WeightChange, default_host, subset_labels
+from ansible_collections.onprem.mesh.plugins.module_utils.traffic import VS_ROUTE_ARGSPEC, TrafficError, WeightChange, default_host, subset_labels
 
 
 def argument_spec():
     spec = dict(K8S_AUTH_ARGSPEC)
     spec.update(CHECKS_ARGSPEC)
+    spec.update(VS_ROUTE_ARGSPEC)
     spec.update(
-        name=dict(type="str", required=True),
-        namespace=dict(type="str", default="default"),
-        service_host=dict(type="str"),
-        route_name=dict(type="str"),
-        route_index=dict(type="int"),
         stable=dict(type="str", required=True),
         canary=dict(type="str", required=True),
         canary_workload=dict(type="str"),
@@ -289,7 +265,6 @@ def argument_spec():
         lease_holder=dict(type="str"),
         force=dict(type="bool", default=False),
         restart=dict(type="bool", default=False),
-        conflict_retries=dict(type="int", default=5),
         probe_interval=dict(type="int", default=5),
         fail_on_rollback=dict(type="bool", default=True),
     )

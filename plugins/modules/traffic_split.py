@@ -25,6 +25,7 @@ author:
   - onprem.mesh contributors (@onprem-mesh)
 extends_documentation_fragment:
   - onprem.mesh.k8s_auth
+  - onprem.mesh.vs_route
 attributes:
   check_mode:
     support: full
@@ -33,38 +34,11 @@ attributes:
     support: full
     description: Shows the route's destinations before and after.
 options:
-  name:
-    description: Name of the VirtualService.
-    type: str
-    required: true
-  namespace:
-    description: Namespace of the VirtualService and of its DestinationRule.
-    type: str
-    default: default
-  service_host:
-    description:
-      - The service whose subsets get the weights, as written in the route's C(destination.host).
-        Short and fully qualified names of the same service match.
-      - Defaults to the VirtualService's only entry in C(spec.hosts).
-    type: str
-  route_name:
-    description:
-      - Choose the HTTP route by its C(name). Mutually exclusive with O(route_index).
-      - Without either, the one HTTP route whose destinations are all subsets of O(service_host) is chosen;
-        if there are several, the module fails and lists them.
-    type: str
-  route_index:
-    description: Choose the HTTP route by its position in C(spec.http), from 0.
-    type: int
   weights:
     description:
       - "Subset name to weight, for example C({v1: 90, v2: 10}). Whole numbers from 0 to 100 that sum to 100."
     type: dict
     required: true
-  conflict_retries:
-    description: How many times to read again and retry after a conflicting change by another writer.
-    type: int
-    default: 5
 notes:
   - "RBAC: C(get) and C(patch) on C(virtualservices.networking.istio.io), C(list) on C(destinationrules.networking.istio.io)
     in the namespace."
@@ -133,20 +107,15 @@ api_calls:
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible_collections.onprem.mesh.plugins.module_utils.k8s_client import (
     HAS_K8S, K8S_AUTH_ARGSPEC, K8S_IMP_ERR, IstioObjects, K8sError, build_api_client)
-from ansible_collections.onprem.mesh.plugins.module_utils.traffic import TrafficError, WeightChange
+from ansible_collections.onprem.mesh.plugins.module_utils.traffic import VS_ROUTE_ARGSPEC, TrafficError, WeightChange
 
 
 def main():
     argument_spec = dict(
         K8S_AUTH_ARGSPEC,
-        name=dict(type="str", required=True),
-        namespace=dict(type="str", default="default"),
-        service_host=dict(type="str"),
-        route_name=dict(type="str"),
-        route_index=dict(type="int"),
         weights=dict(type="dict", required=True),
-        conflict_retries=dict(type="int", default=5),
     )
+    argument_spec.update(VS_ROUTE_ARGSPEC)
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True, mutually_exclusive=[("route_name", "route_index")])
     if not HAS_K8S:
         module.fail_json(msg=missing_required_lib("kubernetes"), exception=K8S_IMP_ERR)

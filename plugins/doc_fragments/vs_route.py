@@ -1,0 +1,42 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) onprem.mesh contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+
+class ModuleDocFragment(object):
+    """Which VirtualService and which of its HTTP routes a module changes (traffic_split, canary_rollout)."""
+
+    DOCUMENTATION = r"""
+options:
+  name:
+    description: Name of the VirtualService.
+    type: str
+    required: true
+  namespace:
+    description: Namespace of the VirtualService and of its DestinationRule (and, for a rollout, of the canary Deployment).
+    type: str
+    default: default
+  service_host:
+    description:
+      - The service whose subsets get the weights, as written in the route's C(destination.host).
+        Short and fully qualified names of the same service match.
+      - Defaults to the VirtualService's only entry in C(spec.hosts).
+    type: str
+  route_name:
+    description:
+      - Choose the HTTP route by its C(name). Mutually exclusive with O(route_index).
+      - Without either, the one HTTP route whose destinations are all subsets of O(service_host) is chosen;
+        if there are several, the module fails and lists them.
+    type: str
+  route_index:
+    description: Choose the HTTP route by its position in C(spec.http), from 0.
+    type: int
+  conflict_retries:
+    description: How many times to read again and retry after a conflicting change by another writer.
+    type: int
+    default: 5
+"""
