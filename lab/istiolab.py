@@ -1,0 +1,275 @@
+"""Istio on the lab's control plane, installed by the collection itself and run for real.
+
+    istio = IstioLab(control_plane, run_dir, launcher).start()
+    istio.revision, istio.xds_address, istio.monitoring_url
+
+1. A local artifact mirror (http://127.0.0.1:<port>/istio/<version>/istioctl-<version>-linux-amd64.tar.gz and its
+   .sha256), laid out like the upstream release downloads, holding the istioctl built from Istio's Go module
+   (tools/controlplane). This is the istio role's air-gapped path.
+2. `ansible-playbook playbooks/istio.yml` with the lab's variables (vars_for()): the role checks the checksum,
+   installs istioctl, renders the IstioOperator and runs the real `istioctl install` against the lab's
+   kube-apiserver: CRDs, webhooks, RBAC, ConfigMaps and the istiod Deployment are what istioctl creates. KWOK runs
+   the Deployment's pod (it has no containers), so:
+3. istiod itself runs here as a local process started from that Deployment's own container arguments and
+   environment (the chart's, with the role's values), authenticated with a token of its ServiceAccount, its
+   ports on 127.0.0.1. The webhooks point at it through the chart's istiodRemote.injectionURL and
+   base.validationURL values; istiod patches their caBundle itself.
+"""
+import hashlib
+import http.server
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import urllib.request
+
+import yaml
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "tools", "controlplane"))
+import components  # noqa: E402  pylint: disable=wrong-import-position
+
+import procs  # noqa: E402  pylint: disable=wrong-import-position
+from controlplane import free_port, write_kubeconfig  # noqa: E402  pylint: disable=wrong-import-position
+
+VENV_BIN = os.path.dirname(sys.executable)
+ISTIO_NAMESPACE = "istio-system"
+REVISION_TAG = "prod-stable"
+# Istio's own extensions are not in upstream Envoy: the switches that keep istiod from sending them.
+PILOT_ENV = {
+    "PILOT_ENABLE_METADATA_EXCHANGE": "false",   # istio.metadata_exchange filters
+    "PILOT_ENABLE_ALPN_FILTER": "false",         # istio.alpn filter
+    "ISTIOD_CUSTOM_HOST": "127.0.0.1",           # the webhook serving certificate gets 127.0.0.1 as an IP SAN
+    "PILOT_ENABLE_STATUS": "true",
+}
+
+
+class IstioLabError(RuntimeError):
+    pass
+
+
+class Mirror:
+    """A static HTTP server on 127.0.0.1 over a directory (the air-gapped artifact mirror)."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        handler = type("MirrorHandler", (http.server.SimpleHTTPRequestHandler,),
+                       {"log_message": lambda *a: None})
+        self.server = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), lambda *a, **kw: handler(*a, directory=directory, **kw))
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, name="lab-mirror", daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def istioctl_tarball(directory, version):
+    """Pack the built istioctl as the release does (istioctl-<v>-linux-amd64.tar.gz + .sha256); returns sha256."""
+    rel = os.path.join("istio", version)
+    os.makedirs(os.path.join(directory, rel), exist_ok=True)
+    name = f"istioctl-{version}-linux-amd64.tar.gz"
+    path = os.path.join(directory, rel, name)
+    binary = str(components.binary("istioctl"))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tar.gettarinfo(binary, arcname="istioctl")
+        info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+        with open(binary, "rb") as fh:
+            tar.addfile(info, fh)
+    data = buf.getvalue()
+    with open(path, "wb") as fh:
+        fh.write(data)
+    digest = hashlib.sha256(data).hexdigest()
+    with open(path + ".sha256", "w", encoding="utf-8") as fh:
+        fh.write(f"{digest}  {name}\n")
+    return digest
+
+
+class IstioLab:
+    def __init__(self, control_plane, run_dir, launcher, version=components.ISTIO_RELEASE, timeout=300.0):
+        self.cp = control_plane
+        self.run_dir = os.path.join(os.path.abspath(run_dir), "istio")
+        self.launcher = launcher
+        self.version = version
+        self.revision = version.replace(".", "-")
+        self.timeout = timeout
+        self.ports = {name: free_port() for name in ("grpc", "secure_grpc", "https", "http", "monitoring")}
+        self.mirror = None
+        self.child = None
+        self.timings = {}
+        self.install_output = ""
+
+    @property
+    def xds_address(self):
+        return ("127.0.0.1", self.ports["grpc"])
+
+    @property
+    def monitoring_url(self):
+        return f"http://127.0.0.1:{self.ports['monitoring']}"
+
+    @property
+    def debug_url(self):
+        return f"http://127.0.0.1:{self.ports['http']}"
+
+    @property
+    def istioctl(self):
+        return os.path.join(self.run_dir, "lib", self.version, "istioctl")
+
+    def vars_for(self, sha256, mirror_url):
+        """The istio role's variables for the lab (a site's inventory sets the same ones)."""
+        webhook = f"https://127.0.0.1:{self.ports['https']}"
+        return {
+            "istio_version": self.version,
+            "istio_istioctl_sha256": {"amd64": sha256},
+            "istio_mirror_url": mirror_url,
+            "istio_download_dir": os.path.join(self.run_dir, "downloads"),
+            "istio_install_dir": os.path.join(self.run_dir, "lib"),
+            "istio_bin_dir": os.path.join(self.run_dir, "bin"),
+            "istio_config_dir": os.path.join(self.run_dir, "etc"),
+            "istio_kubeconfig": self.cp.kubeconfig,
+            "istio_profile": "minimal",
+            "istio_revision_tags": [REVISION_TAG],
+            "istio_tracing_sampling": 0.0,
+            "istio_access_log": False,
+            "istio_wait_timeout": int(self.timeout),
+            "istio_mesh_config": {"enableAutoMtls": False, "defaultProviders": {"metrics": []}},
+            "istio_values": {
+                "istiodRemote": {"injectionURL": f"{webhook}/inject"},
+                "base": {"validationURL": f"{webhook}/validate"},
+                "global": {"istiod": {"enableAnalysis": True}},
+                "pilot": {"env": dict(PILOT_ENV)},
+                "telemetry": {"enabled": False},
+            },
+        }
+
+    def start(self):
+        began = time.monotonic()
+        os.makedirs(self.run_dir, exist_ok=True)
+        mirror_dir = os.path.join(self.run_dir, "mirror")
+        shutil.rmtree(mirror_dir, ignore_errors=True)
+        sha = istioctl_tarball(mirror_dir, self.version)
+        self.mirror = Mirror(mirror_dir)
+        try:
+            self._install(self.vars_for(sha, self.mirror.url))
+        finally:
+            self.mirror.stop()
+        self.timings["istio install (role + istiod)"] = time.monotonic() - began
+        return self
+
+    def _install(self, variables):
+        vars_file = os.path.join(self.run_dir, "istio-vars.json")
+        with open(vars_file, "w", encoding="utf-8") as fh:
+            json.dump(variables, fh, indent=1)
+        env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"), ANSIBLE_NOCOLOR="1",
+                   PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""), NO_PROXY="127.0.0.1,localhost",
+                   ANSIBLE_LOCALHOST_WARNING="False", ANSIBLE_INVENTORY_UNPARSED_WARNING="False")
+        log_path = os.path.join(self.run_dir, "istio-role.log")
+        with open(log_path, "w", encoding="utf-8") as log:
+            role = subprocess.Popen(  # noqa: S603 - our own playbook
+                [os.path.join(VENV_BIN, "ansible-playbook"), os.path.join(ROOT, "playbooks", "istio.yml"),
+                 "-e", f"@{vars_file}"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                # istioctl creates the istiod Deployment and then waits for it: start istiod from it meanwhile,
+                # so that the webhooks istioctl installed have their server when the role's next tasks need it.
+                deadline = time.monotonic() + self.timeout
+                while self.child is None and role.poll() is None and time.monotonic() < deadline:
+                    dep = self._deployment()
+                    if dep is not None:
+                        self._start_istiod(dep)
+                        break
+                    time.sleep(0.5)
+                role.wait(max(1.0, deadline - time.monotonic()))
+            except BaseException:
+                role.kill()
+                role.wait()
+                raise
+        with open(log_path, encoding="utf-8") as fh:
+            self.install_output = fh.read()
+        if role.returncode != 0:
+            raise IstioLabError(f"the istio role failed (rc {role.returncode}); log {log_path}:\n"
+                                f"{self.install_output[-4000:]}")
+        if self.child is None:
+            self._start_istiod(self._deployment())
+        self.wait_ready()
+
+    def _deployment(self):
+        from kubernetes import client
+        from kubernetes.client.rest import ApiException
+
+        try:
+            return client.AppsV1Api(self.cp.api_client()).read_namespaced_deployment(
+                f"istiod-{self.revision}", ISTIO_NAMESPACE).to_dict()
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def _start_istiod(self, deployment):
+        """Run pilot-discovery with the Deployment's own args and env, listening on 127.0.0.1."""
+        pod = deployment["spec"]["template"]["spec"]
+        container = next(c for c in pod["containers"] if c["name"] == "discovery")
+        service_account = pod.get("service_account_name") or pod.get("serviceAccountName")
+        workdir = os.path.join(self.run_dir, "istiod")
+        os.makedirs(workdir, exist_ok=True)
+        token = self.cp.service_account_token(ISTIO_NAMESPACE, service_account, seconds=48 * 3600)
+        kubeconfig = write_kubeconfig(os.path.join(workdir, "kubeconfig"), self.cp.url, self.cp.ca_file,
+                                      user=f"system:serviceaccount:{ISTIO_NAMESPACE}:{service_account}", token=token,
+                                      namespace=ISTIO_NAMESPACE)
+        field = {"metadata.name": f"istiod-{self.revision}-lab", "metadata.namespace": ISTIO_NAMESPACE,
+                 "spec.serviceAccountName": service_account}
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": workdir}
+        for item in container.get("env") or []:
+            source = item.get("value_from")
+            if source is None:
+                env[item["name"]] = item.get("value") or ""
+            elif source.get("field_ref"):
+                env[item["name"]] = field[source["field_ref"]["field_path"]]
+            elif source.get("resource_field_ref"):
+                env[item["name"]] = "2"  # limits.cpu -> GOMAXPROCS
+        env.update(KUBECONFIG=kubeconfig, ISTIOD_CUSTOM_HOST="127.0.0.1")
+        args = [a for a in container.get("args") or [] if not a.startswith("--monitoringAddr")]
+        p = self.ports
+        args += [f"--monitoringAddr=127.0.0.1:{p['monitoring']}", f"--httpAddr=127.0.0.1:{p['http']}",
+                 f"--grpcAddr=127.0.0.1:{p['grpc']}", f"--secureGRPCAddr=127.0.0.1:{p['secure_grpc']}",
+                 f"--httpsAddr=127.0.0.1:{p['https']}", f"--kubeconfig={kubeconfig}"]
+        with open(os.path.join(workdir, "command.json"), "w", encoding="utf-8") as fh:
+            json.dump({"args": args, "env": {k: v for k, v in env.items() if k != "PATH"}}, fh, indent=1)
+        self.child = self.launcher.spawn("istiod", [str(components.binary("pilot-discovery"))] + args, env=env,
+                                         cwd=workdir)
+
+    def wait_ready(self):
+        def ready():
+            with urllib.request.urlopen(f"{self.debug_url}/ready", timeout=3) as resp:  # noqa: S310
+                return resp.status == 200
+
+        procs.wait_for(ready, self.timeout, interval=0.3, what="istiod /ready", child=self.child)
+
+    def kube_objects(self):
+        """What istioctl installed, for the record (kinds and names)."""
+        out = self.cp.kubectl("get", "deploy,svc,cm,mutatingwebhookconfigurations,validatingwebhookconfigurations",
+                              "-n", ISTIO_NAMESPACE, "-o", "name", check=False)
+        return out.stdout.split()
+
+
+if __name__ == "__main__":  # manual check: python lab/istiolab.py [seconds]
+    from controlplane import ControlPlane
+
+    run = os.path.join(ROOT, ".cache", "istiolab-manual")
+    launcher = procs.Launcher(run)
+    try:
+        with ControlPlane(run, launcher=launcher) as cp:
+            lab = IstioLab(cp, run, launcher).start()
+            print(json.dumps({"kubeconfig": cp.kubeconfig, "ports": lab.ports, "timings": {**cp.timings, **lab.timings},
+                              "objects": lab.kube_objects()}, indent=1), flush=True)
+            threading.Event().wait(float(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    finally:
+        launcher.close()
