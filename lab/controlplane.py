@@ -378,6 +378,9 @@ class ControlPlane:
             "--audit-policy-file", policy, "--audit-log-path", self.audit.path, "--audit-log-format", "json",
             "--audit-log-maxsize", "200", "--audit-log-maxbackup", "1",
             "--enable-priority-and-fairness=false", "-v", "1",
+            # webhooks and the service proxy go to the Endpoints (pod IPs, local here), not to ClusterIPs that
+            # only kube-proxy could route
+            "--enable-aggregator-routing=true",
         ]
         child = self._spawn("kube-apiserver", argv)
         ctx = ssl.create_default_context(cafile=self.ca_file)

@@ -1,24 +1,22 @@
-"""Envoy configuration for the lab: bootstrap, the listener (LDS) and routes (RDS) served from files.
+"""Envoy bootstrap for the lab's sidecar: the proxy of the `loadgen` pod, configured by the real istiod over xDS.
 
-Names follow Istio's sidecar conventions so that stats look like a real mesh's:
-clusters `outbound|<port>|<subset>|<host FQDN>`, the outbound route configuration named after the port.
-Listener and routes are *path-based xDS*: Envoy watches a directory and reloads a file when a new version
-is renamed into it (`write_xds` writes a temp file beside it and renames it, the only safe way).
+pilot-agent normally writes this bootstrap (Istio's tools/packaging/common/envoy_bootstrap.json); the lab writes
+the parts that matter for an upstream Envoy: the node identity and metadata istiod reads (node id
+`sidecar~<pod IP>~<pod>.<ns>~<ns>.svc.cluster.local`, NAMESPACE, LABELS, INTERCEPTION_MODE ...), one static cluster
+`xds-grpc` to istiod's plaintext xDS port (ADS for listeners, clusters, routes and endpoints) and Istio's stats tags,
+so that clusters keep Istio's names (`outbound|9080|v1|payment.lab.svc.cluster.local`).
+
+Without iptables there is no traffic capture: the lab's Sidecar resource (lab_objects.sidecar()) asks istiod for an
+egress listener bound to the pod's own IP with captureMode NONE, which Envoy opens as a real socket.
 """
 import json
 import os
-import threading
 
 SERVICE = "payment"
 NAMESPACE = "lab"
-PORT = 8080
-ROUTE_CONFIG_NAME = str(PORT)  # Istio names outbound route configurations after the port
-LISTENER_NAME = f"0.0.0.0_{PORT}"
-
-T_LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
-T_ROUTES = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-T_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
-T_ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+PORT = 9080
+PRIMARY_ROUTE = "primary"
+T_HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
 def fqdn(host, namespace=NAMESPACE):
@@ -34,87 +32,67 @@ def cluster_name(subset, host=SERVICE, port=PORT, namespace=NAMESPACE):
     return f"outbound|{port}|{subset or ''}|{fqdn(host, namespace)}"
 
 
-def xds_paths(run_dir):
-    """Directories (watched by Envoy) and files of the listener and route configurations."""
-    base = os.path.join(run_dir, "xds")
+def node_id(pod_ip, pod_name, namespace=NAMESPACE):
+    return f"sidecar~{pod_ip}~{pod_name}.{namespace}~{namespace}.svc.cluster.local"
+
+
+def node_metadata(pod, istio_version, cluster_id="Kubernetes", mesh_id="cluster.local"):
+    """What pilot-agent reports about its pod (the Pod as the kubernetes client returns it, as a dict)."""
+    meta = pod["metadata"]
+    labels = dict(meta.get("labels") or {})
+    owner = (meta.get("owner_references") or meta.get("ownerReferences") or [{}])[0]
+    workload = labels.get("app", meta["name"])
     return {
-        "lds_dir": os.path.join(base, "lds"),
-        "lds": os.path.join(base, "lds", "lds.json"),
-        "rds_dir": os.path.join(base, "rds"),
-        "rds": os.path.join(base, "rds", "rds.json"),
+        "ISTIO_VERSION": istio_version,
+        "NAMESPACE": meta["namespace"],
+        "NAME": meta["name"],
+        "POD_NAME": meta["name"],
+        "LABELS": labels,
+        "INSTANCE_IPS": pod["status"]["pod_ip"] if "pod_ip" in pod["status"] else pod["status"]["podIP"],
+        "INTERCEPTION_MODE": "NONE",
+        "CLUSTER_ID": cluster_id,
+        "MESH_ID": mesh_id,
+        "SERVICE_ACCOUNT": pod["spec"].get("service_account_name") or pod["spec"].get("serviceAccountName") or "default",
+        "WORKLOAD_NAME": workload,
+        "OWNER": f"kubernetes://apis/apps/v1/namespaces/{meta['namespace']}/deployments/{workload}" if owner else "",
+        "NODE_NAME": pod["spec"].get("node_name") or pod["spec"].get("nodeName") or "",
+        "PROXY_CONFIG": {"discoveryAddress": "istiod", "statusPort": 15020},
     }
 
 
-def write_xds(path, version_info, resources):
-    """Write a DiscoveryResponse file atomically: temp file in the same (watched) directory, then rename."""
-    doc = {"version_info": str(version_info), "resources": resources}
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(doc, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _path_source(path, watched_dir):
-    return {"path_config_source": {"path": path, "watched_directory": {"path": watched_dir}},
-            "resource_api_version": "V3"}
-
-
-def listener(run_dir, port=0, stat_prefix=f"outbound_0.0.0.0_{PORT}"):
-    """The HTTP listener on 127.0.0.1 whose routes come from the RDS file."""
-    paths = xds_paths(run_dir)
-    hcm = {
-        "@type": T_HCM,
-        "stat_prefix": stat_prefix,
-        "codec_type": "AUTO",
-        "rds": {"route_config_name": ROUTE_CONFIG_NAME, "config_source": _path_source(paths["rds"], paths["rds_dir"])},
-        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": T_ROUTER}}],
-        "normalize_path": True,
-    }
+def bootstrap(pod, xds_address, istio_version, admin_port=0):
+    """The bootstrap for the proxy of `pod` (dict), xDS from istiod at xds_address (ip, port)."""
+    meta = pod["metadata"]
+    ip = node_metadata(pod, istio_version)["INSTANCE_IPS"]
+    xds_ip, xds_port = xds_address
     return {
-        "@type": T_LISTENER,
-        "name": LISTENER_NAME,
-        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
-                                        "typed_config": hcm}]}],
-    }
-
-
-def static_cluster(name, port, connect_timeout="1s"):
-    return {
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": connect_timeout,
-        "lb_policy": "ROUND_ROBIN",
-        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]},
-    }
-
-
-def bootstrap(run_dir, upstream_ports, admin_port=0):
-    """Bootstrap: admin on 127.0.0.1, one static cluster per subset, listener and routes from files.
-
-    upstream_ports: {subset: port}, e.g. {"v1": 40001, "v2": 40002}.
-    """
-    paths = xds_paths(run_dir)
-    return {
-        "node": {"id": f"sidecar~127.0.0.1~{SERVICE}-lab.{NAMESPACE}~{NAMESPACE}.svc.cluster.local",
-                 "cluster": f"{SERVICE}.{NAMESPACE}"},
+        "node": {"id": node_id(ip, meta["name"], meta["namespace"]),
+                 "cluster": f"{(meta.get('labels') or {}).get('app', meta['name'])}.{meta['namespace']}",
+                 "metadata": node_metadata(pod, istio_version)},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
-        "static_resources": {"clusters": [static_cluster(cluster_name(subset), port)
-                                          for subset, port in sorted(upstream_ports.items())]},
-        "dynamic_resources": {"lds_config": _path_source(paths["lds"], paths["lds_dir"])},
-        # Envoy's default cluster-name tag stops at the first dot, which cuts Istio-style cluster names
-        # (`outbound|8080|v1|payment.lab.svc.cluster.local`); like Istio's bootstrap, use explicit tags.
+        "dynamic_resources": {
+            "lds_config": {"ads": {}, "initial_fetch_timeout": "0s", "resource_api_version": "V3"},
+            "cds_config": {"ads": {}, "initial_fetch_timeout": "0s", "resource_api_version": "V3"},
+            "ads_config": {"api_type": "GRPC", "set_node_on_first_message_only": True, "transport_api_version": "V3",
+                           "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc"}}]},
+        },
+        "static_resources": {"clusters": [{
+            "name": "xds-grpc", "alt_stat_name": "xds-grpc;", "type": "STATIC", "connect_timeout": "1s",
+            "lb_policy": "ROUND_ROBIN",
+            "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": T_HTTP_OPTIONS, "explicit_http_config": {"http2_protocol_options": {}}}},
+            "load_assignment": {"cluster_name": "xds-grpc", "endpoints": [{"lb_endpoints": [{"endpoint": {
+                "address": {"socket_address": {"address": xds_ip, "port_value": xds_port}}}}]}]},
+        }]},
+        # Istio's cluster stats carry the alt_stat_name "<cluster>;" - its own tag regexes, from its bootstrap
         "stats_flush_interval": "1s",  # histograms reach /stats/prometheus at each flush (default 5 s)
         "stats_config": {"use_all_default_tags": False, "stats_tags": [
-            {"tag_name": "envoy.cluster_name", "regex": r"^cluster\.((.+?(\..+?\.svc\.cluster\.local)?)\.)"},
-            {"tag_name": "envoy.response_code", "regex": r"_rq(_(\d{3}))$"},
-            {"tag_name": "envoy.response_code_class", "regex": r"_rq(_(\dxx))$"},
-            {"tag_name": "envoy.http_conn_manager_prefix", "regex": r"^http\.((.*?)\.)"},
+            {"tag_name": "cluster_name", "regex": r"^cluster(\.(.+);)"},
+            {"tag_name": "response_code", "regex": r"_rq(_(\d{3}))$"},
+            {"tag_name": "response_code_class", "regex": r"_rq(_(\dxx))$"},
+            {"tag_name": "http_conn_manager_prefix", "regex": r"^http\.(((?:[_.[:digit:]\w]*|[_\[\]aAbBcCdDeEfF[:digit:]\w\:]*));\.)"},
+            {"tag_name": "listener_address", "regex": r"^listener\.(((?:[_.[:digit:]]*|[_\[\]aAbBcCdDeEfF[:digit:]]*))\.)"},
         ]},
-        # Istio's sidecars are not overloaded here; silence the "no connection limit" warning deliberately.
         "overload_manager": {"resource_monitors": [{
             "name": "envoy.resource_monitors.global_downstream_max_connections",
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.resource_monitors."
@@ -123,27 +101,32 @@ def bootstrap(run_dir, upstream_ports, admin_port=0):
     }
 
 
-def initial_routes(generation="0"):
-    """Routes before the translator's first run: everything to v1 (the stable version)."""
-    return {
-        "@type": T_ROUTES,
-        "name": ROUTE_CONFIG_NAME,
-        "virtual_hosts": [{"name": f"{fqdn(SERVICE)}:{PORT}", "domains": ["*"],
-                           "routes": [{"match": {"prefix": "/"},
-                                       "route": {"cluster": cluster_name("v1"), "timeout": "0s"}}]}],
-        "response_headers_to_add": [{"header": {"key": "x-lab-route-generation", "value": str(generation)}}],
-    }
-
-
-def prepare(run_dir, upstream_ports, listener_port=0):
-    """Write bootstrap.json, lds.json and an initial rds.json; return the bootstrap path."""
-    paths = xds_paths(run_dir)
-    os.makedirs(paths["lds_dir"], exist_ok=True)
-    os.makedirs(paths["rds_dir"], exist_ok=True)
-    if not os.path.exists(paths["rds"]):
-        write_xds(paths["rds"], "0", [initial_routes()])
-    write_xds(paths["lds"], "1", [listener(run_dir, listener_port)])
+def write_bootstrap(run_dir, pod, xds_address, istio_version):
     path = os.path.join(run_dir, "envoy-bootstrap.json")
     with open(path, "w", encoding="utf-8") as fh:
-        json.dump(bootstrap(run_dir, upstream_ports), fh, indent=1)
+        json.dump(bootstrap(pod, xds_address, istio_version), fh, indent=1)
     return path
+
+
+def route_weights(config_dump, route=PRIMARY_ROUTE):
+    """{subset: weight} of the named HTTP route as Envoy has it now (from /config_dump), or None.
+
+    Envoy's weighted_clusters list the clusters istiod generated (`outbound|9080|v1|...`; istiod leaves out
+    destinations of weight 0); a route with one destination has a plain `cluster` instead (weight 100).
+    Takes the whole dump or the `?resource=dynamic_route_configs` form."""
+    dynamic = []
+    for section in config_dump.get("configs", []):
+        if "route_config" in section:
+            dynamic.append(section)
+        dynamic.extend(section.get("dynamic_route_configs", []))
+    for dyn in dynamic:
+        for vhost in (dyn.get("route_config") or {}).get("virtual_hosts", []):
+            for r in vhost.get("routes", []):
+                if r.get("name") != route:
+                    continue
+                action = r.get("route") or {}
+                if "cluster" in action:
+                    return {action["cluster"].split("|")[2]: 100}
+                clusters = (action.get("weighted_clusters") or {}).get("clusters", [])
+                return {c["name"].split("|")[2]: int(c.get("weight", 0)) for c in clusters}
+    return None

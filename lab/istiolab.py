@@ -11,9 +11,10 @@
    kube-apiserver: CRDs, webhooks, RBAC, ConfigMaps and the istiod Deployment are what istioctl creates. KWOK runs
    the Deployment's pod (it has no containers), so:
 3. istiod itself runs here as a local process started from that Deployment's own container arguments and
-   environment (the chart's, with the role's values), authenticated with a token of its ServiceAccount, its
-   ports on 127.0.0.1. The webhooks point at it through the chart's istiodRemote.injectionURL and
-   base.validationURL values; istiod patches their caBundle itself.
+   environment (the chart's, with the role's values), authenticated with a token of its ServiceAccount. It
+   listens on the IP KWOK gave its pod (the lab's pod network is local, see controlplane.py), so the stock,
+   Service-based webhooks reach it: kube-apiserver runs with --enable-aggregator-routing and sends webhook
+   calls to the Service's endpoints. istiod patches the webhooks' caBundle itself, as in a cluster.
 """
 import hashlib
 import http.server
@@ -36,7 +37,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools", "controlplane"))
 import components  # noqa: E402  pylint: disable=wrong-import-position
 
 import procs  # noqa: E402  pylint: disable=wrong-import-position
-from controlplane import free_port, write_kubeconfig  # noqa: E402  pylint: disable=wrong-import-position
+from controlplane import write_kubeconfig  # noqa: E402  pylint: disable=wrong-import-position
 
 VENV_BIN = os.path.dirname(sys.executable)
 ISTIO_NAMESPACE = "istio-system"
@@ -45,9 +46,8 @@ REVISION_TAG = "prod-stable"
 PILOT_ENV = {
     "PILOT_ENABLE_METADATA_EXCHANGE": "false",   # istio.metadata_exchange filters
     "PILOT_ENABLE_ALPN_FILTER": "false",         # istio.alpn filter
-    "ISTIOD_CUSTOM_HOST": "127.0.0.1",           # the webhook serving certificate gets 127.0.0.1 as an IP SAN
-    "PILOT_ENABLE_STATUS": "true",
 }
+ISTIOD_PORTS = {"grpc": 15010, "secure_grpc": 15012, "https": 15017, "http": 8080, "monitoring": 15014}
 
 
 class IstioLabError(RuntimeError):
@@ -102,7 +102,8 @@ class IstioLab:
         self.version = version
         self.revision = version.replace(".", "-")
         self.timeout = timeout
-        self.ports = {name: free_port() for name in ("grpc", "secure_grpc", "https", "http", "monitoring")}
+        self.ports = dict(ISTIOD_PORTS)
+        self.pod_ip = None
         self.mirror = None
         self.child = None
         self.timings = {}
@@ -110,15 +111,15 @@ class IstioLab:
 
     @property
     def xds_address(self):
-        return ("127.0.0.1", self.ports["grpc"])
+        return (self.pod_ip, self.ports["grpc"])
 
     @property
     def monitoring_url(self):
-        return f"http://127.0.0.1:{self.ports['monitoring']}"
+        return f"http://{self.pod_ip}:{self.ports['monitoring']}"
 
     @property
     def debug_url(self):
-        return f"http://127.0.0.1:{self.ports['http']}"
+        return f"http://{self.pod_ip}:{self.ports['http']}"
 
     @property
     def istioctl(self):
@@ -126,7 +127,6 @@ class IstioLab:
 
     def vars_for(self, sha256, mirror_url):
         """The istio role's variables for the lab (a site's inventory sets the same ones)."""
-        webhook = f"https://127.0.0.1:{self.ports['https']}"
         return {
             "istio_version": self.version,
             "istio_istioctl_sha256": {"amd64": sha256},
@@ -143,8 +143,6 @@ class IstioLab:
             "istio_wait_timeout": int(self.timeout),
             "istio_mesh_config": {"enableAutoMtls": False, "defaultProviders": {"metrics": []}},
             "istio_values": {
-                "istiodRemote": {"injectionURL": f"{webhook}/inject"},
-                "base": {"validationURL": f"{webhook}/validate"},
                 "global": {"istiod": {"enableAnalysis": True}},
                 "pilot": {"env": dict(PILOT_ENV)},
                 "telemetry": {"enabled": False},
@@ -182,9 +180,9 @@ class IstioLab:
                 # so that the webhooks istioctl installed have their server when the role's next tasks need it.
                 deadline = time.monotonic() + self.timeout
                 while self.child is None and role.poll() is None and time.monotonic() < deadline:
-                    dep = self._deployment()
-                    if dep is not None:
-                        self._start_istiod(dep)
+                    found = self._istiod_pod()
+                    if found is not None:
+                        self._start_istiod(*found)
                         break
                     time.sleep(0.5)
                 role.wait(max(1.0, deadline - time.monotonic()))
@@ -198,24 +196,34 @@ class IstioLab:
             raise IstioLabError(f"the istio role failed (rc {role.returncode}); log {log_path}:\n"
                                 f"{self.install_output[-4000:]}")
         if self.child is None:
-            self._start_istiod(self._deployment())
+            found = self._istiod_pod()
+            if found is None:
+                raise IstioLabError(f"the istio role ran but no pod of istiod-{self.revision} is running")
+            self._start_istiod(*found)
         self.wait_ready()
 
-    def _deployment(self):
+    def _istiod_pod(self):
+        """(Deployment, its running Pod) once KWOK runs the pod with an IP, else None."""
         from kubernetes import client
         from kubernetes.client.rest import ApiException
 
+        api = self.cp.api_client()
         try:
-            return client.AppsV1Api(self.cp.api_client()).read_namespaced_deployment(
-                f"istiod-{self.revision}", ISTIO_NAMESPACE).to_dict()
+            dep = client.AppsV1Api(api).read_namespaced_deployment(f"istiod-{self.revision}", ISTIO_NAMESPACE)
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
+        selector = ",".join(f"{k}={v}" for k, v in dep.spec.selector.match_labels.items())
+        for pod in client.CoreV1Api(api).list_namespaced_pod(ISTIO_NAMESPACE, label_selector=selector).items:
+            if pod.status.phase == "Running" and pod.status.pod_ip and not pod.metadata.deletion_timestamp:
+                return dep.to_dict(), pod.to_dict()
+        return None
 
-    def _start_istiod(self, deployment):
-        """Run pilot-discovery with the Deployment's own args and env, listening on 127.0.0.1."""
+    def _start_istiod(self, deployment, pod_obj):
+        """Run pilot-discovery with the Deployment's own args and env, on the IP of the pod KWOK runs."""
         pod = deployment["spec"]["template"]["spec"]
+        self.pod_ip = pod_obj["status"]["pod_ip"]
         container = next(c for c in pod["containers"] if c["name"] == "discovery")
         service_account = pod.get("service_account_name") or pod.get("serviceAccountName")
         workdir = os.path.join(self.run_dir, "istiod")
@@ -224,7 +232,7 @@ class IstioLab:
         kubeconfig = write_kubeconfig(os.path.join(workdir, "kubeconfig"), self.cp.url, self.cp.ca_file,
                                       user=f"system:serviceaccount:{ISTIO_NAMESPACE}:{service_account}", token=token,
                                       namespace=ISTIO_NAMESPACE)
-        field = {"metadata.name": f"istiod-{self.revision}-lab", "metadata.namespace": ISTIO_NAMESPACE,
+        field = {"metadata.name": pod_obj["metadata"]["name"], "metadata.namespace": ISTIO_NAMESPACE,
                  "spec.serviceAccountName": service_account}
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": workdir}
         for item in container.get("env") or []:
@@ -235,12 +243,12 @@ class IstioLab:
                 env[item["name"]] = field[source["field_ref"]["field_path"]]
             elif source.get("resource_field_ref"):
                 env[item["name"]] = "2"  # limits.cpu -> GOMAXPROCS
-        env.update(KUBECONFIG=kubeconfig, ISTIOD_CUSTOM_HOST="127.0.0.1")
+        env.update(KUBECONFIG=kubeconfig)
         args = [a for a in container.get("args") or [] if not a.startswith("--monitoringAddr")]
-        p = self.ports
-        args += [f"--monitoringAddr=127.0.0.1:{p['monitoring']}", f"--httpAddr=127.0.0.1:{p['http']}",
-                 f"--grpcAddr=127.0.0.1:{p['grpc']}", f"--secureGRPCAddr=127.0.0.1:{p['secure_grpc']}",
-                 f"--httpsAddr=127.0.0.1:{p['https']}", f"--kubeconfig={kubeconfig}"]
+        p, ip = self.ports, self.pod_ip
+        args += [f"--monitoringAddr={ip}:{p['monitoring']}", f"--httpAddr={ip}:{p['http']}",
+                 f"--grpcAddr={ip}:{p['grpc']}", f"--secureGRPCAddr={ip}:{p['secure_grpc']}",
+                 f"--httpsAddr={ip}:{p['https']}", f"--kubeconfig={kubeconfig}"]
         with open(os.path.join(workdir, "command.json"), "w", encoding="utf-8") as fh:
             json.dump({"args": args, "env": {k: v for k, v in env.items() if k != "PATH"}}, fh, indent=1)
         self.child = self.launcher.spawn("istiod", [str(components.binary("pilot-discovery"))] + args, env=env,

@@ -1,4 +1,4 @@
-"""Bounded HTTP load generator for the lab (127.0.0.1 only).
+"""Bounded HTTP load generator for the lab (127.0.0.1, or the lab's pod network, which is local while the lab runs).
 
 Stops by itself after `total` requests or `seconds`, whichever comes first. Keep-alive connections
 (http.client), one per worker thread; optional fixed request rate (open-loop schedule shared by the
@@ -9,6 +9,7 @@ answered itself, e.g. 503 with v2 crashed) and per status code, and keeps latenc
 """
 import argparse
 import http.client
+import ipaddress
 import itertools
 import json
 import sys
@@ -18,6 +19,17 @@ from collections import Counter
 from urllib.parse import urlsplit
 
 VERSION_HEADER = "x-lab-version"
+LAB_POD_NETWORK = "10.213.0.0/24"  # lab/controlplane.py POD_CIDR: routed to lo while the lab runs
+
+
+def _local(host):
+    if host == "localhost":
+        return True
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return addr.is_loopback or addr in ipaddress.ip_network(LAB_POD_NETWORK)
 
 
 class LoadResult:
@@ -75,8 +87,9 @@ def run_load(url, total=10000, seconds=60.0, rps=None, concurrency=8, headers=No
     """
     parts = urlsplit(url)
     host, port = parts.hostname, parts.port or 80
-    if host not in ("127.0.0.1", "localhost"):
-        raise ValueError(f"the lab load generator only talks to 127.0.0.1, not {host!r}")
+    if not _local(host):
+        raise ValueError(f"the lab load generator only talks to 127.0.0.1 or the lab's pod network "
+                         f"({LAB_POD_NETWORK}), not {host!r}")
     path = path or (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     total = max(0, int(total))
     concurrency = max(1, min(int(concurrency), 256, total or 1))

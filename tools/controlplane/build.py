@@ -34,10 +34,25 @@ def go_env():
     return env
 
 
+def copy_module_files(name, target):
+    """Files the lab and the tests read from a component's module (kwok's stages, Istio's samples)."""
+    for dest, (module, version, subdir) in c.COMPONENTS[name].get("module_files", {}).items():
+        if (target / dest).exists():
+            continue
+        info = json.loads(subprocess.run(
+            ["go", "mod", "download", "-json", f"{module}@{version}"], cwd=c.module_dir(name), env=go_env(),
+            check=True, capture_output=True, text=True).stdout)
+        shutil.copytree(Path(info["Dir"]) / subdir, target / (dest + ".tmp"))
+        for path in (target / (dest + ".tmp")).rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        (target / (dest + ".tmp")).rename(target / dest)
+
+
 def build(name):
     spec = c.COMPONENTS[name]
     final = c.component_dir(name)
     if c.is_built(name):
+        copy_module_files(name, final)
         log(f"{name} {spec['version']}: built ({final})")
         return 0.0
     tmp = final.with_name(final.name + ".partial")
@@ -58,13 +73,7 @@ def build(name):
     for binary in spec["binaries"]:
         if not (tmp / binary).is_file():
             raise SystemExit(f"controlplane: {name}: go build did not produce {binary}")
-    for dest, (module, version, subdir) in spec.get("module_files", {}).items():
-        info = json.loads(subprocess.run(
-            ["go", "mod", "download", "-json", f"{module}@{version}"], cwd=moddir, env=env,
-            check=True, capture_output=True, text=True).stdout)
-        shutil.copytree(Path(info["Dir"]) / subdir, tmp / dest)
-        for path in (tmp / dest).rglob("*"):
-            path.chmod(0o755 if path.is_dir() else 0o644)
+    copy_module_files(name, tmp)
     took = time.monotonic() - start
     (tmp / "build.json").write_text(json.dumps(
         {"component": name, "version": spec["version"], "seconds": round(took, 1),

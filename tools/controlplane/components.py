@@ -21,6 +21,7 @@ KWOK_VERSION = "v0.8.0"
 # (tools/controlplane/istio/go.mod). ISTIO_VERSION is what that commit's own Makefile stamps into
 # its binaries (VERSION file + "-dev"); ISTIO_RELEASE is the release the istio role installs by default.
 ISTIO_COMMIT = "9739e10eb9d7"
+ISTIO_MODULE_VERSION = "v0.0.0-20260826214018-9739e10eb9d7"
 ISTIO_VERSION = "1.30-dev"
 ISTIO_RELEASE = "1.30.3"
 
@@ -92,6 +93,8 @@ COMPONENTS = {
         # Istio's Makefile.core.mk STANDARD_TAGS
         "tags": ["vtprotobuf", "disable_pgv"],
         "ldflags": _istio_ldflags(),
+        # Istio's Bookinfo traffic-management samples, for the tests
+        "module_files": {"samples": ("istio.io/istio", ISTIO_MODULE_VERSION, "samples/bookinfo/networking")},
     },
 }
 
@@ -138,5 +141,8 @@ def binary(name):
 
 
 def data_path(component, name):
-    """A file copied from a component's module at build time (e.g. kwok's stages)."""
-    return component_dir(component) / name
+    """A file copied from a component's module at build time (e.g. kwok's stages, Istio's samples)."""
+    path = component_dir(component) / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `make setup` (tools/controlplane/build.py)")
+    return path
