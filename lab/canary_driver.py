@@ -65,7 +65,7 @@ class CanaryRun:
             "canary_service": lab.service, "canary_namespace": lab.namespace, "canary_route_name": "primary",
             "canary_stable_subset": "v1", "canary_canary_subset": "v2", "canary_workload": "%s-v2" % lab.service,
             "canary_steps": list(steps), "canary_interval": interval, "canary_analysis_window": window or interval,
-            "canary_min_requests": 20, "canary_prometheus_url": lab.prometheus_url, "canary_wait_for_mesh": True,
+            "canary_min_requests": 20, "canary_prometheus_url": lab.prometheus_url,
             "canary_kubeconfig": lab.kubeconfig, "canary_retry_inconclusive_for": 10,
         }
         self.vars.update(extra or {})
@@ -162,7 +162,7 @@ def primary_weights(lab):
 
 
 def reset_release(lab):
-    """Back to the start of a release: no fault, no rollout recorded (state and lease), v1 = 100, reconciled."""
+    """Back to the start of a release: no fault, no rollout recorded (state and lease), v1 = 100 served by Envoy."""
     lab.fault("v2", clear=True)
     annotations = lab.virtual_service()["metadata"].get("annotations") or {}
     keys = [k for k in annotations if k.startswith("mesh.onprem.io/")]
@@ -170,4 +170,4 @@ def reset_release(lab):
         lab.custom.patch_namespaced_custom_object("networking.istio.io", "v1", lab.namespace, "virtualservices", lab.service,
                                                   {"metadata": {"annotations": dict((k, None) for k in keys)}})
     lab.set_canary_weight(0)
-    lab.wait_reconciled()
+    lab.wait_programmed()

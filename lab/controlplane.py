@@ -15,8 +15,9 @@ reverse order on exit, errors and Ctrl-C:
   kube-controller-manager   Deployments -> ReplicaSets -> Pods, EndpointSlices, namespaces, tokens ...
   kube-scheduler            binds Pods to the KWOK nodes
   kwok                      makes the lab's Nodes Ready and their Pods Running without containers; pod
-                            IPs come from POD_CIDR, which the lab makes local (an `ip route add local`
-                            on lo), so a process of the lab can listen on a pod's IP.
+                            IPs come from a /24 of POD_NETWORK that the lab makes local (an `ip route
+                            add local` on lo) while it runs, so a process of the lab can listen on a
+                            pod's IP: traffic to pods never leaves this machine.
 
 Nothing here imitates the API: every answer, 409, 422 and 403 comes from kube-apiserver itself.
 """
@@ -44,8 +45,9 @@ import components  # noqa: E402  pylint: disable=wrong-import-position
 
 import procs  # noqa: E402  pylint: disable=wrong-import-position
 
-POD_CIDR = "10.213.0.0/24"        # pod IPs (KWOK), local on this machine while the lab runs
+POD_NETWORK = "10.213.0.0/17"     # each running lab takes one free /24 of it for its pods (KWOK's IPs)
 SERVICE_CIDR = "10.213.128.0/24"  # ClusterIPs: never routed, nothing listens on them
+LOCK_DIR = "/run/lock" if os.path.isdir("/run/lock") else "/tmp"
 NODE_NAMES = ("lab-node-1", "lab-node-2")
 ADMIN_USER = "lab-admin"
 
@@ -238,10 +240,10 @@ class AuditLog:
 class ControlPlane:
     """etcd + kube-apiserver + controller-manager + scheduler + KWOK nodes. start()/stop() or `with`."""
 
-    def __init__(self, run_dir, launcher=None, pod_cidr=POD_CIDR, nodes=NODE_NAMES, start_timeout=180.0,
-                 log=None):
+    def __init__(self, run_dir, launcher=None, nodes=NODE_NAMES, start_timeout=180.0, log=None):
         self.run_dir = os.path.abspath(run_dir)
-        self.pod_cidr = pod_cidr
+        self.pod_cidr = None
+        self._pod_net_lock = None
         self.node_names = tuple(nodes)
         self.start_timeout = start_timeout
         self._own_launcher = launcher is None
@@ -327,11 +329,27 @@ class ControlPlane:
             fh.write(f'{self.admin_token},lab-token-admin,lab-token-admin,"system:masters"\n')
         os.chmod(self.token_file, 0o600)
 
+    def _claim_pod_network(self):
+        """A /24 of POD_NETWORK no other running lab holds (a lock file held for the lab's lifetime)."""
+        import fcntl
+
+        for net in ipaddress.ip_network(POD_NETWORK).subnets(new_prefix=24):
+            fh = open(os.path.join(LOCK_DIR, f"onprem-mesh-podnet-{net.network_address}.lock"), "w")  # noqa: SIM115
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.close()
+                continue
+            self._pod_net_lock = fh
+            return str(net)
+        raise ControlPlaneError(f"every /24 of {POD_NETWORK} is held by another running lab")
+
     def _local_pod_route(self):
-        """Make POD_CIDR local (AnyIP on lo): the lab's upstreams listen on the IPs KWOK gives their pods."""
+        """Make the lab's pod /24 local (AnyIP on lo): lab processes listen on the IPs KWOK gives the pods."""
         if os.geteuid() != 0:
             raise ControlPlaneError("the lab makes its pod network local with `ip route add local "
-                                    f"{self.pod_cidr} dev lo`, which needs root (CAP_NET_ADMIN): run it as root")
+                                    f"{POD_NETWORK} dev lo`, which needs root (CAP_NET_ADMIN): run it as root")
+        self.pod_cidr = self._claim_pod_network()
         cmd = ["ip", "route", "replace", "local", self.pod_cidr, "dev", "lo", "table", "local"]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
@@ -343,6 +361,9 @@ class ControlPlane:
             subprocess.run(["ip", "route", "del", "local", self.pod_cidr, "dev", "lo", "table", "local"],
                            capture_output=True, check=False)
             self._route_added = False
+        if self._pod_net_lock is not None:
+            self._pod_net_lock.close()
+            self._pod_net_lock = None
 
     def _etcd(self):
         client, peer = free_port(), free_port()
@@ -408,7 +429,8 @@ class ControlPlane:
     def _kwok(self):
         stages = components.data_path("kwok", "stages")
         docs = [{"apiVersion": "config.kwok.x-k8s.io/v1alpha1", "kind": "KwokConfiguration",
-                 "options": {"cidr": self.pod_cidr, "nodeIP": "10.213.255.1", "manageAllNodes": True,
+                 "options": {"cidr": self.pod_cidr, "nodeIP": str(ipaddress.ip_network(self.pod_cidr)[254]),
+                             "manageAllNodes": True,
                              "nodeLeaseDurationSeconds": 40,
                              # kwok applies its defaults only when no options are given at all
                              "nodeLeaseParallelism": 4, "podPlayStageParallelism": 4, "nodePlayStageParallelism": 2,

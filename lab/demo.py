@@ -1,6 +1,8 @@
 """The README's main job: two canary releases through a real Envoy on the local mesh lab.
 
-1. Starts the lab (test Kubernetes API, upstreams v1/v2, Envoy, translator, Prometheus) on 127.0.0.1.
+1. Starts the lab: a real control plane (etcd, kube-apiserver, controller-manager, scheduler, KWOK nodes), Istio
+   installed by the collection's istio role (istioctl, istiod), Envoy programmed by istiod, upstreams v1/v2 and
+   Prometheus, all on this machine.
 2. Release 1: a healthy v2 goes 5 -> 10 -> 25 -> 50 -> 100 through playbooks/canary.yml.
 3. Release 2: v2 answers 20% errors; the canary is rolled back at its first analysis.
 4. Prints both timelines, and stops everything it started (also on Ctrl-C or failure).
@@ -30,8 +32,7 @@ def releases(lab, interval):
     lab.fault("v2", error_rate=0.2)
     onset = time.time()
     second = CanaryRun(lab, steps=[5, 10, 25, 50, 100], interval=interval).start().wait()
-    back = wait_until(lambda: lab.virtual_service().get("status", {}).get("observedGeneration") is not None and
-                      primary_weights(lab).get("v2") == 0, timeout=30)
+    back = wait_until(lambda: primary_weights(lab).get("v2") == 0 and lab.envoy_weights() == {"v1": 100}, timeout=30)
     stable_after = time.time() - onset if back is not None else None
     lab.fault("v2", clear=True)
     return first, second, stable_after
@@ -45,7 +46,8 @@ def main():
     started = time.time()
     print("starting the mesh lab on 127.0.0.1 ...", flush=True)
     with MeshLab(run_dir=os.path.join(os.path.dirname(HERE), ".cache", "lab", "demo")) as lab:
-        print("lab up: envoy %s, prometheus %s, test API %s" % (lab.url, lab.prometheus_url, lab.kube_url), flush=True)
+        print("lab up in %.0f s: kube-apiserver %s, istiod %s, Envoy %s, Prometheus %s" % (
+            lab.timings["mesh lab"], lab.kube_url, lab.cluster.istio.debug_url, lab.url, lab.prometheus_url), flush=True)
         lab.warm_up()  # series for v1 and v2 exist before the first window (rate() needs two samples)
         with BackgroundLoad(lab, rps=args.rps, max_seconds=900):
             first, second, stable_after = releases(lab, args.interval)

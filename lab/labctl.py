@@ -1,4 +1,5 @@
-"""labctl: run the local mesh lab (test Kubernetes API, Envoy, upstreams v1/v2, translator, Prometheus).
+"""labctl: run the local mesh lab (real control plane, Istio installed by the istio role, istiod, Envoy, upstreams
+v1/v2, Prometheus; see lab/meshlab.py).
 
   python lab/labctl.py up [--foreground]        start everything (in the background unless --foreground)
   python lab/labctl.py status                   what runs, URLs, VirtualService weights and generation
@@ -8,7 +9,8 @@
   python lab/labctl.py load --rps 200 --seconds 30 [--requests N] [--header end-user:jason]
   python lab/labctl.py down                     stop everything `up` started
 
-Everything listens on 127.0.0.1. State (URLs, kubeconfig path, Prometheus URL, PIDs) is in
+Everything listens on 127.0.0.1 or on the lab's pod IPs (10.213.0.0/24, local to this machine while the lab runs;
+making them local needs root). State (URLs, kubeconfig path, Prometheus URL, PIDs) is in
 <run dir>/state.json; the run dir is .cache/lab/labctl unless --run-dir or ONPREM_MESH_LAB_RUN_DIR says.
 """
 import argparse
@@ -23,6 +25,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import envoy_config  # noqa: E402
 import meshlab  # noqa: E402
 import procs  # noqa: E402
 from loadgen import run_load  # noqa: E402
@@ -141,21 +144,24 @@ def _vs_summary(state):
     api = client.CustomObjectsApi(config.new_client_from_config(config_file=state["kubeconfig"]))
     vs = api.get_namespaced_custom_object("networking.istio.io", "v1", state["namespace"], "virtualservices",
                                           state["virtual_service"])
-    import translator
-
-    return {"generation": vs["metadata"].get("generation"),
-            "observedGeneration": (vs.get("status") or {}).get("observedGeneration"),
-            "weights": translator.weights_of(vs)}
+    weights = {}
+    for route in vs["spec"]["http"]:
+        if route.get("name") == "primary":
+            weights = {d["destination"].get("subset"): d.get("weight", 0) for d in route["route"]}
+    envoy = meshlab._http_json(f"{state['envoy_admin_url']}/config_dump?resource=dynamic_route_configs", timeout=10)
+    return {"generation": vs["metadata"].get("generation"), "weights": weights,
+            "envoy_weights": envoy_config.route_weights(envoy)}
 
 
 def _print_state(state):
     print(f"run dir:      {state['run_dir']}")
-    print(f"service URL:  {state['url']}   (Envoy; admin {state['envoy_admin_url']})")
-    print(f"Kubernetes:   {state['kube_url']}   kubeconfig {state['kubeconfig']}  (TEST DOUBLE)")
+    print(f"service URL:  {state['url']}   (Envoy, send Host: {state['host_header']}; admin {state['envoy_admin_url']})")
+    print(f"Kubernetes:   {state['kube_url']}   kubeconfig {state['kubeconfig']}")
+    print(f"istiod:       {state['istiod']}")
     print(f"Prometheus:   {state['prometheus_url']}")
     for version, up in sorted(state["upstreams"].items()):
-        print(f"upstream {version}:  http://127.0.0.1:{up['port']}/  (faults: http://127.0.0.1:{up['admin_port']}/admin/fault)")
-    print(f"timeline:     {state['events_file']}")
+        print(f"upstream {version}:  {', '.join(up.get('addresses') or [])} port {up['port']}  "
+              f"(faults: http://127.0.0.1:{up['admin_port']}/admin/fault)")
 
 
 def cmd_status(args):
@@ -189,11 +195,12 @@ def cmd_env(args):
 
 def cmd_weight(args):
     state = _state(args.run_dir)
-    lab = meshlab.MeshLab(run_dir=state["run_dir"])
-    lab.kubeconfig = state["kubeconfig"]
+    lab = meshlab.MeshLab.attach(state)
     generation = lab.set_canary_weight(args.weight)
-    observed = lab.wait_reconciled(generation, timeout=30)
-    print(f"v2 weight {args.weight}: generation {generation}, reconciled (observedGeneration {observed})")
+    started = time.monotonic()
+    served = lab.wait_programmed(timeout=30)
+    print(f"v2 weight {args.weight}: generation {generation}, Envoy serves {json.dumps(served)} "
+          f"({time.monotonic() - started:.2f} s after the patch)")
     return 0
 
 
@@ -218,6 +225,7 @@ def cmd_load(args):
     state = _state(args.run_dir)
     headers = dict(h.split(":", 1) for h in args.header)
     requests = args.requests if args.requests is not None else int(args.rps * args.seconds)
+    headers = dict({"Host": state["host_header"]}, **headers)
     res = run_load(state["url"], requests, args.seconds, args.rps, args.concurrency, headers)
     print(json.dumps(res.as_dict(), indent=1))
     return 0

@@ -19,7 +19,7 @@ from collections import Counter
 from urllib.parse import urlsplit
 
 VERSION_HEADER = "x-lab-version"
-LAB_POD_NETWORK = "10.213.0.0/24"  # lab/controlplane.py POD_CIDR: routed to lo while the lab runs
+LAB_POD_NETWORK = "10.213.0.0/17"  # lab/controlplane.py POD_NETWORK: routed to lo while a lab runs
 
 
 def _local(host):

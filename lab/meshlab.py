@@ -394,11 +394,34 @@ class MeshLab:
         return wait_fresh(self.prometheus_url, self.envoy_admin_url, timeout)
 
     # -- attach to a running lab (labctl) -------------------------------------------------------
+    @classmethod
+    def attach(cls, state):
+        """A handle on a lab another process runs (its state.json): weights, faults, load, queries."""
+        lab = cls(run_dir=state["run_dir"])
+        lab._own_cluster = False
+        lab.cluster = _Attached(state["kubeconfig"])
+        lab.kubeconfig, lab.kube_url, lab.url = state["kubeconfig"], state["kube_url"], state["url"]
+        lab.envoy_admin_url, lab.prometheus_url = state["envoy_admin_url"], state["prometheus_url"]
+        lab.upstreams = state["upstreams"]
+        return lab
+
     @staticmethod
     def read_state(run_dir=None):
         path = os.path.join(os.path.abspath(run_dir or DEFAULT_RUN_DIR), "state.json")
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
+
+
+class _Attached:
+    """The cluster of a lab run by another process: just its API."""
+
+    def __init__(self, kubeconfig):
+        self.kubeconfig = kubeconfig
+
+    def api_client(self):
+        from kubernetes import config
+
+        return config.new_client_from_config(config_file=self.kubeconfig)
 
 
 def set_fault(upstreams, version, doc):

@@ -1,10 +1,11 @@
 """Prometheus configuration for the lab: scrape Envoy every second, rebuild Istio's standard metrics.
 
-Envoy's own per-cluster stats (cluster names `outbound|8080|v2|payment.lab.svc.cluster.local`) are turned
+Envoy's own per-cluster stats (clusters named by istiod `outbound|9080|v2|payment.lab.svc.cluster.local`, tagged
+`cluster_name` and `response_code` by Istio's stats tags in the lab's bootstrap) are turned
 into Istio's metric names and labels in two steps:
   1. metric_relabel_configs (at scrape): the cluster name gives destination_service/_name/_namespace,
      destination_version (the subset), destination_workload (`<service>-<subset>`, the lab's Deployment
-     names) and destination_workload_namespace; envoy_response_code becomes response_code.
+     names) and destination_workload_namespace; response_code stays as Envoy tags it.
   2. recording rules (every second) give the series the names Istio's telemetry uses:
        istio_requests_total                          <- envoy_cluster_upstream_rq
        istio_request_duration_milliseconds_bucket/_sum/_count <- envoy_cluster_upstream_rq_time_*
@@ -21,7 +22,7 @@ _CLUSTER_RE = r"outbound\|([0-9]+)\|([^|]*)\|([^.|]+)\.([^.|]+)\.svc\.cluster\.l
 
 
 def _from_cluster(target, replacement):
-    return {"source_labels": ["envoy_cluster_name"], "regex": _CLUSTER_RE,
+    return {"source_labels": ["cluster_name"], "regex": _CLUSTER_RE,
             "target_label": target, "replacement": replacement, "action": "replace"}
 
 
@@ -39,13 +40,11 @@ def scrape_config(envoy_admin, job="envoy-lab", interval="1s"):
         _from_cluster("destination_workload_namespace", "$4"),
         _from_cluster("destination_app", "$3"),
         _from_cluster("destination_canonical_service", "$3"),
-        {"source_labels": ["envoy_response_code"], "regex": "(.+)", "target_label": "response_code",
-         "replacement": "$1", "action": "replace"},
     ]
     for label, value in SOURCE.items():
-        relabel.append({"source_labels": ["envoy_cluster_name"], "regex": "outbound\\|.*", "target_label": label,
+        relabel.append({"source_labels": ["cluster_name"], "regex": "outbound\\|.*", "target_label": label,
                         "replacement": value, "action": "replace"})
-    relabel.append({"source_labels": ["envoy_cluster_name"], "regex": "outbound\\|.*",
+    relabel.append({"source_labels": ["cluster_name"], "regex": "outbound\\|.*",
                     "target_label": "request_protocol", "replacement": "http", "action": "replace"})
     return {
         "job_name": job,
@@ -61,7 +60,7 @@ def recording_rules(interval="1s"):
     only_mesh = '{destination_workload!=""}'
     # upstream_rq_200 and upstream_rq_2xx both become envoy_cluster_upstream_rq: keep the per-code series only
     with_code = '{destination_workload!="", response_code!=""}'
-    drop = "envoy_cluster_name, envoy_response_code"
+    drop = "cluster_name"
     rules = []
     for reporter in ("destination", "source"):
         rules += [
@@ -69,13 +68,13 @@ def recording_rules(interval="1s"):
              "expr": f"sum without ({drop}) (envoy_cluster_upstream_rq{with_code})",
              "labels": {"reporter": reporter}},
             {"record": "istio_request_duration_milliseconds_bucket",
-             "expr": f"sum without (envoy_cluster_name) (envoy_cluster_upstream_rq_time_bucket{only_mesh})",
+             "expr": f"sum without (cluster_name) (envoy_cluster_upstream_rq_time_bucket{only_mesh})",
              "labels": {"reporter": reporter}},
             {"record": "istio_request_duration_milliseconds_sum",
-             "expr": f"sum without (envoy_cluster_name) (envoy_cluster_upstream_rq_time_sum{only_mesh})",
+             "expr": f"sum without (cluster_name) (envoy_cluster_upstream_rq_time_sum{only_mesh})",
              "labels": {"reporter": reporter}},
             {"record": "istio_request_duration_milliseconds_count",
-             "expr": f"sum without (envoy_cluster_name) (envoy_cluster_upstream_rq_time_count{only_mesh})",
+             "expr": f"sum without (cluster_name) (envoy_cluster_upstream_rq_time_count{only_mesh})",
              "labels": {"reporter": reporter}},
         ]
     return {"groups": [{"name": "istio-standard-metrics-from-envoy", "interval": interval, "rules": rules}]}

@@ -70,6 +70,12 @@ fi
 mkdir -p "$COLLECTIONS/onprem"
 [ -L "$COLLECTIONS/onprem/mesh" ] || ln -sfn ../../.. "$COLLECTIONS/onprem/mesh"
 
+# The real control plane of the lab and the tests, built once from its Go modules into a versioned cache
+# (~/.cache/onprem-mesh/bin/<component>-<version>-<hash>/): kube-apiserver, controller-manager, scheduler,
+# kubectl (Kubernetes), etcd, KWOK, istiod and istioctl (Istio). Cold: about 15 minutes on 2 cores.
+command -v go >/dev/null || { echo "bootstrap: Go (>= 1.26) is needed to build the control plane: install it and rerun" >&2; exit 1; }
+python3 tools/controlplane/build.py
+
 # ansible-test sanity bootstraps pip in its venvs from a script it downloads from a host that is
 # unreachable here. Provide that script, built on the pip wheel from PyPI.
 cache="$HOME/.ansible/test/cache"
