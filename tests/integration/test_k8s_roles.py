@@ -251,18 +251,18 @@ def istio_vars(mirror, tmp_path, sha):
 
 
 def test_istioctl_installed_versioned_and_linked(mirror, tmp_path):
-    sha = mirror.put(f"istio/1.28.0/istioctl-1.28.0-linux-{ARCH}.tar.gz", tarball({"istioctl": script("istioctl")}))
+    sha = mirror.put(f"istio/1.30.3/istioctl-1.30.3-linux-{ARCH}.tar.gz", tarball({"istioctl": script("istioctl")}))
     rc, out = steps(tmp_path, "istio", ["preflight.yml", "download.yml", "istioctl.yml"], **istio_vars(mirror, tmp_path, sha))
     assert rc == 0, out
-    binary = tmp_path / "lib" / "istio" / "1.28.0" / "istioctl"
+    binary = tmp_path / "lib" / "istio" / "1.30.3" / "istioctl"
     assert binary.read_bytes() == script("istioctl")
-    assert os.readlink(tmp_path / "bin" / "istioctl-1.28.0") == str(binary) == os.readlink(tmp_path / "bin" / "istioctl")
-    out = subprocess.run([str(tmp_path / "bin" / "istioctl-1.28.0")], capture_output=True, text=True, check=True).stdout
+    assert os.readlink(tmp_path / "bin" / "istioctl-1.30.3") == str(binary) == os.readlink(tmp_path / "bin" / "istioctl")
+    out = subprocess.run([str(tmp_path / "bin" / "istioctl-1.30.3")], capture_output=True, text=True, check=True).stdout
     assert "istioctl fake build" in out
 
 
 def test_istioctl_corrupted_tarball_refused(mirror, tmp_path):
-    mirror.put(f"istio/1.28.0/istioctl-1.28.0-linux-{ARCH}.tar.gz", tarball({"istioctl": script("evil")}))
+    mirror.put(f"istio/1.30.3/istioctl-1.30.3-linux-{ARCH}.tar.gz", tarball({"istioctl": script("evil")}))
     sha = hashlib.sha256(tarball({"istioctl": script("istioctl")})).hexdigest()
     rc, out = steps(tmp_path, "istio", ["download.yml", "istioctl.yml"], **istio_vars(mirror, tmp_path, sha))
     assert rc != 0 and "Checksum mismatch" in out and f"istio_istioctl_sha256.{ARCH}" in out, out
@@ -270,7 +270,7 @@ def test_istioctl_corrupted_tarball_refused(mirror, tmp_path):
 
 
 def test_istioctl_without_checksum_is_never_downloaded(mirror, tmp_path):
-    mirror.put(f"istio/1.28.0/istioctl-1.28.0-linux-{ARCH}.tar.gz", tarball({"istioctl": script("istioctl")}))
+    mirror.put(f"istio/1.30.3/istioctl-1.30.3-linux-{ARCH}.tar.gz", tarball({"istioctl": script("istioctl")}))
     rc, out = steps(tmp_path, "istio", ["download.yml"], **istio_vars(mirror, tmp_path, None))
     assert rc != 0 and f"set istio_istioctl_sha256.{ARCH}" in out and ".sha256" in out, out
     assert not mirror.log
@@ -331,10 +331,10 @@ def test_render_single_control_plane_defaults(tmp_path):
     assert node["containerd"]["root"].endswith("/root/var/lib/containerd")
     assert node["containerd"]["plugins"]["io.containerd.grpc.v1.cri"]["sandbox_image"] == "registry.k8s.io/pause:3.10.1"
     # Istio defaults: telemetry on, a small trace sampling, sidecar requests, no limits, revision from the version.
-    assert name == "istio-operator-1-28-0.yaml"
+    assert name == "istio-operator-1-30-3.yaml"
     assert iop["apiVersion"] == "install.istio.io/v1alpha1" and iop["kind"] == "IstioOperator"
     spec = iop["spec"]
-    assert spec["profile"] == "default" and spec["revision"] == "1-28-0" and "hub" not in spec
+    assert spec["profile"] == "default" and spec["revision"] == "1-30-3" and "hub" not in spec
     assert spec["meshConfig"] == {"accessLogFile": "/dev/stdout", "enablePrometheusMerge": True, "enableTracing": True}
     assert spec["values"]["pilot"]["traceSampling"] == 1.0
     assert spec["values"]["global"]["proxy"]["resources"] == {"requests": {"cpu": "100m", "memory": "128Mi"}}
@@ -355,7 +355,7 @@ def test_render_ha_cluster(tmp_path):
         assert cluster["etcd"]["local"]["dataDir"] == "/var/lib/onprem-nvme/etcd"
         assert node["containerd"]["root"].endswith("/root/var/lib/onprem-nvme/containerd")
     spec = iop["spec"]
-    assert spec["revision"] == "1-28-0" and spec["values"]["pilot"]["traceSampling"] == 0.5
+    assert spec["revision"] == "1-30-3" and spec["values"]["pilot"]["traceSampling"] == 0.5
     assert spec["values"]["global"]["proxy"]["resources"] == {"requests": {"cpu": "50m", "memory": "96Mi"},
                                                               "limits": {"memory": "256Mi"}}
 
