@@ -440,22 +440,35 @@ def prom_query(prometheus_url, promql, timeout=10.0):
     return data["data"]["result"]
 
 
-def wait_fresh(prometheus_url, envoy_admin_url, timeout=15.0):
-    """Bounded wait until the recorded istio_requests_total and the histogram's _count equal Envoy's live
-    counters: everything sent so far is in Prometheus (call it after a load run has finished)."""
+def wait_fresh(prometheus_url, envoy_admin_url, timeout=15.0, flush_interval=1.0):
+    """Bounded wait until Prometheus holds everything Envoy counted before this call (call it after a load run has
+    finished): the recorded istio_requests_total equals Envoy's live per-code counters, and the histogram's _count
+    equals Envoy's own upstream_rq_time sample count as of a stats flush (bootstrap: every flush_interval) after this
+    call. A request Envoy answered without an upstream answer (a route timeout's 504, a refused connection's 503) has
+    a response code but no duration sample, so the histogram may count fewer requests than the counters."""
     per_code = re.compile(r"^cluster\.outbound\|[^|]*\|[^|]*\|[^|]*\.svc\.cluster\.local;?\.upstream_rq_[0-9]{3}$")
+    per_hist = re.compile(r'^envoy_cluster_upstream_rq_time_count\{cluster_name="outbound\|[^|]*\|[^|]*\|[^|"]*'
+                          r'\.svc\.cluster\.local"\} (\S+)$', re.M)
+    called = time.monotonic()
 
     def envoy_total():
         with urllib.request.urlopen(f"{envoy_admin_url}/stats?format=json&filter=upstream_rq_[0-9]", timeout=5) as r:
             stats = json.load(r).get("stats") or []
         return sum(s.get("value", 0) for s in stats if per_code.match(s.get("name", "")))
 
+    def envoy_histogram_count():
+        with urllib.request.urlopen(f"{envoy_admin_url}/stats/prometheus?filter=upstream_rq_time", timeout=5) as r:
+            return sum(float(v) for v in per_hist.findall(r.read().decode()))
+
+    def recorded(metric):
+        res = prom_query(prometheus_url, f'sum({metric}{{reporter="destination"}})')
+        return float(res[0]["value"][1]) if res else 0.0
+
     def fresh():
-        want = envoy_total()
-        got = []
-        for metric in ("istio_requests_total", "istio_request_duration_milliseconds_count"):
-            res = prom_query(prometheus_url, f'sum({metric}{{reporter="destination"}})')
-            got.append(float(res[0]["value"][1]) if res else 0.0)
-        return all(g == want for g in got) and (want, got)
+        if time.monotonic() - called < flush_interval + 0.25:  # histograms reach the admin at Envoy's stats flush
+            return None
+        want = (envoy_total(), envoy_histogram_count())
+        got = (recorded("istio_requests_total"), recorded("istio_request_duration_milliseconds_count"))
+        return got == want and (want, got)
 
     return procs.wait_for(fresh, timeout, interval=0.25, what="Prometheus to record Envoy's latest counters")
