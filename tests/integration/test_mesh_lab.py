@@ -135,21 +135,24 @@ def fresh(lab):  # pylint: disable=redefined-outer-name
 
 
 class Window:
-    """A PromQL range that covers only what happens after start(): call start() right after a wait_scraped(), so
-    every sample in the range already holds the earlier traffic and increase()/rate() see only the new one."""
+    """A PromQL range over what happens after start() - the canary modules' queries, without the traffic of earlier
+    tests in the same lab. Call start() right after a wait_scraped(): it waits (bounded) for a rule evaluation after
+    that point, so the range begins with a sample that holds all earlier traffic and none of what follows."""
 
-    def __init__(self):
+    def __init__(self, lab_):
+        self.lab = lab_
         self.began = None
 
     def start(self):
-        self.began = time.monotonic()
+        self.began = time.time()
+        latest = 'max(timestamp(istio_requests_total{reporter="destination"}))'
+        procs.wait_for(lambda: (_value(self.lab, latest) or 0) > self.began, 15, interval=0.1,
+                       what="Prometheus' first rule evaluation of the window")
+        return self
 
     def __str__(self):
-        elapsed = time.monotonic() - self.began
-        if elapsed < 3:  # at least two samples (scrape and rule evaluation every second)
-            time.sleep(3 - elapsed)
-            elapsed = 3
-        return "%ds" % int(elapsed)
+        elapsed = time.time() - self.began
+        return "%ds" % max(3, math.ceil(elapsed))  # ceil: the range reaches back to before the first new sample
 
 
 def _success_rate_query(workload, window):
@@ -370,8 +373,7 @@ def test_prometheus_counts_match_load(fresh):  # pylint: disable=redefined-outer
     # increments from before its first scrape (in Istio too), which would add noise to the rate comparison.
     warm = lab.load(requests=500, seconds=30, concurrency=4)
     lab.wait_scraped()
-    window = Window()
-    window.start()
+    window = Window(lab).start()
     count = 'sum by (destination_version) (istio_requests_total{reporter="%s",destination_workload_namespace="lab"})'
     ok = 'sum by (destination_version) (istio_requests_total{reporter="destination",destination_workload=~"payment-v.",response_code="200"})'
     inf = ('sum(istio_request_duration_milliseconds_bucket{reporter="destination",destination_workload="payment-v2",'
@@ -409,8 +411,7 @@ def test_errors_show_in_success_rate(fresh):  # pylint: disable=redefined-outer-
     # (a counter's increments before its first scrape are invisible to rate(), in Istio too).
     lab.load(requests=300, seconds=30, concurrency=4)
     lab.wait_scraped()
-    window = Window()
-    window.start()
+    window = Window(lab).start()
     res = lab.load(requests=3000, seconds=60, rps=1000, concurrency=8)
     assert res.completed == 3000, res.as_dict()
     lab.wait_scraped()
@@ -432,8 +433,7 @@ def test_latency_and_crash_faults(fresh):  # pylint: disable=redefined-outer-nam
     lab.wait_programmed()
     lab.load(requests=100, seconds=30, concurrency=4)  # both versions' histogram series exist
     lab.wait_scraped()
-    window = Window()
-    window.start()
+    window = Window(lab).start()
     lab.fault("v2", latency_ms=300)
     res = lab.load(requests=400, seconds=60, concurrency=16)
     assert res.completed == 400, res.as_dict()
