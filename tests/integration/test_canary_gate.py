@@ -2,15 +2,19 @@
 
 One Prometheus and one exporter for the module; every scenario has its own canary workload, whose steady traffic
 starts when the fixture starts, so the 10 s analysis window has data by the time the playbooks run.
+The workload checks (workload_ready, no_restarts) read real Deployments and pods on the lab's control plane.
 """
 import datetime
 import json
 import os
+import socket
 import subprocess
 import sys
 
 import pytest
+from kubernetes import client
 
+from canary_cluster import deployment, pods_of, readme_role_rules, record_restarts, wait_for, wait_for_deployment  # pylint: disable=import-error
 from prometheus_harness import IstioExporter, PrometheusHarness, prometheus_available  # pylint: disable=import-error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -217,134 +221,125 @@ def test_prometheus_stopped_follows_the_error_policy(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Workload checks against the test Kubernetes API (tests/support/k8s_double)
+# Workload checks on the lab's real control plane (tests/support/cluster_fixtures.py): Deployments rolled out by the
+# controller-manager, their pods scheduled by kube-scheduler and run by KWOK; the module reads them as a
+# ServiceAccount bound to exactly the README's Role.
 # ------------------------------------------------------------------------------------------------
-
-def _k8s_double():
-    try:
-        import k8s_double  # pylint: disable=import-error,import-outside-toplevel
-        from kubernetes import client  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-        pytest.skip("the test Kubernetes API or the kubernetes library is not available: %s" % e)
-    return k8s_double, client
-
 
 def _iso(seconds_ago):
     return (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=seconds_ago)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _pod(name, workload, restarts=0, finished=None):
-    status = {"name": "app", "restartCount": restarts, "ready": True, "image": "reviews:2", "imageID": "",
-              "state": {"running": {"startedAt": _iso(1)}}}
-    if finished is not None:
-        status["lastState"] = {"terminated": {"exitCode": 137, "reason": "OOMKilled", "finishedAt": finished}}
-    return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": NS, "labels": {"app": "reviews", "workload": workload}},
-            "spec": {"containers": [{"name": "app", "image": "reviews:2"}]},
-            "status": {"phase": "Running", "containerStatuses": [status]}}
+@pytest.fixture
+def gate_kubeconfig(cluster, ns, tmp_path):
+    """A kubeconfig of ServiceAccount `canary` in ns, bound to exactly the README's Role (TLS verified by its CA)."""
+    return cluster.service_account_kubeconfig(ns, "canary", readme_role_rules(), str(tmp_path / "canary.kubeconfig"))
 
 
-def _deployment(name, replicas=2):
-    labels = {"app": "reviews", "workload": name}
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": NS},
-            "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
-                     "template": {"metadata": {"labels": labels}, "spec": {"containers": [{"name": "app", "image": "reviews:2"}]}}}}
+def rolled_out(cluster, ns, name, replicas=2, pod_spec=None, available=None):
+    """Create Deployment `name` and wait (bounded) until the controller reports `available` (default: all) replicas."""
+    apps = client.AppsV1Api(cluster.api_client())
+    apps.create_namespaced_deployment(ns, deployment(name, replicas, pod_spec=pod_spec))
+    return wait_for_deployment(apps, ns, name, available=replicas if available is None else available, updated=replicas)
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """The test Kubernetes API with namespace shop: reviews-healthy (rolled out, 2 pods without restarts),
-    reviews-errors (rolled out, a pod that restarted twice), reviews-slow (1 of 2 replicas available)."""
-    k8s_double, client = _k8s_double()
-    with k8s_double.start(port=0, workdir=str(tmp_path_factory.mktemp("k8s-double"))) as handle:
-        conf = client.Configuration()
-        conf.host = handle.url
-        conf.api_key = {"authorization": "Bearer %s" % handle.token}
-        api = client.ApiClient(conf)
-        core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
-        core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
-        for name in ("reviews-healthy", "reviews-errors"):
-            apps.create_namespaced_deployment(NS, _deployment(name))
-        core.create_namespaced_pod(NS, _pod("reviews-healthy-a", "reviews-healthy"))
-        core.create_namespaced_pod(NS, _pod("reviews-healthy-b", "reviews-healthy"))
-        core.create_namespaced_pod(NS, _pod("reviews-errors-a", "reviews-errors", restarts=2, finished=_iso(5)))
-        handle.api.controllers = False  # from here on nobody marks Deployments rolled out
-        apps.create_namespaced_deployment(NS, _deployment("reviews-slow"))
-        apps.patch_namespaced_deployment_status("reviews-slow", NS, {"status": {
-            "observedGeneration": 1, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 1}})
-        handle.client = api
-        handle.core = core
-        yield handle
-        api.close()
-
-
-def k8s_vars(handle):
-    return dict(gate_k8s_host=handle.url, gate_k8s_api_key=handle.token, gate_k8s_validate_certs=False)
+def k8s_vars(kubeconfig):
+    return dict(gate_k8s_kubeconfig=kubeconfig)
 
 
 READY = dict(name="ready", type="workload_ready")
 RESTARTS = dict(name="restarts", type="no_restarts")
 
 
-def test_full_gate_on_metrics_and_workload_passes(prom, cluster, tmp_path):
-    rc, result, out = run_gate(tmp_path, gate_prometheus_url=prom.url, gate_workload="reviews-healthy",
-                               gate_checks=[SR, P99, READY, RESTARTS], **k8s_vars(cluster))
+def test_full_gate_on_metrics_and_workload_passes(prom, cluster, ns, gate_kubeconfig, tmp_path):
+    rolled_out(cluster, ns, "reviews-healthy")
+    # the metrics of this namespace's canary: steady healthy traffic, enough samples for the window (bounded wait)
+    prom.exporter.set_traffic(ns, "reviews-healthy", "v2", **TRAFFIC["reviews-healthy"])
+    try:
+        prom.wait_for_series('istio_requests_total{destination_workload_namespace="%s",destination_workload="reviews-healthy"}' % ns,
+                             min_samples=6, timeout=90)
+        rc, result, out = run_gate(tmp_path, gate_namespace=ns, gate_prometheus_url=prom.url, gate_workload="reviews-healthy",
+                                   gate_checks=[SR, P99, READY, RESTARTS], **k8s_vars(gate_kubeconfig))
+    finally:
+        prom.exporter.stop_traffic(ns, "reviews-healthy", "v2")
     assert rc == 0, out
     checks = by_name(result)
+    assert checks["errors"]["value"] == pytest.approx(100.0)
     assert checks["ready"]["value"] == 2 and "2/2 replicas available" in checks["ready"]["reason"]
     assert checks["restarts"]["value"] == 0 and "in 2 pods" in checks["restarts"]["reason"]
 
 
-def test_restart_in_the_window_fails_no_restarts(cluster, tmp_path):
-    # No baseline here: with a 1 h window the pod (created minutes ago) counts all its restarts, whenever this runs.
-    rc, result, out = run_gate(tmp_path, gate_workload="reviews-errors", gate_checks=[READY, RESTARTS], gate_window="1h",
-                               **k8s_vars(cluster))
-    assert rc != 0
+def test_restart_in_the_window_fails_no_restarts(cluster, ns, gate_kubeconfig, tmp_path):
+    rolled_out(cluster, ns, "reviews-errors")
+    core = cluster.core()
+    restarted, other = pods_of(core, ns, "reviews-errors")
+    record_restarts(core, ns, restarted, 2, finished_at=_iso(5))
+    # No baseline here: with a 1 h window the pod (created seconds ago) counts all its restarts, whenever this runs.
+    rc, result, out = run_gate(tmp_path, gate_namespace=ns, gate_workload="reviews-errors", gate_checks=[READY, RESTARTS],
+                               gate_window="1h", **k8s_vars(gate_kubeconfig))
+    assert rc != 0, out
     checks = by_name(result)
     assert checks["ready"]["verdict"] == "pass" and checks["restarts"]["verdict"] == "fail"
-    assert "reviews-errors-a/app +2 (restartCount 2)" in result["msg"]
+    assert checks["restarts"]["value"] == 2
+    assert "%s/app +2 (restartCount 2)" % restarted["metadata"]["name"] in result["msg"]
+    assert other["metadata"]["name"] not in result["msg"]
 
 
-def test_unavailable_replicas_fail_workload_ready(cluster, tmp_path):
-    rc, result, out = run_gate(tmp_path, gate_workload="reviews-slow", gate_checks=[READY], **k8s_vars(cluster))
-    assert rc != 0 and by_name(result)["ready"]["value"] == 1 and "1/2 replicas available" in result["msg"]
-    rc, result, out = run_gate(tmp_path, gate_workload="reviews-slow", gate_checks=[dict(READY, min_available=1)],
-                               **k8s_vars(cluster))
+def test_unavailable_replicas_fail_workload_ready(cluster, ns, gate_kubeconfig, tmp_path):
+    # Two replicas that may not share a topology domain "type" - and every lab node has type=kwok: the scheduler
+    # places one pod and leaves the other Pending, so the controller truthfully reports 1 of 2 available.
+    one_per_domain = {"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"labelSelector": {"matchLabels": {"workload": "reviews-slow"}}, "topologyKey": "type"}]}}}
+    rolled_out(cluster, ns, "reviews-slow", replicas=2, pod_spec=one_per_domain, available=1)
+    core = cluster.core()
+
+    def unschedulable():
+        return [p for p in pods_of(core, ns, "reviews-slow")
+                if any(c["type"] == "PodScheduled" and c["status"] == "False" and c.get("reason") == "Unschedulable"
+                       for c in (p.get("status") or {}).get("conditions") or [])]
+
+    assert len(wait_for(unschedulable, "the second reviews-slow pod to be reported Unschedulable")) == 1
+    rc, result, out = run_gate(tmp_path, gate_namespace=ns, gate_workload="reviews-slow", gate_checks=[READY],
+                               **k8s_vars(gate_kubeconfig))
+    assert rc != 0 and by_name(result)["ready"]["value"] == 1 and "1/2 replicas available" in result["msg"], out
+    rc, result, out = run_gate(tmp_path, gate_namespace=ns, gate_workload="reviews-slow", gate_checks=[dict(READY, min_available=1)],
+                               **k8s_vars(gate_kubeconfig))
     assert rc == 0, out
+    assert by_name(result)["ready"]["value"] == 1
 
 
-def test_missing_deployment_fails_without_retries(cluster, tmp_path):
-    rc, result, out = run_gate(tmp_path, gate_workload="reviews-nope", gate_checks=[READY], gate_retry_for=30,
-                               **k8s_vars(cluster))
-    assert rc != 0 and by_name(result)["ready"]["attempts"] == 1
-    assert "Kubernetes API answered 404" in result["msg"] and "reviews-nope" in result["msg"]
+def test_missing_deployment_fails_without_retries(ns, gate_kubeconfig, tmp_path):
+    rc, result, out = run_gate(tmp_path, gate_namespace=ns, gate_workload="reviews-nope", gate_checks=[READY], gate_retry_for=30,
+                               **k8s_vars(gate_kubeconfig))
+    assert rc != 0 and by_name(result)["ready"]["attempts"] == 1, out
+    assert "Kubernetes API answered 404" in result["msg"] and 'deployments.apps "reviews-nope" not found' in result["msg"]
 
 
-def test_baseline_then_restart_through_the_official_client(cluster):
+def test_baseline_then_restart_through_the_official_client(cluster, ns, gate_kubeconfig):
     """What canary_rollout does per step: start_window() takes the baseline, evaluate() compares with it."""
     from ansible_collections.onprem.mesh.plugins.module_utils.canary_checks import CanaryGate  # pylint: disable=import-outside-toplevel
 
-    gate = CanaryGate(dict(checks=[RESTARTS, READY], retry_inconclusive_for=0), dict(namespace=NS, workload="reviews-healthy"),
-                      k8s=cluster.client)
+    rolled_out(cluster, ns, "reviews-healthy")
+    core = cluster.core()
+    pods = pods_of(core, ns, "reviews-healthy")
+    gate = CanaryGate(dict(checks=[RESTARTS, READY], retry_inconclusive_for=0), dict(namespace=ns, workload="reviews-healthy"),
+                      k8s=cluster.api_client(gate_kubeconfig))
     token = gate.start_window()
-    assert sorted(p["name"] for p in token["restarts"].values()) == ["reviews-healthy-a", "reviews-healthy-b"]
+    assert sorted(p["name"] for p in token["restarts"].values()) == [p["metadata"]["name"] for p in pods]
     assert gate.evaluate(token)["verdict"] == "pass"
-    cluster.core.patch_namespaced_pod_status("reviews-healthy-a", NS, {"status": {"containerStatuses": [
-        {"name": "app", "restartCount": 1, "ready": True, "image": "reviews:2", "imageID": ""}]}})
-    try:
-        result = gate.evaluate(token)
-        assert result["verdict"] == "fail" and result["checks"][0]["value"] == 1
-        assert "reviews-healthy-a/app +1" in result["checks"][0]["reason"]
-    finally:
-        cluster.core.patch_namespaced_pod_status("reviews-healthy-a", NS, {"status": {"containerStatuses": [
-            {"name": "app", "restartCount": 0, "ready": True, "image": "reviews:2", "imageID": ""}]}})
+    record_restarts(core, ns, pods[0], 1)
+    result = gate.evaluate(token)
+    assert result["verdict"] == "fail" and result["checks"][0]["value"] == 1
+    assert "%s/app +1" % pods[0]["metadata"]["name"] in result["checks"][0]["reason"]
+    assert pods[1]["metadata"]["name"] not in result["checks"][0]["reason"]
 
 
 def test_kubernetes_api_down_follows_the_error_policy(tmp_path):
-    k8s_double, dummy = _k8s_double()
-    handle = k8s_double.start(port=0, workdir=str(tmp_path / "k8s-double"))
-    url, token = handle.url, handle.token
-    handle.stop()
+    with socket.socket() as sock:  # a port on 127.0.0.1 that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     rc, result, out = run_gate(tmp_path, gate_workload="reviews-healthy", gate_checks=[READY], gate_on_error="fail",
-                               gate_k8s_host=url, gate_k8s_api_key=token, gate_k8s_validate_certs=False)
-    assert rc != 0 and "(on_error: fail)" in result["msg"] and "Kubernetes API unreachable" in result["msg"]
+                               gate_k8s_host="https://127.0.0.1:%d" % port, gate_k8s_api_key="unused")
+    assert rc != 0, out
+    assert "(on_error: fail)" in result["msg"] and "Kubernetes API unreachable" in result["msg"]
+    assert by_name(result)["ready"]["attempts"] == 1
