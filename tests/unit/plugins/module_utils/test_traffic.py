@@ -6,6 +6,7 @@ __metaclass__ = type
 
 import copy
 import os
+import sys
 
 import pytest
 import yaml
@@ -15,13 +16,25 @@ from ansible_collections.onprem.mesh.plugins.module_utils.traffic import Traffic
 from ansible_collections.onprem.mesh.tests.unit.plugins.module_utils.fake_istio import FakeIstio
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SAMPLES = os.path.join(os.environ.get("ONPREM_MESH_ISTIO_DATA") or os.path.join(HERE, "..", "..", "..", "..", "..", "shared", "istio"), "samples")
+# Istio's Bookinfo samples come with the control plane's build cache (tools/controlplane, `make setup`).
+CONTROLPLANE_TOOLS = os.path.join(HERE, "..", "..", "..", "..", "tools", "controlplane")
+
+
+def samples_dir():
+    if CONTROLPLANE_TOOLS not in sys.path:
+        sys.path.insert(0, CONTROLPLANE_TOOLS)
+    try:
+        import components  # pylint: disable=import-error,import-outside-toplevel
+        return str(components.data_path("istio", "samples"))
+    except (ImportError, FileNotFoundError) as exc:
+        pytest.fail("Istio's Bookinfo samples are not available from the control plane's build cache: %s" % exc, pytrace=False)
 
 
 def sample(name):
-    path = os.path.join(SAMPLES, name)
-    if not os.path.exists(path):
-        pytest.skip("Istio samples not found at %s (set ONPREM_MESH_ISTIO_DATA)" % SAMPLES)
+    path = os.path.join(samples_dir(), name)
+    if not os.path.isfile(path):
+        pytest.fail("Istio sample %s is missing from %s: rebuild with `make setup` (tools/controlplane/build.py)"
+                    % (name, os.path.dirname(path)), pytrace=False)
     with open(path) as f:
         return [d for d in yaml.safe_load_all(f) if d]
 
