@@ -199,8 +199,8 @@ def test_traffic_split_without_one_verb_of_the_readme_role_names_it(cluster, ns,
     ("deployments", "get", "ready"),
     ("pods", "list", "restarts"),
 ])
-def test_rollout_workload_checks_without_one_verb_of_the_readme_role_name_it(cluster, ns, api, health, tmp_path, resource,
-                                                                              verb, check):
+def test_rollout_workload_checks_without_one_verb_of_the_readme_role_name_it(
+        cluster, ns, api, health, tmp_path, resource, verb, check):
     bookinfo(api, ns)
     reviews_v2(cluster, ns)
     rules = without_verb(readme_role_rules(), resource, verb)
@@ -474,8 +474,8 @@ def test_rollout_refuses_while_another_holds_the_lease_and_resumes_a_recorded_st
     assert [e["weight"] for e in result["timeline"]] == [50, 100]
 
 
-def test_rollout_step_write_after_a_concurrent_change_is_refused_and_rolled_back(cluster, ns, api, module_kubeconfig,
-                                                                                  health, tmp_path):
+def test_rollout_step_write_after_a_concurrent_change_is_refused_and_rolled_back(
+        cluster, ns, api, module_kubeconfig, health, tmp_path):
     """Another client annotates the VirtualService between the rollout's read and its write of step 2. The rollout
     guards each write with a test of metadata.resourceVersion, so the real server refuses it (HTTP 422) and the other
     client's annotation stays. The module then treats the refusal as an error in the middle of the rollout: it rolls

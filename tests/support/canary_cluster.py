@@ -66,7 +66,7 @@ def wait_for(predicate, what, timeout=60.0, interval=0.2):
     """Poll `predicate` until it returns something true; bounded in count and time. Returns the last value."""
     deadline = time.monotonic() + timeout
     value = None
-    for _ in range(int(timeout / interval) + 1):
+    for dummy in range(int(timeout / interval) + 1):
         value = predicate()
         if value or time.monotonic() > deadline:
             break
@@ -197,12 +197,12 @@ class ApiRelay:
                 if action is not None:
                     try:
                         action()
-                    except Exception as exc:  # pylint: disable=broad-except - reported to the test through errors
-                        relay.errors.append(repr(exc))
+                    except Exception as exc:  # pylint: disable=broad-except
+                        relay.errors.append(repr(exc))  # the test asserts there are none
                 try:
                     status, reason, resp_headers, data = relay._forward(self.command, self.path, headers, body)
                 except Exception as exc:  # pylint: disable=broad-except
-                    relay.errors.append(repr(exc))
+                    relay.errors.append(repr(exc))  # and the client gets a 502
                     status, reason, resp_headers, data = 502, "Bad Gateway", [], repr(exc).encode()
                 self.send_response(status, reason)
                 for key, value in resp_headers:
