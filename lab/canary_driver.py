@@ -88,10 +88,26 @@ class CanaryRun:
         return self
 
     def kill(self):
-        """SIGKILL the whole process group, as when a job runner dies."""
-        os.killpg(self.proc.pid, signal.SIGKILL)
+        """SIGKILL ansible-playbook and every process under it, as when a job runner dies. Its process group is not
+        enough: Ansible's workers call setsid(), and a worker left alive would go on running the module. Returns the
+        PIDs it killed."""
+        tree = {self.proc.pid}
+        try:
+            os.killpg(self.proc.pid, signal.SIGSTOP)  # nothing forks while the tree is collected
+            for _ in range(10):  # bounded: stop until no new descendant appears
+                found = set(_descendants(self.proc.pid)) - tree
+                if not found:
+                    break
+                for pid in found:
+                    _signal(pid, signal.SIGSTOP)
+                tree |= found
+        finally:
+            for pid in tree:
+                _signal(pid, signal.SIGKILL)
+            _signal(-self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
         self.out_file.close()
+        return sorted(tree)
 
     def wait(self, timeout=900):
         try:
@@ -108,6 +124,33 @@ class CanaryRun:
     @property
     def returncode(self):
         return self.proc.returncode
+
+
+def _signal(pid, sig):
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _descendants(pid):
+    """PIDs of every process under pid (from /proc; Linux)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def rollout_result(output):
