@@ -282,8 +282,8 @@ def mixed(cluster):  # pylint: disable=redefined-outer-name
     # What the injector did, as the report will have to read it.
     assert containers(now["meshed"]) == ["app", "istio-proxy"] and containers(now["hungry"]) == ["app", "istio-proxy"]
     assert containers(now["native"]) == ["app"]
-    assert [(c.name, c.restart_policy) for c in now["native"].spec.init_containers] == [("istio-init", None),
-                                                                                         ("istio-proxy", "Always")]
+    native = [(c.name, c.restart_policy) for c in now["native"].spec.init_containers]
+    assert native == [("istio-init", None), ("istio-proxy", "Always")]
     assert containers(now["old"]) == containers(now["optout"]) == containers(now["hostnet"]) == ["app"]
     return name
 
