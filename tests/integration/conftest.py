@@ -13,8 +13,3 @@ if LAB not in sys.path:
 
 # The real control plane (lab/cluster.py): `cluster` (one per session) and `ns` (a fresh namespace per test).
 from cluster_fixtures import cluster, ns  # noqa: E402,F401 pylint: disable=wrong-import-position,unused-import
-
-# The test Kubernetes API's fixtures (k8s_double, k8s_double_tls, k8s_double_client, k8s_double_kubeconfig, istio_crds)
-# for every suite here; a conftest cannot use pytest_plugins below the root, so they are imported.
-from k8s_double.pytest_plugin import (  # noqa: E402,F401 pylint: disable=wrong-import-position,unused-import
-    istio_crds, k8s_double, k8s_double_client, k8s_double_kubeconfig, k8s_double_tls)

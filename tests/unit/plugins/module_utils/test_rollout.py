@@ -248,12 +248,12 @@ def test_wait_for_mesh_starts_the_window_once_the_generation_is_observed():
     store, gate, clock, rollout = make(wait_for_mesh=True, mesh_timeout=30, poll_interval=1)
     original_get = store.get
 
-    def get_with_translator(plural, namespace, name):
+    def get_with_mesh_status(plural, namespace, name):
         obj = store.objects[(plural, namespace, name)]
         obj["status"] = {"observedGeneration": obj["metadata"]["generation"]}
         return original_get(plural, namespace, name)
 
-    store.get = get_with_translator
+    store.get = get_with_mesh_status
     result = rollout.run()
     assert result["result"] == "promoted" and all("mesh_ready" in e for e in result["timeline"][:4])
 
