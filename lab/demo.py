@@ -12,6 +12,7 @@
 import argparse
 import os
 import sys
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -21,17 +22,57 @@ from canary_driver import BackgroundLoad, CanaryRun, primary_weights, render_tim
 from meshlab import MeshLab  # noqa: E402 pylint: disable=wrong-import-position
 
 
+class EnvoyTrace:
+    """What Envoy serves, sampled every 50 ms from its /config_dump while a release runs (bounded by max_seconds):
+    the weights istiod programmed, in order, with the time each first appeared."""
+
+    def __init__(self, lab, max_seconds=600):
+        self.lab, self.max_seconds = lab, max_seconds
+        self.changes = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="envoy-trace", daemon=True)
+
+    def _run(self):
+        start = time.monotonic()
+        while not self._stop.wait(0.05) and time.monotonic() - start < self.max_seconds:
+            try:
+                weights = self.lab.envoy_weights()
+            except OSError:
+                continue
+            if not self.changes or self.changes[-1][1] != weights:
+                self.changes.append((time.monotonic() - start, weights))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(5)
+        return False
+
+    def render(self):
+        return "Envoy served (programmed by istiod): " + " -> ".join(
+            "%s at %.1f s" % ("/".join("%s %d" % kv for kv in sorted(w.items())) if w else "-", t) for t, w in self.changes)
+
+
+def release(lab, interval):
+    with EnvoyTrace(lab) as trace:
+        result = CanaryRun(lab, steps=[5, 10, 25, 50, 100], interval=interval).start().wait()
+    return result, trace
+
+
 def releases(lab, interval):
-    """The two releases; returns their results and the time from fault onset to all traffic on stable."""
+    """The two releases; returns their results, Envoy's traces and the time from fault onset to all traffic on stable."""
     time.sleep(5)  # a few scrapes of traffic before the first window
     print("\nrelease 1: healthy v2, steps 5 10 25 50 100, %s each ..." % interval, flush=True)
-    first = CanaryRun(lab, steps=[5, 10, 25, 50, 100], interval=interval).start().wait()
+    first = release(lab, interval)
 
     reset_release(lab)
     print("\nrelease 2: v2 answers 20% errors ...", flush=True)
     lab.fault("v2", error_rate=0.2)
     onset = time.time()
-    second = CanaryRun(lab, steps=[5, 10, 25, 50, 100], interval=interval).start().wait()
+    second = release(lab, interval)
     back = wait_until(lambda: primary_weights(lab).get("v2") == 0 and lab.envoy_weights() == {"v1": 100}, timeout=30)
     stable_after = time.time() - onset if back is not None else None
     lab.fault("v2", clear=True)
@@ -44,16 +85,18 @@ def main():
     parser.add_argument("--rps", type=int, default=100, help="background requests per second (default 100)")
     args = parser.parse_args()
     started = time.time()
-    print("starting the mesh lab on 127.0.0.1 ...", flush=True)
+    print("starting the mesh lab (control plane, Istio by the istio role, istiod, Envoy, Prometheus) ...", flush=True)
     with MeshLab(run_dir=os.path.join(os.path.dirname(HERE), ".cache", "lab", "demo")) as lab:
         print("lab up in %.0f s: kube-apiserver %s, istiod %s, Envoy %s, Prometheus %s" % (
             lab.timings["mesh lab"], lab.kube_url, lab.cluster.istio.debug_url, lab.url, lab.prometheus_url), flush=True)
         lab.warm_up()  # series for v1 and v2 exist before the first window (rate() needs two samples)
         with BackgroundLoad(lab, rps=args.rps, max_seconds=900):
-            first, second, stable_after = releases(lab, args.interval)
+            (first, trace1), (second, trace2), stable_after = releases(lab, args.interval)
 
         print("\n" + render_timeline(first, "== release 1 (healthy canary) =="))
+        print(trace1.render())
         print("\n" + render_timeline(second, "== release 2 (canary with 20% errors) =="))
+        print(trace2.render())
         if stable_after is not None:
             print("\nfrom the fault (set before release 2 started) to all traffic on stable: %.1f s (steps of %s)" % (stable_after, args.interval))
     print("\nlab stopped; demo took %.0f s" % (time.time() - started))

@@ -143,7 +143,6 @@ class IstioLab:
             "istio_wait_timeout": int(self.timeout),
             "istio_mesh_config": {"enableAutoMtls": False, "defaultProviders": {"metrics": []}},
             "istio_values": {
-                "global": {"istiod": {"enableAnalysis": True}},
                 "pilot": {"env": dict(PILOT_ENV)},
                 "telemetry": {"enabled": False},
             },
