@@ -94,7 +94,7 @@ class CanaryRun:
         tree = {self.proc.pid}
         try:
             os.killpg(self.proc.pid, signal.SIGSTOP)  # nothing forks while the tree is collected
-            for _ in range(10):  # bounded: stop until no new descendant appears
+            for dummy in range(10):  # bounded: stop until no new descendant appears
                 found = set(_descendants(self.proc.pid)) - tree
                 if not found:
                     break

@@ -29,8 +29,6 @@ import threading
 import time
 import urllib.request
 
-import yaml
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tools", "controlplane"))

@@ -208,8 +208,8 @@ class Upstream:
         if self.addresses:
             self._open_app(self.addresses[0])  # resolves port 0 once; the same port serves every address
         self.sync()
-        self.admin = _Server((HOST, admin_port), make_admin_handler(version, self.faults, self.stats, self.sync,
-                                                                   self.listen))
+        handler = make_admin_handler(version, self.faults, self.stats, self.sync, self.listen)
+        self.admin = _Server((HOST, admin_port), handler)
         self.admin_port = self.admin.server_address[1]
         self._admin_thread = threading.Thread(target=self.admin.serve_forever, kwargs={"poll_interval": 0.2},
                                               name="admin", daemon=True)

@@ -91,9 +91,9 @@ options:
     description:
       - After each weight change, wait until the mesh reports the new generation in the VirtualService's
         C(status.observedGeneration) before the analysis window starts. Only for a mesh that writes that field
-        for every VirtualService it programs. Istio 1.30 does not: its per-proxy distribution report is gone and
+        for every VirtualService it programs. Istio 1.30 does not. Its per-proxy distribution report is gone, and
         istiod's analysis (C(PILOT_ENABLE_ANALYSIS)) writes status only for resources it has messages about, so
-        with a current Istio the wait times out and the step fails. Leave it off there: istiod programs the
+        with a current Istio the wait times out and the step fails. Leave it off there; istiod programs the
         proxies within a second of the change (0.1 to 0.3 s measured on the project's lab), well inside O(interval).
     type: bool
     default: false

@@ -88,8 +88,11 @@ def envoy_endpoints(lab):
 
 def wait_routes(lab, predicate, what, timeout=30.0):
     """Bounded wait until predicate(envoy_routes(lab)) holds; returns the routes."""
-    return procs.wait_for(lambda: (lambda r: r if r and predicate(r) else None)(envoy_routes(lab)), timeout,
-                          interval=0.05, what=what)
+    def ready():
+        routes = envoy_routes(lab)
+        return routes if routes and predicate(routes) else None
+
+    return procs.wait_for(ready, timeout, interval=0.05, what=what)
 
 
 def put_spec(lab, http):

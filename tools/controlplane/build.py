@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Build the real control plane from its Go modules, pinned, once, into a versioned cache.
 
     python3 tools/controlplane/build.py            # every component not built yet
@@ -77,7 +76,7 @@ def build(name):
     took = time.monotonic() - start
     (tmp / "build.json").write_text(json.dumps(
         {"component": name, "version": spec["version"], "seconds": round(took, 1),
-         "go": subprocess.run(["go", "version"], env=env, capture_output=True, text=True).stdout.strip()},
+         "go": subprocess.run(["go", "version"], env=env, capture_output=True, text=True, check=True).stdout.strip()},
         indent=1) + "\n")
     (tmp / ".complete").write_text("")
     shutil.rmtree(final, ignore_errors=True)
