@@ -56,6 +56,49 @@ class BackgroundLoad:
         return False
 
 
+class EnvoyTrace:
+    """What Envoy serves for the primary route, sampled every 50 ms from its /config_dump in a thread (bounded by
+    max_seconds): the weights istiod programmed, in the order they appeared, with the time each first appeared.
+
+        with EnvoyTrace(lab) as trace:
+            CanaryRun(lab, ...).start().wait()
+        trace.seen        # [{"v1": 100}, {"v1": 90, "v2": 10}, ...]
+    """
+
+    def __init__(self, lab, max_seconds=600, interval=0.05):
+        self.lab, self.max_seconds, self.interval = lab, max_seconds, interval
+        self.changes = []  # (seconds since start, weights)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="envoy-trace", daemon=True)
+
+    @property
+    def seen(self):
+        return [weights for dummy, weights in self.changes]
+
+    def _loop(self):
+        start = time.monotonic()
+        while not self._stop.wait(self.interval) and time.monotonic() - start < self.max_seconds:
+            try:
+                served = self.lab.envoy_weights()
+            except OSError:
+                continue
+            if served and (not self.changes or self.changes[-1][1] != served):
+                self.changes.append((time.monotonic() - start, served))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(10)
+        return False
+
+    def render(self):
+        return "Envoy served (programmed by istiod): " + " -> ".join(
+            "%s at %.1f s" % ("/".join("%s %d" % kv for kv in sorted(w.items())), t) for t, w in self.changes)
+
+
 class CanaryRun:
     """One `ansible-playbook playbooks/canary.yml` against the lab, in its own process group."""
 

@@ -12,48 +12,13 @@
 import argparse
 import os
 import sys
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from canary_driver import BackgroundLoad, CanaryRun, primary_weights, render_timeline, reset_release, wait_until  # noqa: E402 pylint: disable=wrong-import-position
+from canary_driver import BackgroundLoad, CanaryRun, EnvoyTrace, primary_weights, render_timeline, reset_release, wait_until  # noqa: E402 pylint: disable=wrong-import-position
 from meshlab import MeshLab  # noqa: E402 pylint: disable=wrong-import-position
-
-
-class EnvoyTrace:
-    """What Envoy serves, sampled every 50 ms from its /config_dump while a release runs (bounded by max_seconds):
-    the weights istiod programmed, in order, with the time each first appeared."""
-
-    def __init__(self, lab, max_seconds=600):
-        self.lab, self.max_seconds = lab, max_seconds
-        self.changes = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="envoy-trace", daemon=True)
-
-    def _run(self):
-        start = time.monotonic()
-        while not self._stop.wait(0.05) and time.monotonic() - start < self.max_seconds:
-            try:
-                weights = self.lab.envoy_weights()
-            except OSError:
-                continue
-            if not self.changes or self.changes[-1][1] != weights:
-                self.changes.append((time.monotonic() - start, weights))
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(5)
-        return False
-
-    def render(self):
-        return "Envoy served (programmed by istiod): " + " -> ".join(
-            "%s at %.1f s" % ("/".join("%s %d" % kv for kv in sorted(w.items())) if w else "-", t) for t, w in self.changes)
 
 
 def release(lab, interval):

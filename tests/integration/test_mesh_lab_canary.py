@@ -11,7 +11,6 @@ import copy
 import json
 import os
 import sys
-import threading
 import time
 
 import pytest
@@ -19,7 +18,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "lab"))
 
-from canary_driver import BackgroundLoad, CanaryRun, primary_weights as weights, render_timeline, reset_release, wait_until  # noqa: E402 pylint: disable=wrong-import-position,import-error
+from canary_driver import BackgroundLoad, CanaryRun, EnvoyTrace, primary_weights as weights, render_timeline, reset_release, wait_until  # noqa: E402 pylint: disable=wrong-import-position,import-error
 from meshlab import MeshLab  # noqa: E402 pylint: disable=wrong-import-position,import-error
 from prometheus_harness import prometheus_available  # noqa: E402 pylint: disable=wrong-import-position,import-error
 
@@ -39,38 +38,6 @@ def lab(cluster, tmp_path_factory):  # pylint: disable=redefined-outer-name
             mesh.load_thread = load
             yield mesh
     assert not os.listdir(run_dir / "pids")  # every child of the lab stopped
-
-
-class EnvoyTrace:
-    """What Envoy serves for the primary route, sampled every 0.1 s from its /config_dump in a thread (bounded by
-    max_seconds): the distinct weights in the order they appeared."""
-
-    def __init__(self, lab_, max_seconds=600):
-        self.lab = lab_
-        self.max_seconds = max_seconds
-        self.seen = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="envoy-trace", daemon=True)
-
-    def _loop(self):
-        deadline = time.monotonic() + self.max_seconds
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            try:
-                served = self.lab.envoy_weights()
-            except OSError:
-                served = None
-            if served and (not self.seen or self.seen[-1] != served):
-                self.seen.append(served)
-            self._stop.wait(0.1)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(10)
-        return False
 
 
 def running(pid):
@@ -143,8 +110,7 @@ def test_healthy_canary_is_promoted_with_real_values(fresh):  # pylint: disable=
 def test_errors_on_the_canary_roll_back_and_the_time_to_stable_is_recorded(fresh):  # pylint: disable=redefined-outer-name
     run = CanaryRun(fresh, steps=[10, 50, 100], interval=INTERVAL).start()
     assert wait_until(lambda: weights(fresh).get("v2") == 10, timeout=60) is not None
-    fresh.fault("v2", error_rate=0.2)
-    onset = time.monotonic()
+    fresh.fault("v2", error_rate=0.2)  # wait_until below counts from here
     # all traffic is back on stable when Envoy serves v1 alone (istiod leaves the weight-0 destination out)
     back = wait_until(lambda: weights(fresh).get("v2") == 0 and fresh.envoy_weights() == {"v1": 100}, timeout=120)
     result = run.wait()
