@@ -10,6 +10,7 @@ injecting webhooks, RBAC, 409s and 422s are the real server's. When a component 
 (it does not skip) and says how to build it.
 """
 import os
+import shutil
 import sys
 
 import pytest
@@ -33,12 +34,15 @@ def samples(name):
 
 
 @pytest.fixture(scope="session")
-def cluster():
+def cluster(request):
     run_dir = os.path.join(RUN_DIR, str(os.getpid()))
     with LabCluster(run_dir) as running:
         print(f"\nlab cluster up: {running.url} ({', '.join(f'{k} {v:.1f} s' for k, v in running.timings.items())})")
         yield running
         running.cleanup_namespaces()
+    # its logs (etcd, kube-apiserver, istiod, the audit log ...) stay for a failed session, go after a clean one
+    if not request.session.testsfailed:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @pytest.fixture
