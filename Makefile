@@ -10,9 +10,10 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 setup:
 	@bash tools/bootstrap.sh
 
-## The whole test suite: every layer in one pytest session (ends with pytest's summary line).
+## The whole test suite: every layer in one pytest session (ends with pytest's summary line), in two lanes
+## (tests/conftest.py): the integration suites on the real control plane, and the tools beside them.
 test: setup
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup tests $(PYTEST_ARGS)
 
 ## The main job on the built-in local lab (issue: local mesh lab).
 demo: setup

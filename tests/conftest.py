@@ -3,6 +3,8 @@ import os
 import sys
 from collections import defaultdict
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLLECTIONS = os.path.join(ROOT, "collections")
 
@@ -18,26 +20,41 @@ _LAYER_COUNTS = defaultdict(int)
 _LAYER_OF = {}
 
 
+def _layer_name(item):
+    marker = item.get_closest_marker("layer")
+    parts = item.nodeid.split("::")[0].split("/")
+    if marker:
+        return "layer: " + marker.args[0]
+    if len(parts) > 2 and parts[1] == "integration":
+        return "integration: " + parts[2].replace("test_", "").replace(".py", "")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
 def pytest_collection_modifyitems(items):
+    """Each test's layer for the time table; and, for `pytest -n 2 --dist loadgroup` (make test), two lanes:
+    every integration suite on one worker (they share the session's control plane, which starts once per
+    worker), the tools (unit tests, ansible-test, lint, Molecule's QEMU guests) on the other. The integration
+    suites spend much of their time waiting (rollout steps, istiod, Prometheus scrapes), which the CPU-bound
+    tools fill."""
     for item in items:
-        marker = item.get_closest_marker("layer")
-        parts = item.nodeid.split("::")[0].split("/")
-        if marker:
-            _LAYER_OF[item.nodeid] = "layer: " + marker.args[0]
-        elif len(parts) > 2 and parts[1] == "integration":
-            _LAYER_OF[item.nodeid] = "integration: " + parts[2].replace("test_", "").replace(".py", "")
-        else:
-            _LAYER_OF[item.nodeid] = parts[1] if len(parts) > 1 else parts[0]
+        layer = _layer_name(item)
+        _LAYER_OF[item.nodeid] = layer
+        item.user_properties.append(("layer", layer))
+        item.add_marker(pytest.mark.xdist_group("cluster" if layer.startswith("integration") else "tools"))
 
 
-def _layer_of(nodeid):
+def _layer_of(report):
+    for key, value in getattr(report, "user_properties", ()):
+        if key == "layer":
+            return value
+    nodeid = report.nodeid
     return _LAYER_OF.get(nodeid, nodeid.split("/")[1] if "/" in nodeid else nodeid)
 
 
 def pytest_runtest_logreport(report):
-    _LAYER_TIMES[_layer_of(report.nodeid)] += report.duration
+    _LAYER_TIMES[_layer_of(report)] += report.duration
     if report.when == "call":
-        _LAYER_COUNTS[_layer_of(report.nodeid)] += 1
+        _LAYER_COUNTS[_layer_of(report)] += 1
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -46,4 +63,4 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section("time per layer")
     for layer, seconds in sorted(_LAYER_TIMES.items(), key=lambda kv: -kv[1]):
         terminalreporter.write_line(f"{layer:<32} {seconds:8.1f} s  ({_LAYER_COUNTS[layer]} tests)")
-    terminalreporter.write_line(f"{'total':<32} {sum(_LAYER_TIMES.values()):8.1f} s")
+    terminalreporter.write_line(f"{'total (both lanes added up)':<32} {sum(_LAYER_TIMES.values()):8.1f} s")
