@@ -23,7 +23,7 @@ VENV_BIN = os.path.dirname(sys.executable)
 NS = "shop"
 WINDOW = "10s"
 
-pytestmark = pytest.mark.skipif(not prometheus_available(), reason="no Prometheus binary (run tools/bootstrap.sh)")
+assert prometheus_available(), "no Prometheus binary (Debian package prometheus): run make setup"
 
 # workload -> steady traffic
 TRAFFIC = {
