@@ -30,17 +30,31 @@ def _layer_name(item):
     return parts[1] if len(parts) > 1 else parts[0]
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
     """Each test's layer for the time table; and, for `pytest -n 2 --dist loadgroup` (make test), two lanes:
     every integration suite on one worker (they share the session's control plane, which starts once per
     worker), the tools (unit tests, ansible-test, lint, Molecule's QEMU guests) on the other. The integration
     suites spend much of their time waiting (rollout steps, istiod, Prometheus scrapes), which the CPU-bound
-    tools fill."""
+    tools fill. tryfirst: xdist's worker reads the xdist_group markers in its own modifyitems hook, which
+    otherwise runs before this one and leaves every test ungrouped (two Molecule scenarios then ran at once)."""
     for item in items:
         layer = _layer_name(item)
         _LAYER_OF[item.nodeid] = layer
         item.user_properties.append(("layer", layer))
         item.add_marker(pytest.mark.xdist_group("cluster" if layer.startswith("integration") else "tools"))
+
+
+def pytest_collection_finish(session):
+    """Refuse to run two lanes that are not: if xdist did not tag a test with its group (pytest-xdist
+    reads a private pytest attribute for it), two Molecule scenarios or two session clusters would run
+    at once."""
+    if getattr(session.config.option, "loadgroup", False):
+        ungrouped = [item.nodeid for item in session.items if "@" not in item.nodeid.rsplit("]", 1)[-1]]
+        if ungrouped:
+            raise pytest.UsageError(
+                f"--dist loadgroup left {len(ungrouped)} tests without their lane (first: {ungrouped[0]}); "
+                "pytest and pytest-xdist must be the versions in requirements/test.txt")
 
 
 def _layer_of(report):

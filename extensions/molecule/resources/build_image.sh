@@ -44,7 +44,7 @@ mirror=${mirror:-http://deb.debian.org/debian}
 mkdir -p "$cache/images"
 exec 9>"$cache/images/.build.lock"
 flock -w 3600 9
-if [ -f "$out/base.qcow2" ]; then echo "$out"; exit 0; fi   # built by a concurrent run
+if [ -f "$out/base.qcow2" ]; then echo "cached image: $out" >&2; echo "$out"; exit 0; fi   # built by a concurrent run
 
 start=$(date +%s)
 work=$(mktemp -d "$cache/images/.build-XXXXXX")
