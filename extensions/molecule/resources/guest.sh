@@ -6,6 +6,10 @@
 #       emulated NVMe controller per SERIAL:SIZE, SSH forwarded to a free loopback port, the kernel booted
 #       directly, software emulation (TCG). Waits for SSH (bounded by ONPREM_MESH_BOOT_TIMEOUT, default
 #       600 s) and prints {"port": P, "boot_seconds": S}. Console log: DIR/NAME/console.log.
+#   guest.sh reboot DIR NAME [reverse]
+#       Powers the guest off from inside (sync, poweroff; killed after 120 s) and boots it again on the same
+#       disks and port; with `reverse`, the NVMe controllers are attached in the opposite order, so the
+#       guest's device names (nvme0n1, nvme1n1) swap while the serials stay. Prints the same JSON as start.
 #   guest.sh stop DIR NAME
 #       Stops the guest by its PID file (only if that PID is this guest's QEMU) and removes DIR/NAME.
 set -euo pipefail
@@ -20,23 +24,14 @@ ours() {  # the PID in the PID file is alive and is this guest's QEMU
   [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "-name $name " 
 }
 
-case $action in
-start)
-  image=$4 pubkey=$5 memory=$6 cpus=$7
-  shift 7
-  if ours; then echo "guest $name is already running" >&2; exit 1; fi
-  rm -rf "$gdir"; mkdir -p "$gdir"
-  qemu-img create -q -f qcow2 -b "$image/base.qcow2" -F qcow2 "$gdir/root.qcow2"
-  disks=()
-  i=0
-  for spec in "$@"; do
-    qemu-img create -q -f qcow2 "$gdir/nvme$i.qcow2" "${spec#*:}"
+boot() {  # launch QEMU from DIR/NAME/params and DIR/NAME/disks, wait for SSH, print the JSON line
+  local image pubkey memory cpus port start deadline
+  read -r image pubkey memory cpus port <"$gdir/params"
+  local disks=()
+  while read -r i serial; do
     disks+=(-drive "file=$gdir/nvme$i.qcow2,if=none,id=nvme$i,format=qcow2,cache=unsafe"
-            -device "nvme,serial=${spec%%:*},drive=nvme$i")
-    i=$((i + 1))
-  done
-  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  echo "$port" >"$gdir/port"
+            -device "nvme,serial=$serial,drive=nvme$i")
+  done <"$gdir/disks"
   start=$(date +%s.%N)
   qemu-system-x86_64 -name "$name" -machine q35 -accel tcg,thread=multi,tb-size=256 -cpu max \
     -smp "$cpus" -m "$memory" -display none -monitor none -serial "file:$gdir/console.log" \
@@ -48,8 +43,7 @@ start)
     -netdev "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:$port-:22" -device virtio-net-pci,netdev=net0 \
     -device virtio-rng-pci
   deadline=$((SECONDS + ${ONPREM_MESH_BOOT_TIMEOUT:-600}))
-  until ssh -q -o BatchMode=yes -o ConnectTimeout=10 -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
-      -o IdentitiesOnly=yes -i "${pubkey%.pub}" -p "$port" root@127.0.0.1 true 2>/dev/null; do
+  until guest_ssh true 2>/dev/null; do
     if ! ours; then echo "guest $name: QEMU exited; console:" >&2; tail -30 "$gdir/console.log" >&2; exit 1; fi
     if [ "$SECONDS" -ge "$deadline" ]; then
       echo "guest $name: no SSH on port $port after ${ONPREM_MESH_BOOT_TIMEOUT:-600} s; console:" >&2
@@ -60,6 +54,42 @@ start)
   done
   awk -v port="$port" -v start="$start" -v now="$(date +%s.%N)" \
     'BEGIN { printf "{\"port\": %d, \"boot_seconds\": %.1f}\n", port, now - start }'
+}
+
+guest_ssh() {
+  local pubkey port
+  read -r _ pubkey _ _ port <"$gdir/params"
+  ssh -q -o BatchMode=yes -o ConnectTimeout=10 -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
+    -o IdentitiesOnly=yes -i "${pubkey%.pub}" -p "$port" root@127.0.0.1 "$@"
+}
+
+case $action in
+start)
+  image=$4 pubkey=$5 memory=$6 cpus=$7
+  shift 7
+  if ours; then echo "guest $name is already running" >&2; exit 1; fi
+  rm -rf "$gdir"; mkdir -p "$gdir"
+  qemu-img create -q -f qcow2 -b "$image/base.qcow2" -F qcow2 "$gdir/root.qcow2"
+  : >"$gdir/disks"
+  i=0
+  for spec in "$@"; do
+    qemu-img create -q -f qcow2 "$gdir/nvme$i.qcow2" "${spec#*:}"
+    echo "$i ${spec%%:*}" >>"$gdir/disks"
+    i=$((i + 1))
+  done
+  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  echo "$port" >"$gdir/port"
+  echo "$image $pubkey $memory $cpus $port" >"$gdir/params"
+  boot
+  ;;
+reboot)
+  ours || { echo "guest $name is not running" >&2; exit 1; }
+  pid=$(cat "$pidfile")
+  guest_ssh 'sync; systemctl poweroff' || true
+  for _ in $(seq 1 120); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+  if kill -0 "$pid" 2>/dev/null; then kill "$pid"; sleep 2; fi
+  if [ "${4:-}" = reverse ]; then tac "$gdir/disks" >"$gdir/disks.new" && mv "$gdir/disks.new" "$gdir/disks"; fi
+  boot
   ;;
 stop)
   if ours; then

@@ -39,9 +39,15 @@ def partition_path(device, number=1):
 
 
 def describe(signatures):
-    """Human text for a list of signatures: 'ext4 (label data) on /dev/nvme1n1'."""
+    """Human text for a list of signatures: 'ext4 (label data) on /dev/nvme1n1'. A signature found twice on one
+    device (GPT keeps a primary and a backup header) is named once."""
     parts = []
+    seen = set()
     for sig in signatures:
+        key = (sig.get("type"), sig.get("label"), sig.get("device"))
+        if key in seen:
+            continue
+        seen.add(key)
         text = sig.get("type") or "unknown"
         if sig.get("label"):
             text += " (label %s)" % sig["label"]
@@ -76,6 +82,21 @@ def _check_purpose(name, purposes, where):
                         % (where, name, ", ".join(sorted(purposes))))
 
 
+def carried_purpose(disk, purposes, partlabel_prefix):
+    """The purpose of this role a namespace already carries (its partition's GPT name is <prefix><purpose>),
+    or None."""
+    for part in disk.get("partitions", []):
+        label = part.get("partlabel") or ""
+        if label.startswith(partlabel_prefix) and label[len(partlabel_prefix):] in purposes:
+            return label[len(partlabel_prefix):]
+    return None
+
+
+def mountpoints(disk):
+    """Where the namespace or any of its partitions is mounted now."""
+    return [m for m in [disk.get("mountpoint")] + [p.get("mountpoint") for p in disk.get("partitions", [])] if m]
+
+
 def _matches(rule, disk):
     if rule.get("model") and not re.search(rule["model"], disk.get("model") or ""):
         return False
@@ -86,8 +107,24 @@ def _matches(rule, disk):
     return True
 
 
-def assign(disks, devices, rules, purposes):
-    """Map purposes to namespaces. Returns a list of (purpose, disk, entry, source). Raises PlanError."""
+def _size_text(rule):
+    low, high = rule.get("min_size_gib"), rule.get("max_size_gib")
+    if low is None and high is None:
+        return "any size"
+    if high is None:
+        return "at least %s GiB" % low
+    if low is None:
+        return "at most %s GiB" % high
+    return "%s-%s GiB" % (low, high)
+
+
+def assign(disks, devices, rules, purposes, partlabel_prefix="onprem-"):
+    """Map purposes to namespaces. Returns a list of (purpose, disk, entry, source). Raises PlanError.
+
+    By serial first (explicit). Then the rules, in two passes: a namespace that already carries a rule's
+    purpose (this role's partition name) keeps it; the others get the unclaimed namespaces that carry no
+    purpose of this role, in serial order (device names change across boots, serials do not). A namespace
+    carrying one purpose is never offered to another purpose by a rule."""
     by_serial = dict((d["serial"], d) for d in disks if d.get("serial"))
     taken = {}      # serial -> (purpose, where)
     used = {}       # purpose -> where
@@ -109,36 +146,81 @@ def assign(disks, devices, rules, purposes):
         taken[serial] = (purpose, where)
         used[purpose] = where
         result.append((purpose, by_serial[serial], entry, where))
+    pending = []
     for i, rule in enumerate(rules):
         where = "nvme_storage_rules[%d]" % i
-        purpose = rule.get("purpose")
-        _check_purpose(purpose, purposes, where + ".purpose")
-        if purpose in used:
-            continue    # a mapping by serial (or an earlier rule) wins
-        for disk in sorted(disks, key=lambda d: d["name"]):
-            if disk.get("serial") not in taken and _matches(rule, disk):
-                taken[disk.get("serial")] = (purpose, where)
-                used[purpose] = where
-                result.append((purpose, disk, {"wipe": False}, where))
-                break
-        else:
-            raise PlanError("%s: no unclaimed NVMe namespace matches (model %r, size %s-%s GiB); present: %s"
-                            % (where, rule.get("model"), rule.get("min_size_gib"), rule.get("max_size_gib"),
-                               ", ".join("%s (%s, %s, %d GiB)" % (d["name"], d.get("serial"), d.get("model"),
-                                                                  d["size"] // GIB) for d in disks) or "none"))
+        _check_purpose(rule.get("purpose"), purposes, where + ".purpose")
+        if rule.get("purpose") not in used:   # a mapping by serial (or an earlier rule) wins
+            used[rule.get("purpose")] = where
+            pending.append((where, rule))
+    candidates = sorted((d for d in disks if d.get("serial")), key=lambda d: d["serial"])
+    chosen = {}
+    for carried_pass in (True, False):
+        for where, rule in pending:
+            purpose = rule["purpose"]
+            if where in chosen:
+                continue
+            for disk in candidates:
+                carried = carried_purpose(disk, purposes, partlabel_prefix)
+                if disk["serial"] in taken or not _matches(rule, disk):
+                    continue
+                if (carried == purpose) if carried_pass else carried is None:
+                    taken[disk["serial"]] = (purpose, where)
+                    chosen[where] = disk
+                    break
+    for where, rule in pending:
+        if where not in chosen:
+            raise PlanError("%s: no unclaimed NVMe namespace matches (%s, %s); a namespace that carries "
+                            "another purpose of this role is never offered; present: %s. Change %s (model, "
+                            "min_size_gib, max_size_gib) or map a namespace by serial in nvme_storage_devices"
+                            % (where, "model %r" % rule["model"] if rule.get("model") else "any model", _size_text(rule),
+                               ", ".join("%s (%s, %s, %d GiB%s)" % (
+                                   d["name"], d.get("serial") or "no serial", d.get("model"), d["size"] // GIB,
+                                   ", carries " + carried_purpose(d, purposes, partlabel_prefix)
+                                   if carried_purpose(d, purposes, partlabel_prefix) else "")
+                                   for d in disks) or "none", where))
+        result.append((rule["purpose"], chosen[where], {"wipe": False}, where))
     return result
+
+
+WARN_HINT = " (nvme_storage_on_refuse: warn goes on without it)"
+
+
+def _refusal(disk, purpose_name, where, sigs, carried, mounted, wipe_flag):
+    """Why a namespace that holds something is left alone, and every variable that gets past it. Never proposes
+    wiping a mounted namespace or one that carries a file system of this role."""
+    head = "%s (serial %s, for %s) left alone: it holds %s" % (disk["path"], disk.get("serial"), purpose_name,
+                                                               describe(sigs))
+    if where.startswith("nvme_storage_devices"):
+        other = "To use another namespace, change %s.serial" % where
+        erase = "to erase this one, set %s.wipe: true" % where
+    else:
+        other = ("To use another namespace, change %s (model, min_size_gib, max_size_gib) or map %s by serial in "
+                 "nvme_storage_devices" % (where, purpose_name))
+        erase = "to erase this one, map it by serial in nvme_storage_devices with wipe: true"
+    if mounted:
+        text = "%s, mounted on %s. %s%s" % (head, ", ".join(mounted), other,
+                                            "; wipe never erases a mounted namespace" if wipe_flag else "")
+    elif carried:
+        text = ("%s: the %s file system of this role, which is never given to another purpose. %s, or map this "
+                "namespace to %s" % (head, carried, other, carried))
+    else:
+        text = "%s. %s; %s" % (head, other, erase)
+    return text + WARN_HINT
 
 
 def plan(disks, devices, rules, purposes, fstype="xfs", partlabel_prefix="onprem-"):
     """Decide per mapped namespace: create (empty), keep (already ours), wipe (flagged) or refuse."""
     entries = []
-    for purpose_name, disk, entry, where in assign(disks, devices, rules, purposes):
+    for purpose_name, disk, entry, where in assign(disks, devices, rules, purposes, partlabel_prefix):
         purpose = dict(purposes[purpose_name])
         purpose.setdefault("label", purpose_name[:12])
         partlabel = partlabel_prefix + purpose_name
         state, sigs = classify(disk, purpose, fstype, partlabel)
         part = partition_path(disk["path"])
         existing = [p for p in disk.get("partitions", []) if p["path"] == part]
+        carried = carried_purpose(disk, purposes, partlabel_prefix)
+        mounted = mountpoints(disk)
         fs_uuid = None
         fs_present = False
         if state == "ours" and existing and existing[0].get("signatures"):
@@ -152,24 +234,103 @@ def plan(disks, devices, rules, purposes, fstype="xfs", partlabel_prefix="onprem
         elif state == "ours":
             action, reason = "keep", "%s (serial %s) already holds the %s file system of this role" % (
                 disk["path"], disk.get("serial"), purpose_name)
-        elif entry.get("wipe"):
+        elif entry.get("wipe") and not mounted:
             action, reason = "wipe", "%s (serial %s) holds %s: erased because %s.wipe is true" % (
                 disk["path"], disk.get("serial"), describe(sigs), where)
         else:
-            how = ("set %s.wipe: true" % where if where.startswith("nvme_storage_devices")
-                   else "map it by serial in nvme_storage_devices with wipe: true")
-            action, reason = "refuse", ("%s (serial %s, for %s) left alone: it already holds %s. To erase it, %s"
-                                        % (disk["path"], disk.get("serial"), purpose_name, describe(sigs), how))
+            action = "refuse"
+            reason = _refusal(disk, purpose_name, where, sigs, carried if carried != purpose_name else None,
+                              mounted, entry.get("wipe"))
         entries.append({
             "purpose": purpose_name, "source": where, "action": action, "reason": reason,
             "device": disk["path"], "serial": disk.get("serial"), "model": disk.get("model"), "size": disk["size"],
             "signatures": sigs, "partition": part, "partlabel": partlabel, "label": purpose["label"],
-            "fstype": fstype, "uuid": fs_uuid, "fs_present": fs_present,
+            "fstype": fstype, "uuid": fs_uuid, "fs_present": fs_present, "carries": carried, "mounted": mounted,
             "wipe_targets": [p["path"] for p in disk.get("partitions", [])] + [disk["path"]],
             "path": purpose["path"], "owner": purpose.get("owner", "root"), "group": purpose.get("group", "root"),
-            "mode": purpose.get("mode", "0755"),
+            "mode": purpose.get("mode", "0755"), "services": list(purpose.get("services") or []),
+            "migrate": False,
         })
     return entries
+
+
+def _size(num):
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if num < 1024 or unit == "GiB":
+            return ("%d %s" % (num, unit)) if unit == "bytes" else ("%.1f %s" % (num, unit))
+        num /= 1024.0
+    return str(num)
+
+
+def decide_mount_point(entry, found, existing_data="refuse"):
+    """Refuse (or plan the migration of) an entry whose mount point is not free. `found` is what inspect_path
+    saw at entry["path"]: state absent, empty, data (entries, bytes) or mountpoint (source). Changes entry."""
+    if entry["action"] not in ("create", "wipe", "keep"):
+        return entry
+    path, purpose = entry["path"], entry["purpose"]
+    services = entry.get("services") or []
+    users = ", ".join(services) if services else "whatever writes there"
+    if found["state"] == "mountpoint":
+        entry["action"] = "refuse"
+        entry["reason"] = ("%s (serial %s, for %s) not mounted: %s is already a mount point of %s, and mounting over "
+                           "it would hide that file system. Unmount it, or change nvme_storage_purposes.%s.path%s"
+                           % (entry["device"], entry["serial"], purpose, path, found.get("source") or "another device",
+                              purpose, WARN_HINT))
+    elif found["state"] == "data":
+        held = "%d entries, %s" % (found["entries"], _size(found["bytes"]))
+        if existing_data == "migrate":
+            entry["migrate"] = True
+            entry["reason"] += ("; %s holds data (%s): %s, the data copied onto the new file system and checked, "
+                                "then removed from under the mount point" % (
+                                    path, held, "stop %s" % ", ".join(services) if services else "no service stopped"))
+        else:
+            entry["action"] = "refuse"
+            entry["reason"] = (
+                "%s (serial %s, for %s) not formatted or mounted: %s already holds data (%s) used by %s, which a "
+                "mount would hide. Set nvme_storage_existing_data: migrate to stop %s, copy the data onto the new "
+                "file system, check the copy and mount it (the services are listed in nvme_storage_purposes.%s."
+                "services); or empty %s; or change nvme_storage_purposes.%s.path%s"
+                % (entry["device"], entry["serial"], purpose, path, held, users,
+                   ", ".join(services) if services else "nothing (no services listed)", purpose, path, purpose,
+                   WARN_HINT))
+    return entry
+
+
+def inspect_path(path):
+    """What is at a mount point now: absent, empty, data (with entry count and bytes, this file system only)
+    or mountpoint (and its source)."""
+    if not os.path.lexists(path):
+        return {"state": "absent"}
+    if os.path.ismount(path):
+        source = None
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4 and fields[4] == path and " - " in line:
+                    source = line.split(" - ", 1)[1].split()[1]
+        return {"state": "mountpoint", "source": source}
+    if not os.path.isdir(path):
+        return {"state": "data", "entries": 1, "bytes": os.lstat(path).st_size}
+    entries, size = 0, 0
+    root_dev = os.lstat(path).st_dev
+    for top, dirs, files in os.walk(path):
+        dirs[:] = [d for d in dirs if os.lstat(os.path.join(top, d)).st_dev == root_dev]
+        entries += len(dirs) + len(files)
+        for name in files:
+            try:
+                size += os.lstat(os.path.join(top, name)).st_size
+            except OSError:
+                pass
+    return {"state": "data", "entries": entries, "bytes": size} if entries else {"state": "empty"}
+
+
+SUMMARY_WORDS = {"create": "new", "keep": "kept", "wipe": "wiped", "refuse": "REFUSED"}
+
+
+def summarize(entry):
+    """One line for the report: what happens to the namespace (REFUSED stands out) and why."""
+    entry["summary"] = "%s: %s" % (SUMMARY_WORDS[entry["action"]], entry["reason"])
+    return entry
 
 
 def _run(cmd):
@@ -225,6 +386,7 @@ def discover():
                     "offset": None} for c in dev.get("children", []) or [] if c.get("type") != "part"]
         disks.append({
             "name": dev["name"], "path": dev["path"], "serial": serial, "model": model, "size": int(dev["size"]),
+            "mountpoint": dev.get("mountpoint"),
             "signatures": _wipefs(dev["path"]) + holders,
             "partitions": [{"path": c["path"], "type": c.get("type"), "partlabel": c.get("partlabel"),
                             "mountpoint": c.get("mountpoint"), "signatures": _wipefs(c["path"])}
@@ -274,6 +436,9 @@ def main(argv):
                 entry["settled"] = settled(entry, params.get("mount_options") or ["defaults"], fstab_lines)
             else:
                 entry["settled"] = {"mounted": False, "fstab": False, "ownership": False}
+            if not entry["settled"]["mounted"]:
+                decide_mount_point(entry, inspect_path(entry["path"]), params.get("existing_data", "refuse"))
+            summarize(entry)
     except (PlanError, RuntimeError) as exc:
         result["error"] = str(exc)
     print(json.dumps(result))

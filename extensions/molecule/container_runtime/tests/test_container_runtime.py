@@ -48,3 +48,18 @@ def test_data_directory_on_the_nvme_mount(root):
 
 def test_data_directory_mode_is_the_one_containerd_keeps(root):
     assert root.file("/var/lib/containerd").mode == 0o700
+
+
+def test_migrated_images_are_the_ones_containerd_had_on_the_root_disk(root):
+    before = root.file("/root/images.before").content_string
+    assert "onprem.test/migrate:1" in before
+    assert root.check_output(f"ctr --address {SOCKET} --namespace k8s.io images ls").strip() == before.strip()
+
+
+def test_the_old_copy_under_the_mount_point_was_removed(root):
+    # The root file system seen without the NVMe mount on top: nothing left under /var/lib/containerd.
+    try:
+        root.check_output("mkdir -p /mnt/rootfs && mount --bind / /mnt/rootfs")
+        assert root.check_output("find /mnt/rootfs/var/lib/containerd -mindepth 1 | wc -l") == "0"
+    finally:
+        root.run("umount /mnt/rootfs")

@@ -36,3 +36,10 @@ def test_empty_disk_provisioned(host, disks):
     assert part["fstype"] == "xfs"
     assert part["label"] == "containerd"
     assert part["mountpoint"] == "/var/lib/containerd"
+
+
+def test_time_sync_installed_where_no_daemon_ran(host):
+    # The image has systemd-timesyncd and no other time daemon: kvm_host keeps it running.
+    service = host.service("systemd-timesyncd")
+    assert service.is_running
+    assert service.is_enabled

@@ -45,10 +45,19 @@ def test_swap_off_and_gone_from_fstab(host, fstab):
     assert not [f for f in fstab if len(f) > 2 and f[2] == "swap"]
 
 
-def test_time_sync_running(host):
-    service = host.service("systemd-timesyncd")
+def test_the_running_chrony_is_kept_with_the_role_servers(host):
+    service = host.service("chrony")
     assert service.is_running
     assert service.is_enabled
+    assert not host.package("systemd-timesyncd").is_installed
+    assert host.file("/etc/chrony/sources.d/onprem-mesh.sources").contains("^server 127.0.0.1 iburst$")
+    assert "127.0.0.1" in host.check_output("chronyc -n sources")
+
+
+def test_udev_rule_names_the_mapped_namespaces_by_serial(host):
+    rule = host.file("/etc/udev/rules.d/60-onprem-mesh-nvme.rules").content_string
+    assert 'ATTRS{serial}=="MESH1A"' in rule
+    assert 'ATTRS{serial}=="MESH1B"' in rule
 
 
 @pytest.mark.parametrize("mount_point", sorted(PURPOSES))
