@@ -146,13 +146,15 @@ def test_too_little_traffic_is_never_a_silent_pass(fresh):  # pylint: disable=re
 def test_killed_playbook_resumes_at_the_recorded_step(fresh):  # pylint: disable=redefined-outer-name
     first = CanaryRun(fresh, steps=[10, 25, 50, 100], interval=INTERVAL).start()
     assert wait_until(lambda: weights(fresh).get("v2") == 25, timeout=90) is not None
-    mark = fresh.cluster.audit.mark()
     killed = first.kill()
     # the whole run is dead: ansible-playbook, its worker (a session of its own) and the module under it
     assert len(killed) >= 3, killed
     assert wait_until(lambda: not [pid for pid in killed if running(pid)], timeout=10) is not None, killed
     recorded = state(fresh)
     assert recorded["phase"] == "progressing" and recorded["step"] == 1
+    # from here on nobody may write: the mark comes after the killed run's last request (one it sent just
+    # before the kill is in the audit log by now, a read later)
+    mark = fresh.cluster.audit.mark()
     # the killed run's lease still holds: a plain rerun refuses, and nothing changes (no write in the audit log)
     blocked = CanaryRun(fresh, steps=[10, 25, 50, 100], interval=INTERVAL)
     result = blocked.start().wait()
