@@ -243,7 +243,7 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible_collections.onprem.mesh.plugins.module_utils.canary_checks import CHECKS_ARGSPEC, CanaryCheckError, CanaryGate, CanaryTarget
 from ansible_collections.onprem.mesh.plugins.module_utils.k8s_client import (
     HAS_K8S, K8S_AUTH_ARGSPEC, K8S_IMP_ERR, IstioObjects, K8sError, build_api_client)
-from ansible_collections.onprem.mesh.plugins.module_utils.rollout import Rollout, plan_steps, probe_checks
+from ansible_collections.onprem.mesh.plugins.module_utils.rollout import Rollout, check_stable_and_canary, outcome_message, plan_steps, probe_checks
 from ansible_collections.onprem.mesh.plugins.module_utils.traffic import VS_ROUTE_ARGSPEC, TrafficError, WeightChange, default_host, subset_labels
 
 
@@ -284,6 +284,7 @@ def main():
     if not p["checks"]:
         module.fail_json(msg="checks: a rollout needs at least one health check (success_rate, latency, promql, workload_ready,"
                              " no_restarts or http); without one every step would pass unseen")
+    store = None
     try:
         plan = plan_steps(p["steps"], p["step_weight"], p["max_weight"], p["interval"])
         api_client = build_api_client(p)
@@ -291,7 +292,7 @@ def main():
         change = WeightChange(store, p["namespace"], p["name"], host=p["service_host"], route_name=p["route_name"],
                               route_index=p["route_index"], retries=p["conflict_retries"])
         vs = change.read()
-        change.validate({p["stable"]: 100, p["canary"]: 0}, vs)
+        check_stable_and_canary(change, vs, p["stable"], p["canary"])
         host = default_host(vs, p["service_host"])
         version = p["canary_version"] or subset_labels(change.destination_rules, host, p["namespace"], p["canary"]).get("version")
         stable_version = subset_labels(change.destination_rules, host, p["namespace"], p["stable"]).get("version")
@@ -308,12 +309,16 @@ def main():
     except CanaryCheckError as exc:
         module.fail_json(msg="invalid canary checks: %s" % exc)
     except (TrafficError, K8sError) as exc:
-        module.fail_json(msg=str(exc))
+        # once the VirtualService was read: result (not_started, stopped, rolled_back, held), timeline, weights in force
+        extra = dict(getattr(exc, "result", None) or {})
+        if extra and store is not None:
+            extra["api_calls"] = store.calls
+        module.fail_json(msg=str(exc), **extra)
     result["api_calls"] = store.calls
     if module._diff and result["changed"]:
         result["diff"] = dict(before={"weights": result["weights_before"]}, after={"weights": result["weights_after"]})
     if result["result"] in ("rolled_back", "held") and p["fail_on_rollback"]:
-        module.fail_json(msg="canary %s %s: %s" % (p["canary"], result["result"].replace("_", " "), result.get("reason")), **result)
+        module.fail_json(msg=outcome_message(result, p["canary"]), **result)
     module.exit_json(**result)
 
 
