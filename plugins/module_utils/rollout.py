@@ -335,9 +335,8 @@ class Rollout:
                 when, details = "while the rollout ran", ["%s: found %s, the rollout had written %s" % c for c in changes]
             else:
                 when, details = "as this run began", ["%s: found %s, read %s when this run started" % c for c in changes]
-            raise ConcurrentChange("another client changed %s of VirtualService %s/%s %s: %s"
-                                   % (" and ".join(c[0] for c in changes), self.change.namespace, self.change.name, when, "; ".join(details)),
-                                   changes=changes, obj=vs)
+            raise ConcurrentChange("another client changed VirtualService %s/%s %s: %s"
+                                   % (self.change.namespace, self.change.name, when, "; ".join(details)), changes=changes, obj=vs)
 
     def _final_guard(self, vs):
         """For the rollback or hold that ends the rollout: only a takeover stops it (the VirtualService is theirs then)."""

@@ -212,8 +212,8 @@ reason:
   returned: when rolled back, held or stopped
   type: str
   sample: >-
-    another client changed the weights of the target route http[1] (name: primary) (spec.http[1].route[].weight)
-    of VirtualService shop/payment while the rollout ran: ... found v1=100, v2=0, the rollout had written v1=90, v2=10
+    another client changed VirtualService shop/payment while the rollout ran: the weights of the target route
+    http[1] (name: primary) (spec.http[1].route[].weight): found v1=100, v2=0, the rollout had written v1=90, v2=10
 note:
   description: Where the run started - from the first step, resumed at a recorded step, or already promoted.
   returned: success

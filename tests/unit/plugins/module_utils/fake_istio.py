@@ -71,8 +71,9 @@ def _schema_causes(obj):
             weight = dest.get("weight")
             if weight is not None and (isinstance(weight, bool) or not isinstance(weight, int)):
                 field = "spec.http[%d].route[%d].weight" % (i, j)
+                kind = type(weight).__name__
                 causes.append({"reason": "FieldValueTypeInvalid", "field": field,
-                               "message": 'Invalid value: "%s": %s in body must be of type integer: "%s"' % (type(weight).__name__, field, type(weight).__name__)})
+                               "message": 'Invalid value: "%s": %s in body must be of type integer: "%s"' % (kind, field, kind)})
     return causes
 
 
@@ -157,7 +158,8 @@ class FakeIstio:
         causes = _schema_causes(patched)
         if causes:
             raise server_answer(422, "Unprocessable Entity", {
-                "message": '%s.%s "%s" is invalid: %s' % (KINDS.get(plural, plural), ISTIO_GROUP, name, ", ".join(c["field"] + ": " + c["message"] for c in causes)),
+                "message": '%s.%s "%s" is invalid: %s' % (KINDS.get(plural, plural), ISTIO_GROUP, name,
+                                                          ", ".join(c["field"] + ": " + c["message"] for c in causes)),
                 "reason": "Invalid", "details": {"name": name, "group": ISTIO_GROUP, "kind": KINDS.get(plural, plural), "causes": causes}}, what, **request)
         if patched.get("spec") != current.get("spec"):
             patched["metadata"]["generation"] = current["metadata"]["generation"] + 1

@@ -257,8 +257,8 @@ def test_another_writer_of_the_target_weights_between_read_and_write_stops_the_r
     store.interfere.extend([lambda obj: None, sets_weights(50, 50)])
     result = rollout.run()
     assert result["result"] == "rolled_back" and target(store) == {"v1": 100, "v2": 0} and gate.seen == [5]
-    assert result["reason"] == ("another client changed %s of VirtualService shop/payment while the rollout ran: %s: found v1=50, v2=50,"
-                                " the rollout had written v1=95, v2=5" % (TARGET_FIELD, TARGET_FIELD))
+    assert result["reason"] == ("another client changed VirtualService shop/payment while the rollout ran: %s: found v1=50, v2=50,"
+                                " the rollout had written v1=95, v2=5" % TARGET_FIELD)
     step2 = result["timeline"][1]
     assert step2["step"] == 2 and step2["action"] == "rollback" and "verdict" not in step2
     assert step2["concurrent_change"] == [{"field": TARGET_FIELD, "found": "v1=50, v2=50", "expected": "v1=95, v2=5"}]
@@ -325,8 +325,8 @@ def test_the_rollouts_annotation_changed_by_someone_else_stops_it_naming_the_ann
     gate.evaluate = someone_removes_the_record
     result = rollout.run()
     assert result["result"] == "rolled_back"
-    assert result["reason"].startswith("another client changed the annotation mesh.onprem.io/canary-rollout (metadata.annotations) of"
-                                       " VirtualService shop/payment while the rollout ran: ")
+    assert result["reason"].startswith("another client changed VirtualService shop/payment while the rollout ran: the annotation"
+                                       " mesh.onprem.io/canary-rollout (metadata.annotations): found no annotation, ")
     assert 'found no annotation, the rollout had written {"canary": "v2"' in result["reason"]
 
 

@@ -90,10 +90,9 @@ def test_rollout_stopped_by_a_writer_of_its_weights_fails_naming_the_field_with_
     store.interfere.extend([lambda obj: None, operator])   # between the read and the write of step 2
     out = run(canary_rollout, ROLLOUT)
     assert out["failed"] and out["result"] == "rolled_back", out
-    assert out["msg"] == ("canary v2 rolled back: another client changed the weights of the target route http[1] (name: primary)"
-                          " (spec.http[1].route[].weight) of VirtualService shop/payment while the rollout ran: the weights of the target"
-                          " route http[1] (name: primary) (spec.http[1].route[].weight): found v1=100, v2=0, the rollout had written"
-                          " v1=90, v2=10; traffic now v1=100, v2=0")
+    assert out["msg"] == ("canary v2 rolled back: another client changed VirtualService shop/payment while the rollout ran: the weights"
+                          " of the target route http[1] (name: primary) (spec.http[1].route[].weight): found v1=100, v2=0, the rollout"
+                          " had written v1=90, v2=10; traffic now v1=100, v2=0")
     assert [e["action"] for e in out["timeline"]] == ["advance", "rollback", "rolled_back"]
     assert out["weights_after"] == {"v1": 100, "v2": 0} and out["api_calls"] == store.calls
 
