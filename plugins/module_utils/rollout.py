@@ -114,7 +114,7 @@ def check_stable_and_canary(change, vs, stable, canary):
 def outcome_message(result, canary):
     """The task's message for a rollout that ended rolled back or held: why, and where the traffic is now."""
     return "canary %s %s: %s; traffic now %s" % (canary, result["result"].replace("_", " "), result.get("reason"),
-                                                  format_weights(result.get("weights_after")))
+                                                 format_weights(result.get("weights_after")))
 
 
 def parse_duration(value, field):
@@ -467,8 +467,8 @@ class Rollout:
             outcome = self._fail(base, index, failures, reason, 60)
         except Exception as second:  # pylint: disable=broad-except
             raise self._not_written(base, reason, second, failures, index, first=exc)
-        error = RolloutError("%s; %s: traffic now %s (%s)" % (reason, outcome["result"].replace("_", " "), format_weights(outcome["weights_after"]),
-                                                            self._share(outcome["weights_after"])))
+        after = outcome["weights_after"]
+        error = RolloutError("%s; %s: traffic now %s (%s)" % (reason, outcome["result"].replace("_", " "), format_weights(after), self._share(after)))
         error.result = outcome
         raise error
 
