@@ -447,11 +447,12 @@ class Rollout:
     def _share(self, weights):
         return "canary %s gets %s %% of the traffic" % (self.canary, weights.get(self.canary, 0))
 
-    def _stopped(self, base, failures, reason, obj=None, action=None):
+    def _stopped(self, base, failures, reason, obj=None):
         """A RolloutError for a run that stops with the canary where it is: result ``stopped``, the weights in force."""
         weights, how = self._in_force(obj)
-        self.timeline.append(dict(step=self._step_index + 1, weights=weights, started=iso(self.now()), ended=iso(self.now()), action="stopped", reason=reason))
-        message = "%s: %s; traffic %s: %s (%s)" % (action or "the rollout stopped", reason, how, format_weights(weights), self._share(weights))
+        self.timeline.append(dict(step=self._step_index + 1, weights=weights, started=iso(self.now()), ended=iso(self.now()), action="stopped",
+                                  reason=reason))
+        message = "the rollout stopped: %s; traffic %s: %s (%s)" % (reason, how, format_weights(weights), self._share(weights))
         error = RolloutError(message)
         error.result = dict(base, changed=True, result="stopped", reason=reason, weights_after=weights, timeline=self.timeline, failures=failures)
         return error
