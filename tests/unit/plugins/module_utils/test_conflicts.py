@@ -173,7 +173,7 @@ def test_an_unknown_canary_is_reported_under_canary_not_weights():
         ro.Rollout(change, Gate(store), "v1", "v9", ro.plan_steps([5])).run()
     message = str(err.value)
     assert message.startswith("canary: subset v9 is not defined in the DestinationRule for host payment (defined: v1, v2)"), message
-    assert "weights" not in message.split(";")[0] and "this run wrote nothing: traffic stays v1=100, v2=0" in message
+    assert "weights" not in message.split(";", maxsplit=1)[0] and "this run wrote nothing: traffic stays v1=100, v2=0" in message
     assert err.value.result["result"] == "not_started" and store.calls["write"] == 0
     with pytest.raises(TrafficError, match=r"^stable: subset v0 is not defined.*; canary: subset v9 is not defined"):
         ro.Rollout(change, Gate(store), "v0", "v9", ro.plan_steps([5])).run()
