@@ -637,7 +637,7 @@ def test_rollout_that_loses_its_patch_permission_says_the_canary_keeps_its_share
         rbac.patch_namespaced_role(ACCOUNT, ns, {"rules": without_verb(readme_role_rules(), "virtualservices", "patch")})
         review = {"spec": {"user": module_user(ns), "resourceAttributes": {"namespace": ns, "verb": "patch", "group": GROUP,
                                                                            "resource": "virtualservices", "name": "reviews"}}}
-        for _ in range(100):  # bounded: until the authorizer has the new Role
+        for dummy in range(100):  # bounded: until the authorizer has the new Role
             if not authz.create_subject_access_review(review).status.allowed:
                 return
             time.sleep(0.1)
