@@ -320,8 +320,9 @@ class Rollout:
         """After this run's first write, a lease of another holder means another run took over (force): stop, theirs now."""
         lease = parse_annotation(vs, LEASE_ANNOTATION)
         if lease and lease.get("holder") != self.holder:
-            raise LeaseHeld("another rollout (%s) took over VirtualService %s/%s (force) while this run held it; this run stops and"
-                            " leaves the VirtualService to it" % (lease.get("holder"), self.change.namespace, self.change.name), obj=vs)
+            raise LeaseHeld("VirtualService %s/%s is now held by another rollout (%s), which took it over (force) while this run held it;"
+                            " this run stops and leaves the VirtualService to it" % (self.change.namespace, self.change.name, lease.get("holder")),
+                            obj=vs)
 
     def _guard(self, vs):
         """Checked on every read for a write: the lease, and that nobody else changed the rollout's own fields."""
@@ -448,12 +449,13 @@ class Rollout:
         return "canary %s gets %s %% of the traffic" % (self.canary, weights.get(self.canary, 0))
 
     def _stopped(self, base, failures, reason, obj=None):
-        """A RolloutError for a run that stops with the canary where it is: result ``stopped``, the weights in force."""
+        """The error for a run that another run took over: result ``stopped``, the canary where it is, the weights in force.
+        A LeaseHeld, like the refusal of a run that finds the lease held when it starts."""
         weights, how = self._in_force(obj)
         self.timeline.append(dict(step=self._step_index + 1, weights=weights, started=iso(self.now()), ended=iso(self.now()), action="stopped",
                                   reason=reason))
         message = "the rollout stopped: %s; traffic %s: %s (%s)" % (reason, how, format_weights(weights), self._share(weights))
-        error = RolloutError(message)
+        error = LeaseHeld(message, obj=obj)
         error.result = dict(base, changed=True, result="stopped", reason=reason, weights_after=weights, timeline=self.timeline, failures=failures)
         return error
 

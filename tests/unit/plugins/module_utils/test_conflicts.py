@@ -340,8 +340,8 @@ def test_a_takeover_of_the_lease_stops_the_run_without_touching_the_traffic():
         return evaluate(token)
 
     gate.evaluate = another_run_forces_its_way_in
-    with pytest.raises(ro.RolloutError, match=r"another rollout \(awx-job-7\) took over VirtualService shop/payment .*traffic in force:"
-                                              r" v1=95, v2=5 \(canary v2 gets 5 % of the traffic\)") as err:
+    with pytest.raises(ro.LeaseHeld, match=r"VirtualService shop/payment is now held by another rollout \(awx-job-7\), which took it over .*"
+                                           r"traffic in force: v1=95, v2=5 \(canary v2 gets 5 % of the traffic\)") as err:
         rollout.run()
     assert err.value.result["result"] == "stopped" and err.value.result["weights_after"] == {"v1": 95, "v2": 5}
     assert [e["action"] for e in err.value.result["timeline"]] == ["advance", "stopped"]
