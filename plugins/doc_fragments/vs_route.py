@@ -36,7 +36,13 @@ options:
     description: Choose the HTTP route by its position in C(spec.http), from 0.
     type: int
   conflict_retries:
-    description: How many times to read again and retry after a conflicting change by another writer.
+    description:
+      - How many times to read again and retry a write that another client's change got in the way of.
+      - Every write is a JSON patch that begins with C(test) operations on what it relies on, as just read. When another
+        client changed any of that in between, kube-apiserver refuses the whole patch (HTTP 422 without causes, or 409).
+        The module then reads the VirtualService again, rebuilds the patch from what it finds, so the other client's
+        change is kept, and sends it again, at most O(conflict_retries) more times, waiting 0.1 s more after each
+        attempt (at most 1 s). A 422 that lists causes (a schema or validation error) is never retried.
     type: int
     default: 5
 """

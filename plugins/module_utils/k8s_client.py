@@ -52,22 +52,39 @@ K8S_AUTH_ARGSPEC = dict(
 
 
 class K8sError(Exception):
-    """An answer from the API server (or no answer), with the status code and the server's message."""
+    """An answer from the API server (or no answer), with the status code and the server's message.
 
-    def __init__(self, message, status=None, reason=None, body=None):
+    ``verb``, ``resource`` (with its API ``group``) and ``namespace`` say what was asked (for messages about RBAC); ``guarded`` is true
+    when the request was a JSON patch that carried ``test`` operations.
+    """
+
+    def __init__(self, message, status=None, reason=None, body=None, verb=None, resource=None, namespace=None, guarded=False, group=None):
         super(K8sError, self).__init__(message)
+        self.group = group
         self.status = status
         self.reason = reason
         self.body = body or {}
+        self.verb = verb
+        self.resource = resource
+        self.namespace = namespace
+        self.guarded = guarded
 
     @property
     def is_conflict(self):
-        """409, or a JSON patch whose ``test`` operation failed (the server answers 422 for that)."""
+        """The object changed between our read and our write: read again and rebuild the write.
+
+        409 (a stale resourceVersion), or 422 without ``details.causes`` on a JSON patch that carried ``test``
+        operations. kube-apiserver answers every JSON patch that cannot be applied to the object as it is now (a
+        failed ``test``, a path that is gone) with HTTP 422, reason Invalid, the generic message "the server
+        rejected our request due to an error in our request" and no causes (measured on kube-apiserver 1.35,
+        tests/integration/test_canary_modules.py). A 422 from a schema or validation error lists its causes
+        (the fields), so it is never taken for a conflict.
+        """
         if self.status == 409:
             return True
-        if self.status == 422:
-            text = json.dumps(self.body)
-            return "test failed" in text or "testing value" in text
+        if self.status == 422 and self.guarded:
+            details = self.body.get("details") if isinstance(self.body, dict) else None
+            return not (details or {}).get("causes")
         return False
 
 
@@ -76,10 +93,17 @@ def _server_message(exc):
         body = json.loads(exc.body or "{}")
     except (TypeError, ValueError):
         body = {"message": str(exc.body)}
+    if not isinstance(body, dict):
+        body = {"message": str(body)}
     return body, body.get("message") or exc.reason or str(exc)
 
 
-def api_error(exc, what):
+def resource_name(resource, group=None):
+    """``virtualservices.networking.istio.io``, ``pods`` (the core group has no suffix)."""
+    return "%s.%s" % (resource, group) if group else resource
+
+
+def api_error(exc, what, verb=None, resource=None, namespace=None, guarded=False, group=None):
     """Turn an ApiException into a K8sError whose message says what failed and what to do."""
     body, message = _server_message(exc)
     status = getattr(exc, "status", None)
@@ -87,11 +111,17 @@ def api_error(exc, what):
     if status == 401:
         hint = " Check the credentials: api_key, client_cert/client_key or the kubeconfig user."
     elif status == 403:
-        hint = (" The identity used lacks RBAC permission for this; grant the verbs listed in the"
-                " collection's README (section RBAC) on this resource.")
+        if verb and resource:
+            hint = (" The identity used lacks RBAC permission to %s %s%s; grant that verb (the collection's README lists the"
+                    " verbs, section RBAC) and check that the namespace exists (a Role grants nothing in a namespace that does"
+                    " not exist)." % (verb, resource_name(resource, group), " in namespace %s" % namespace if namespace else ""))
+        else:
+            hint = (" The identity used lacks RBAC permission for this; grant the verbs listed in the"
+                    " collection's README (section RBAC) on this resource.")
     elif status == 404:
         hint = " Check the name and namespace (and that the Istio CRDs are installed)."
-    return K8sError("%s: HTTP %s %s.%s" % (what, status, message, hint), status=status, reason=getattr(exc, "reason", None), body=body)
+    return K8sError("%s: HTTP %s %s.%s" % (what, status, message, hint), status=status, reason=getattr(exc, "reason", None), body=body,
+                    verb=verb, resource=resource, namespace=namespace, guarded=guarded, group=group)
 
 
 def build_api_client(params):
@@ -148,6 +178,7 @@ class IstioObjects:
         self.calls = {"read": 0, "write": 0}
 
     def _call(self, kind, what, func, *args, **kwargs):
+        request = kwargs.pop("request", {})
         self.calls[kind] += 1
         try:
             return func(*args, **kwargs)
@@ -155,18 +186,33 @@ class IstioObjects:
             raise
         except Exception as exc:  # ApiException; or connection refused, TLS failure, timeout
             if isinstance(exc, ApiException) and getattr(exc, "status", None):
-                raise api_error(exc, what)
-            raise K8sError("%s: the API server could not be reached: %s. Check host/kubeconfig and validate_certs/ca_cert." % (what, exc))
+                raise api_error(exc, what, **request)
+            raise K8sError("%s: the API server could not be reached: %s. Check host/kubeconfig and validate_certs/ca_cert." % (what, exc),
+                           **request)
 
     def get(self, plural, namespace, name):
         kind = "VirtualService" if plural == "virtualservices" else "DestinationRule" if plural == "destinationrules" else plural
         return self._call("read", "reading %s %s/%s" % (kind, namespace, name), self.custom.get_namespaced_custom_object,
-                          self.group, self.version, namespace, plural, name)
+                          self.group, self.version, namespace, plural, name,
+                          request=dict(verb="get", resource=plural, namespace=namespace, group=self.group))
 
     def list(self, plural, namespace):
         return self._call("read", "listing %s in namespace %s" % (plural, namespace), self.custom.list_namespaced_custom_object,
-                          self.group, self.version, namespace, plural).get("items", [])
+                          self.group, self.version, namespace, plural,
+                          request=dict(verb="list", resource=plural, namespace=namespace, group=self.group)).get("items", [])
 
     def json_patch(self, plural, namespace, name, operations):
+        guarded = any(op.get("op") == "test" for op in operations)
         return self._call("write", "patching %s %s/%s" % (plural, namespace, name), self.custom.patch_namespaced_custom_object,
-                          self.group, self.version, namespace, plural, name, operations, _content_type=JSON_PATCH)
+                          self.group, self.version, namespace, plural, name, operations, _content_type=JSON_PATCH,
+                          request=dict(verb="patch", resource=plural, namespace=namespace, group=self.group, guarded=guarded))
+
+    def namespace_exists(self, namespace):
+        """True or False when the API server says; None when these credentials may not read namespaces (or no answer)."""
+        core = k8s_client_lib.CoreV1Api(self.api_client)
+        try:
+            self._call("read", "reading namespace %s" % namespace, core.read_namespace, namespace,
+                       request=dict(verb="get", resource="namespaces"))
+        except K8sError as exc:
+            return False if exc.status == 404 else None
+        return True

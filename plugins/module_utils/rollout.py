@@ -19,6 +19,14 @@ What the rollout records on the VirtualService (annotations, so a rerun can pick
 
 Every step costs one write (weights, state and lease in one JSON patch) and one read before it,
 plus the reads of waiting for the mesh when that is asked for.
+
+Other writers: every write begins with ``test`` operations on the target route and on the rollout's two
+annotations as just read, so the API server refuses it if any of them changed in between (HTTP 422, or 409).
+The rollout then reads again and rebuilds the write (at most ``conflict_retries`` times more): another
+client's change to anything else (another route, a timeout, other annotations) is kept and costs at most a
+retry. Before each write the rollout also checks that the target route's weights and its annotations are
+still what it last wrote (or read, before its first write); if another client changed them, the rollout
+stops, says which field changed, what it found and what it expected, and follows ``on_failure``.
 """
 
 from __future__ import absolute_import, division, print_function
@@ -31,7 +39,7 @@ import uuid
 from datetime import datetime, timezone
 
 from ansible_collections.onprem.mesh.plugins.module_utils.canary_checks import duration_seconds
-from ansible_collections.onprem.mesh.plugins.module_utils.traffic import TrafficError, annotation_ops, current_weights
+from ansible_collections.onprem.mesh.plugins.module_utils.traffic import TrafficError, annotation_ops, annotation_tests, current_weights, route_label
 
 STATE_ANNOTATION = "mesh.onprem.io/canary-rollout"
 LEASE_ANNOTATION = "mesh.onprem.io/canary-lease"
@@ -43,7 +51,70 @@ class RolloutError(TrafficError):
 
 
 class LeaseHeld(RolloutError):
-    pass
+    """Another run holds the lease (``obj``: the VirtualService as read, when known)."""
+
+    def __init__(self, message, obj=None):
+        super(LeaseHeld, self).__init__(message)
+        self.obj = obj
+
+
+class ConcurrentChange(RolloutError):
+    """Another client changed what the rollout owns: the target route's weights or the rollout's annotations.
+
+    ``changes`` lists ``(field, found, expected)``; ``obj`` is the VirtualService as read."""
+
+    def __init__(self, message, changes=(), obj=None):
+        super(ConcurrentChange, self).__init__(message)
+        self.changes = list(changes)
+        self.obj = obj
+
+
+def format_weights(weights):
+    """``v1=90, v2=10`` (by subset name)."""
+    return ", ".join("%s=%s" % kv for kv in sorted((weights or {}).items())) or "none"
+
+
+def _cut(text, limit=300):
+    return text if not text or len(text) <= limit else text[:limit] + "..."
+
+
+def _nonzero(weights):
+    return dict((k, v) for k, v in (weights or {}).items() if v)
+
+
+def not_started(exc, base, canary):
+    """An error before a run's first write: the exception keeps its type, and gets ``result`` (``not_started``,
+    the weights as read) and, in its message, where the traffic stays."""
+    if getattr(exc, "result", None) is not None or base.get("weights_before") is None:
+        return
+    weights = base["weights_before"]
+    try:
+        exc.result = dict(base, changed=False, result="not_started", weights_after=weights)
+    except AttributeError:  # an exception type that takes no attributes
+        return
+    if exc.args and isinstance(exc.args[0], str):
+        exc.args = ("%s; this run wrote nothing: traffic stays %s (canary %s gets %s %% of it)"
+                    % (exc.args[0], format_weights(weights), canary, weights.get(canary, 0)),) + exc.args[1:]
+
+
+def check_stable_and_canary(change, vs, stable, canary):
+    """``stable`` and ``canary`` are subsets the DestinationRule defines for the route's host; a refusal names the
+    option (``canary: subset v9 is not defined ...``) and carries ``result`` ``not_started``."""
+    try:
+        weights = current_weights(change.locate(vs)[2])
+    except TrafficError:
+        weights = None
+    try:
+        change.validate({stable: 100, canary: 0}, vs, fields={stable: "stable", canary: "canary"})
+    except TrafficError as exc:
+        not_started(exc, dict(canary=canary, stable=stable, weights_before=weights, timeline=[]), canary)
+        raise
+
+
+def outcome_message(result, canary):
+    """The task's message for a rollout that ended rolled back or held: why, and where the traffic is now."""
+    return "canary %s %s: %s; traffic now %s" % (canary, result["result"].replace("_", " "), result.get("reason"),
+                                                 format_weights(result.get("weights_after")))
 
 
 def parse_duration(value, field):
@@ -174,7 +245,10 @@ class Rollout:
         self.probe = probe
         self.probe_every = probe_every
         self.timeline = []
-        self._started = False
+        self._started = False   # this run has written
+        self._expected = None   # what the rollout expects of its own fields at the next write (see _remember)
+        self._step_index = 0
+        self._failing = None    # the reason of the rollback or hold being written
 
     # -- plan ---------------------------------------------------------------------------------
     def weights(self, canary_weight):
@@ -205,22 +279,81 @@ class Rollout:
         if expires > self.now():
             raise LeaseHeld("VirtualService %s/%s is held by another rollout (%s) until %s, %d s from now; wait for it to finish,"
                             " or if that run is dead, wait for the lease to expire or set force: true"
-                            % (self.change.namespace, self.change.name, lease.get("holder"), iso(expires), expires - self.now()))
+                            % (self.change.namespace, self.change.name, lease.get("holder"), iso(expires), expires - self.now()), obj=vs)
 
     def _record(self, vs, phase, index, failures, reason=None, interval=60, release=False):
-        self._check_lease(vs)
+        """Patch operations for the rollout's record: ``test`` of its two annotations as read, then their new values."""
         state = dict(canary=self.canary, stable=self.stable, plan=self.plan_key, step=index, phase=phase,
                      failures=failures, updated=iso(self.now()), holder=self.holder)
         if reason:
             state["reason"] = reason
         lease = None if release else json.dumps(dict(holder=self.holder, expires=round(self.now() + self._lease_ttl(interval), 3)), sort_keys=True)
-        rv = (vs.get("metadata") or {}).get("resourceVersion")
-        ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": rv}] if rv else []
-        return ops + annotation_ops(vs, {STATE_ANNOTATION: json.dumps(state, sort_keys=True), LEASE_ANNOTATION: lease})
+        return annotation_tests(vs, (STATE_ANNOTATION, LEASE_ANNOTATION)) + annotation_ops(
+            vs, {STATE_ANNOTATION: json.dumps(state, sort_keys=True), LEASE_ANNOTATION: lease})
 
-    def _write(self, canary_weight, phase, index, failures, reason=None, interval=60, release=False):
-        return self.change.apply(self.weights(canary_weight), validate=False,
-                                 extra_ops=lambda vs: self._record(vs, phase, index, failures, reason, interval, release))
+    # -- what the rollout owns, and other writers --------------------------------------------------
+    def _remember(self, obj):
+        """What the rollout expects at its next write: the target route's weights and its annotations as in ``obj``
+        (the object as read at the start, then as each write of this run left it)."""
+        annotations = (obj.get("metadata") or {}).get("annotations") or {}
+        self._expected = dict(weights=current_weights(self.change.locate(obj)[2]),
+                              annotations=dict((k, annotations.get(k)) for k in (STATE_ANNOTATION, LEASE_ANNOTATION)))
+
+    def _changed_by_others(self, vs):
+        """``(field, found, expected)`` for each of the rollout's own fields that differs in ``vs`` from what it expects."""
+        if self._expected is None:
+            return []
+        _host, index, route = self.change.locate(vs)
+        changes = []
+        live, expected = current_weights(route), self._expected["weights"]
+        if _nonzero(live) != _nonzero(expected):
+            changes.append(("the weights of the target route %s (spec.http[%d].route[].weight)" % (route_label(route, index), index),
+                            format_weights(live), format_weights(expected)))
+        annotations = (vs.get("metadata") or {}).get("annotations") or {}
+        for key in (STATE_ANNOTATION, LEASE_ANNOTATION):
+            if annotations.get(key) != self._expected["annotations"].get(key):
+                changes.append(("the annotation %s (metadata.annotations)" % key, _cut(annotations.get(key)) or "no annotation",
+                                _cut(self._expected["annotations"].get(key)) or "no annotation"))
+        return changes
+
+    def _check_taken_over(self, vs):
+        """After this run's first write, a lease of another holder means another run took over (force): stop, theirs now."""
+        lease = parse_annotation(vs, LEASE_ANNOTATION)
+        if lease and lease.get("holder") != self.holder:
+            raise LeaseHeld("VirtualService %s/%s is now held by another rollout (%s), which took it over (force) while this run held it;"
+                            " this run stops and leaves the VirtualService to it" % (self.change.namespace, self.change.name, lease.get("holder")),
+                            obj=vs)
+
+    def _guard(self, vs):
+        """Checked on every read for a write: the lease, and that nobody else changed the rollout's own fields."""
+        if self._started:
+            self._check_taken_over(vs)
+        else:
+            self._check_lease(vs)
+        changes = self._changed_by_others(vs)
+        if changes:
+            if self._started:
+                when, details = "while the rollout ran", ["%s: found %s, the rollout had written %s" % c for c in changes]
+            else:
+                when, details = "as this run began", ["%s: found %s, read %s when this run started" % c for c in changes]
+            raise ConcurrentChange("another client changed VirtualService %s/%s %s: %s"
+                                   % (self.change.namespace, self.change.name, when, "; ".join(details)), changes=changes, obj=vs)
+
+    def _final_guard(self, vs):
+        """For the rollback or hold that ends the rollout: only a takeover stops it (the VirtualService is theirs then)."""
+        if self._started:
+            self._check_taken_over(vs)
+        else:
+            self._check_lease(vs)
+
+    def _write(self, canary_weight, phase, index, failures, reason=None, interval=60, release=False, final=False, vs=None):
+        """One guarded write of the weights (None: as they are) and the record; retried on conflicts with a fresh read."""
+        weights = None if canary_weight is None else self.weights(canary_weight)
+        written = self.change.apply(weights, validate=False, vs=vs, guard=self._final_guard if final else self._guard,
+                                    extra_ops=lambda obj: self._record(obj, phase, index, failures, reason, interval, release))
+        self._started = True
+        self._remember(written["object"])
+        return written
 
     def _wait_for_mesh(self, obj):
         """Poll until the mesh reports the object's generation (status.observedGeneration), bounded by mesh_timeout."""
@@ -263,11 +396,23 @@ class Rollout:
 
     # -- run -------------------------------------------------------------------------------------
     def run(self, check_mode=False):
+        """Run (or plan) the rollout. Returns the result dict when it ends promoted, rolled back or held.
+
+        Raises when it stops otherwise; the exception then carries ``result`` (a dict like the returned one:
+        ``result`` ``not_started`` before this run wrote anything, ``stopped`` after, with the timeline and the
+        weights in force) whenever the VirtualService could be read, and its message says where traffic is.
+        """
         vs = self.change.read()
-        self.change.validate(self.weights(self.steps[0]["weight"]), vs)
-        index, failures, note = self.starting_point(vs)
-        before = current_weights(self.change.locate(vs)[2])
-        base = dict(canary=self.canary, stable=self.stable, holder=self.holder, note=note, weights_before=before)
+        base = dict(canary=self.canary, stable=self.stable, holder=self.holder)
+        try:
+            before = current_weights(self.change.locate(vs)[2])
+            base["weights_before"] = before
+            check_stable_and_canary(self.change, vs, self.stable, self.canary)
+            index, failures, note = self.starting_point(vs)
+        except Exception as exc:
+            self._not_started(exc, dict(base, timeline=[]))
+            raise
+        base["note"] = note
         if index is None:
             return dict(base, changed=False, result="promoted", weights_after=before, timeline=[], schedule=[])
         schedule = self.schedule(index)
@@ -276,36 +421,100 @@ class Rollout:
             return dict(base, changed=True, result="planned", weights_after=self.weights(100), timeline=[], schedule=schedule,
                         planned_seconds=total)
         self.log(note)
+        self._remember(vs)
+        base["schedule"] = schedule
         try:
             return self._steps(base, schedule, index, failures)
-        except LeaseHeld:
-            raise  # another run took over (force); the VirtualService is theirs now
         except Exception as exc:  # an API error or a crashed check in the middle: do not leave the canary half-shifted
-            if not self.timeline and not self._started:
+            if not self._started:
+                self._not_started(exc, dict(base, timeline=self.timeline, failures=failures))
                 raise
-            reason = "the rollout stopped on an error: %s" % exc
-            try:
-                outcome = self._fail(dict(base, schedule=schedule), index, failures, reason, 60)
-            except Exception as second:
-                raise RolloutError("%s; and the %s that followed failed too: %s. Check the VirtualService %s/%s by hand"
-                                   % (reason, self.on_failure, second, self.change.namespace, self.change.name))
-            raise RolloutError("%s; %s done: weights now %s" % (reason, outcome["result"].replace("_", " "), outcome["weights_after"]))
+            if isinstance(exc, LeaseHeld):  # another run took over (force); the VirtualService is theirs now
+                raise self._stopped(base, failures, str(exc), obj=exc.obj)
+            return self._after_error(base, exc, failures)
+
+    def _not_started(self, exc, base):
+        not_started(exc, base, self.canary)
+
+    def _in_force(self, obj=None):
+        """``(weights, how)``: the weights on the VirtualService now (read again unless ``obj`` is given), or, when it
+        cannot be read, the ones this run last wrote."""
+        try:
+            obj = obj or self.change.read()
+            return current_weights(self.change.locate(obj)[2]), "in force"
+        except Exception:  # pylint: disable=broad-except  # no answer: say what this run last wrote, and that it is that
+            return dict(self._expected["weights"]) if self._expected else {}, "as this run last wrote them (the VirtualService could not be read)"
+
+    def _share(self, weights):
+        return "canary %s gets %s %% of the traffic" % (self.canary, weights.get(self.canary, 0))
+
+    def _stopped(self, base, failures, reason, obj=None):
+        """The error for a run that another run took over: result ``stopped``, the canary where it is, the weights in force.
+        A LeaseHeld, like the refusal of a run that finds the lease held when it starts."""
+        weights, how = self._in_force(obj)
+        self.timeline.append(dict(step=self._step_index + 1, weights=weights, started=iso(self.now()), ended=iso(self.now()), action="stopped",
+                                  reason=reason))
+        message = "the rollout stopped: %s; traffic %s: %s (%s)" % (reason, how, format_weights(weights), self._share(weights))
+        error = LeaseHeld(message, obj=obj)
+        error.result = dict(base, changed=True, result="stopped", reason=reason, weights_after=weights, timeline=self.timeline, failures=failures)
+        return error
+
+    def _after_error(self, base, exc, failures):
+        """An error after this run's first write: follow on_failure, and say where the traffic is either way."""
+        index = min(self._step_index, len(self.steps) - 1)
+        if self._failing is not None:  # the rollback or hold itself could not be written
+            raise self._not_written(base, self._failing, exc, failures, index)
+        reason = "the rollout stopped on an error at step %d (weight %d): %s" % (
+            self._step_index + 1, self.steps[self._step_index]["weight"] if self._step_index < len(self.steps) else 100, exc)
+        try:
+            outcome = self._fail(base, index, failures, reason, 60)
+        except Exception as second:  # pylint: disable=broad-except
+            raise self._not_written(base, reason, second, failures, index, first=exc)
+        after = outcome["weights_after"]
+        error = RolloutError("%s; %s: traffic now %s (%s)" % (reason, outcome["result"].replace("_", " "), format_weights(after), self._share(after)))
+        error.result = outcome
+        raise error
+
+    def _not_written(self, base, reason, exc, failures, index, first=None):
+        """The RolloutError for an on_failure write that failed: the canary keeps its share; say which and why."""
+        if isinstance(exc, LeaseHeld):
+            return self._stopped(base, failures, "%s; then %s" % (reason, exc), obj=exc.obj)
+        weights, how = self._in_force()
+        same = (first is not None and getattr(exc, "status", None) is not None and getattr(exc, "status", None) == getattr(first, "status", None)
+                and getattr(exc, "verb", None) == getattr(first, "verb", None))
+        detail = "it was refused the same way (HTTP %s)" % exc.status if same else str(exc)
+        advice = ("Fix the cause and rerun with the same options: it resumes at the recorded step (this run's lease, %s, stands until it expires"
+                  " unless the rerun sets force: true); or set the weights with onprem.mesh.traffic_split" % self.holder)
+        self.timeline.append(dict(step=index + 1, weights=weights, started=iso(self.now()), ended=iso(self.now()), action="stopped",
+                                  reason="%s; the %s was not written: %s" % (reason, self.on_failure, detail)))
+        error = RolloutError("canary %s still gets %s %% of the traffic (weights %s: %s): %s; the %s that should have followed was not written: %s. %s"
+                             % (self.canary, weights.get(self.canary, 0), how, format_weights(weights), reason, self.on_failure, detail, advice))
+        error.result = dict(base, changed=True, result="stopped", reason=reason, weights_after=weights, timeline=self.timeline, failures=failures)
+        return error
 
     def _steps(self, base, schedule, index, failures):
+        self._step_index = index
         while index < len(self.steps):
+            self._step_index = index
             step = self.steps[index]
             entry = dict(step=index + 1, weight=step["weight"], weights=self.weights(step["weight"]), started=iso(self.now()))
             started = self.now()
             reads_before = dict(getattr(self.change.store, "calls", {}))
-            written = self._write(step["weight"], "progressing", index, failures, interval=step["interval"])
-            self._started = True
+            try:
+                written = self._write(step["weight"], "progressing", index, failures, interval=step["interval"])
+            except ConcurrentChange as exc:
+                if not self._started:
+                    raise
+                return self._concurrent_change(base, entry, exc, index, failures, step["interval"])
+            if written["attempts"] > 1:
+                entry["conflicts"] = written["attempts"] - 1
             if self.wait_for_mesh:
                 if not self._wait_for_mesh(written["object"]):
                     entry.update(ended=iso(self.now()), verdict="fail", checks=[],
                                  reason="the mesh did not report generation %s within %ss (status.observedGeneration)"
                                  % ((written["object"].get("metadata") or {}).get("generation"), self.mesh_timeout))
                     self.timeline.append(entry)
-                    return self._fail(dict(base, schedule=schedule), index, failures + 1, entry["reason"], step["interval"])
+                    return self._fail(base, index, failures + 1, entry["reason"], step["interval"])
                 entry["mesh_ready"] = iso(self.now())
             token = self.gate.start_window()
             gate = self._watch(started + step["interval"])
@@ -327,14 +536,28 @@ class Rollout:
             reason = "step %d (weight %d): %s" % (index + 1, step["weight"], gate.get("reason") or self._describe(gate))
             if failures > self.failure_limit:
                 entry["action"] = self.on_failure
-                return self._fail(dict(base, schedule=schedule), index, failures, reason, step["interval"])
+                return self._fail(base, index, failures, reason, step["interval"])
             entry["action"] = "retry"
             self.log("failed analysis %d of %d tolerated: %s" % (failures, self.failure_limit, reason))
-        self._write(100, "promoted", len(self.steps), failures, release=True)
-        self.timeline.append(dict(step=len(self.steps) + 1, weight=100, weights=self.weights(100), started=iso(self.now()),
-                                  ended=iso(self.now()), action="promoted"))
-        return dict(base, changed=True, result="promoted", weights_after=self.weights(100), timeline=self.timeline, schedule=schedule,
-                    failures=failures)
+        self._step_index = len(self.steps)
+        entry = dict(step=len(self.steps) + 1, weight=100, weights=self.weights(100), started=iso(self.now()))
+        try:
+            written = self._write(100, "promoted", len(self.steps), failures, release=True)
+        except ConcurrentChange as exc:
+            return self._concurrent_change(base, entry, exc, len(self.steps), failures, 60)
+        entry.update(ended=iso(self.now()), action="promoted")
+        if written["attempts"] > 1:
+            entry["conflicts"] = written["attempts"] - 1
+        self.timeline.append(entry)
+        return dict(base, changed=True, result="promoted", weights_after=self.weights(100), timeline=self.timeline, failures=failures)
+
+    def _concurrent_change(self, base, entry, exc, index, failures, interval):
+        """Another client changed the rollout's own fields: record it in the timeline, then on_failure."""
+        entry.update(ended=iso(self.now()), action=self.on_failure, reason=str(exc),
+                     concurrent_change=[dict(field=f, found=found, expected=expected) for f, found, expected in exc.changes])
+        self.timeline.append(entry)
+        self.log(str(exc))
+        return self._fail(base, min(index, len(self.steps) - 1), failures, str(exc), interval, vs=exc.obj)
 
     def _watch(self, deadline):
         """Sleep until ``deadline`` (the step's start plus its interval, so a rollout takes the sum of its
@@ -359,16 +582,25 @@ class Rollout:
         return "; ".join("%s %s (value %s, threshold %s)" % (c.get("name"), c.get("verdict"), c.get("value"), c.get("threshold"))
                          for c in failed) or "verdict %s" % gate.get("verdict")
 
-    def _fail(self, base, index, failures, reason, interval):
+    def _fail(self, base, index, failures, reason, interval, vs=None):
+        """on_failure: rollback (all traffic to stable) or hold (the weights as they are). Each is one guarded write,
+        retried on conflicts; only another run's takeover of the lease stops it. A change another client made to the
+        rollout's own fields since its last write is named in the reason (it is undone by a rollback, kept by a hold)."""
+        self._failing = reason
+        vs = vs or self.change.read()
+        changes = self._changed_by_others(vs)
+        if changes and "another client changed" not in reason:
+            reason = "%s; meanwhile another client had changed %s" % (
+                reason, "; ".join("%s: found %s, the rollout had written %s" % c for c in changes))
+            self._failing = reason
         if self.on_failure == "rollback":
-            written = self._write(0, "rolled_back", index, failures, reason=reason, release=True)
-            self.timeline.append(dict(step=index + 1, weight=0, weights=self.weights(0), started=iso(self.now()), ended=iso(self.now()),
+            written = self._write(0, "rolled_back", index, failures, reason=reason, release=True, final=True, vs=vs)
+            weights = current_weights(self.change.locate(written["object"])[2])
+            self.timeline.append(dict(step=index + 1, weight=0, weights=weights, started=iso(self.now()), ended=iso(self.now()),
                                       action="rolled_back", reason=reason))
-            return dict(base, changed=True, result="rolled_back", reason=reason, weights_after=current_weights(
-                self.change.locate(written["object"])[2]) if written.get("object") else self.weights(0), timeline=self.timeline, failures=failures)
-        vs = self.change.read()
-        live = current_weights(self.change.locate(vs)[2])
-        self.change.apply(live, validate=False, vs=vs, extra_ops=lambda obj: self._record(obj, "held", index, failures, reason, interval, release=True))
+            return dict(base, changed=True, result="rolled_back", reason=reason, weights_after=weights, timeline=self.timeline, failures=failures)
+        written = self._write(None, "held", index, failures, reason=reason, interval=interval, release=True, final=True, vs=vs)
+        live = current_weights(self.change.locate(written["object"])[2])
         self.timeline.append(dict(step=index + 1, weight=live.get(self.canary, 0), weights=live, started=iso(self.now()), ended=iso(self.now()),
                                   action="held", reason=reason))
         return dict(base, changed=True, result="held", reason=reason, weights_after=live, timeline=self.timeline, failures=failures)

@@ -8,7 +8,8 @@ cluster, so every rule here is unit-tested directly. The patch this module build
 the ``weight`` fields of the chosen route (and appends a destination for a subset the route does
 not list yet); every other route, match, mirror, retry, timeout, header and destination is left
 exactly as it was. It starts with ``test`` operations on the route as it was read, so a
-concurrent change makes the server refuse the whole patch instead of mixing two writers.
+concurrent change makes the server refuse the whole patch instead of mixing two writers; the
+change is then read again and the patch rebuilt (``WeightChange.apply``).
 """
 
 from __future__ import absolute_import, division, print_function
@@ -151,15 +152,23 @@ def destination_rule_subsets(destination_rules, host, namespace):
     return found, subsets
 
 
-def check_subsets(weights, destination_rules, host, namespace):
+def check_subsets(weights, destination_rules, host, namespace, fields=None):
+    """Every subset of ``weights`` is defined for ``host``. ``fields`` maps a subset to the option that named it
+    (``{"v9": "canary"}``), so the message points at that option; others are reported under ``weights``."""
     found, subsets = destination_rule_subsets(destination_rules, host, namespace)
     if not found:
         raise TrafficError("no DestinationRule in namespace %s has host %s; create one that defines the subsets %s"
                            % (namespace, host, ", ".join(sorted(weights))))
     unknown = sorted(set(weights) - subsets)
     if unknown:
-        raise TrafficError("weights: subset %s is not defined in the DestinationRule for host %s (defined: %s); add it to the DestinationRule or fix the name"
-                           % (", ".join(unknown), host, ", ".join(sorted(subsets)) or "none"))
+        fields = fields or {}
+        by_field = {}
+        for subset in unknown:
+            by_field.setdefault(fields.get(subset, "weights"), []).append(subset)
+        order = [f for f in list(fields.values()) + ["weights"] if f in by_field]
+        raise TrafficError("; ".join(
+            "%s: subset %s is not defined in the DestinationRule for host %s (defined: %s); add it to the DestinationRule or fix the name"
+            % (field, ", ".join(by_field[field]), host, ", ".join(sorted(subsets)) or "none") for field in sorted(set(order), key=order.index)))
 
 
 def apply_weights(route, weights):
@@ -219,6 +228,16 @@ def annotation_ops(obj, changes):
     return ops
 
 
+def annotation_tests(obj, keys):
+    """JSON patch ``test`` operations that hold ``keys`` to their values in ``obj`` as read: a present annotation to its
+    value, an absent one to its absence (a ``test`` against null passes only for a missing key); without any
+    annotations, the absence of the whole map. Other annotations are not tested, so their writers never conflict."""
+    annotations = (obj.get("metadata") or {}).get("annotations")
+    if annotations is None:
+        return [{"op": "test", "path": "/metadata/annotations", "value": None}]
+    return [{"op": "test", "path": json_pointer("metadata", "annotations", key), "value": annotations.get(key)} for key in sorted(keys)]
+
+
 def default_host(vs, host=None):
     if host:
         return host
@@ -235,6 +254,11 @@ class WeightChange:
     ``store`` is an ``IstioObjects`` (or a fake with ``get``, ``list`` and ``json_patch``).
     ``extra_ops(vs)`` may add operations (annotations) to the same patch, so that the weights
     and the rollout's record of them land in one write.
+
+    A conflict (``K8sError.is_conflict``: the patch's ``test`` failed, or 409) means the object changed
+    between the read and the patch: the object is read again, ``guard(vs)`` (when given) checks that what the
+    caller relies on is still so and raises if not, and the patch is rebuilt from the fresh read - so another
+    client's change to other fields is kept, never overwritten - and sent again, at most ``retries`` times more.
     """
 
     def __init__(self, store, namespace, name, host=None, route_name=None, route_index=None, retries=5, sleep=None):
@@ -249,44 +273,68 @@ class WeightChange:
         self.destination_rules = None
 
     def read(self):
-        return self.store.get("virtualservices", self.namespace, self.name)
+        try:
+            return self.store.get("virtualservices", self.namespace, self.name)
+        except Exception as exc:  # K8sError: a 404 may mean the namespace, not the VirtualService, is missing
+            if getattr(exc, "status", None) != 404 or not hasattr(self.store, "namespace_exists"):
+                raise
+            exists = self.store.namespace_exists(self.namespace)
+            if exists is False:
+                raise TrafficError("namespace: namespace %s does not exist (reading VirtualService %s/%s answered HTTP 404); check namespace"
+                                   % (self.namespace, self.namespace, self.name))
+            if exists is None:
+                exc.args = ("%s (These credentials may not read namespaces, so it is not known whether namespace %s exists.)"
+                            % (exc, self.namespace),)
+            raise
 
     def locate(self, vs):
         host = default_host(vs, self.host)
         index, route = select_route(vs, host, self.namespace, self.route_name, self.route_index)
         return host, index, route
 
-    def validate(self, weights, vs=None):
-        """Check the weights and their subsets against the DestinationRules (read once, then kept)."""
+    def validate(self, weights, vs=None, fields=None):
+        """Check the weights and their subsets against the DestinationRules (read once, then kept).
+        ``fields`` names the option behind a subset, for the message (see ``check_subsets``)."""
         weights = validate_weights(weights)
         vs = vs or self.read()
         host, index, route = self.locate(vs)
         if self.destination_rules is None:
             self.destination_rules = self.store.list("destinationrules", self.namespace)
-        check_subsets(weights, self.destination_rules, host, self.namespace)
+        check_subsets(weights, self.destination_rules, host, self.namespace, fields)
         return weights, vs, index, route
 
-    def apply(self, weights, check_mode=False, vs=None, extra_ops=None, validate=True):
-        """Set ``weights``. Returns a dict: changed, before, after, route_index, route_name, object, attempts."""
+    def apply(self, weights, check_mode=False, vs=None, extra_ops=None, validate=True, guard=None):
+        """Set ``weights`` (None: keep the route's weights as they are at each attempt, for ``extra_ops`` alone).
+
+        ``guard(vs)`` is called with every object read for a write (the first and each one after a conflict)
+        before the patch is built; it raises to stop. Returns a dict: changed, before, after, route_index,
+        route_name, object, attempts, patch.
+        """
         from time import sleep as default_sleep  # pylint: disable=import-outside-toplevel
         sleep = self.sleep or default_sleep
         attempts = 0
+        refused = None  # (error, resourceVersion the refused patch was built on)
         while True:
             attempts += 1
-            if validate:
+            if validate and weights is not None:
                 weights, vs, index, route = self.validate(weights, vs)
             else:
                 vs = vs or self.read()
                 _host, index, route = self.locate(vs)
+            if refused is not None and _resource_version(vs) is not None and _resource_version(vs) == refused[1]:
+                raise refused[0]  # refused although nothing changed since: no conflict, the patch itself was refused
+            if guard is not None:
+                guard(vs)
+            target = current_weights(route) if weights is None else weights
             before = current_weights(route)
             ops = []
             after = before
-            if weights_changed(route, weights):
-                ops, new_route = weight_patch(index, route, weights)
+            if weights_changed(route, target):
+                ops, new_route = weight_patch(index, route, target)
                 after = current_weights(new_route)
             if extra_ops:
                 ops = (ops or [{"op": "test", "path": json_pointer("spec", "http", index, "route"), "value": route.get("route")}]) + extra_ops(vs)
-            changed = len(ops) > 1
+            changed = any(op["op"] != "test" for op in ops)
             result = dict(changed=changed, before=before, after=after, route_index=index, route_name=route.get("name"),
                           object=vs, attempts=attempts, patch=ops if changed else [])
             if not changed or check_mode:
@@ -295,13 +343,18 @@ class WeightChange:
                 result["object"] = self.store.json_patch("virtualservices", self.namespace, self.name, ops)
                 return result
             except Exception as exc:  # K8sError; a conflict is retried with a fresh read
-                if not getattr(exc, "is_conflict", False) or attempts > self.retries:
-                    if getattr(exc, "is_conflict", False):
-                        raise TrafficError("VirtualService %s/%s kept changing under us: %d attempts met a conflict (%s); another writer is"
-                                           " changing this route; stop it, or raise conflict_retries" % (self.namespace, self.name, attempts, exc))
+                if not getattr(exc, "is_conflict", False):
                     raise
+                if attempts > self.retries:
+                    raise TrafficError("VirtualService %s/%s kept changing under us: %d attempts met a conflict (%s); another writer is"
+                                       " changing this route; stop it, or raise conflict_retries" % (self.namespace, self.name, attempts, exc))
+                refused = (exc, _resource_version(vs))
                 vs = None
                 sleep(min(0.1 * attempts, 1.0))
+
+
+def _resource_version(obj):
+    return ((obj or {}).get("metadata") or {}).get("resourceVersion")
 
 
 def subset_labels(destination_rules, host, namespace, subset):

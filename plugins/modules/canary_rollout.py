@@ -27,6 +27,18 @@ description:
   - Each step costs one read and one write of the VirtualService (weights, state and lease in one JSON patch
     that begins with C(test) operations), plus the reads of O(wait_for_mesh).
   - Every other route, match, mirror, retry, timeout, header and destination of the VirtualService is left as it was.
+  - Other clients may write the VirtualService while the rollout runs. Each write tests the target route's
+    destinations and the rollout's two annotations as just read; if another client changed them in between, the
+    API server refuses the write (HTTP 422 for a failed C(test), or 409) and the rollout reads again, checks, rebuilds
+    the write and retries, up to O(conflict_retries) times. Changes to other routes, other fields and other
+    annotations are kept and never stop the rollout.
+  - Before every write the rollout checks that the target route's weights and its annotations are still what it
+    last wrote. If another client changed them (an operator's C(kubectl edit), a GitOps sync), the rollout stops,
+    says which field changed, what it found and what it had written, and follows O(on_failure) - O(on_failure=hold)
+    keeps the other client's weights. Another run that takes the lease over (O(force=true)) stops this one without
+    a rollback.
+  - Every failure returns RV(result), RV(timeline) and RV(weights_after) (the weights in force), and its message says
+    where the traffic is now.
 author:
   - onprem.mesh contributors (@onprem-mesh)
 extends_documentation_fragment:
@@ -185,14 +197,23 @@ EXAMPLES = r"""
 
 RETURN = r"""
 result:
-  description: V(promoted), V(rolled_back), V(held), or V(planned) in check mode.
-  returned: always
+  description:
+    - V(promoted), V(rolled_back), V(held), or V(planned) in check mode.
+    - On a failure that is no rollback or hold - V(not_started) when this run wrote nothing (the lease held by another
+      run, an unknown subset, a refused first write), V(stopped) when it stopped after writing without a rollback or
+      hold (the rollback could not be written, for example after a permission was revoked, or another run took over).
+  returned: always, once the VirtualService was read
   type: str
   sample: promoted
 reason:
-  description: Why the rollout was rolled back or held, with the failing checks and their values.
-  returned: when rolled back or held
+  description:
+    - Why the rollout was rolled back, held or stopped, with the failing checks and their values; for a change by
+      another client, the field, what was found and what the rollout had written.
+  returned: when rolled back, held or stopped
   type: str
+  sample: >-
+    another client changed VirtualService shop/payment while the rollout ran: the weights of the target route
+    http[1] (name: primary) (spec.http[1].route[].weight): found v1=100, v2=0, the rollout had written v1=90, v2=10
 note:
   description: Where the run started - from the first step, resumed at a recorded step, or already promoted.
   returned: success
@@ -200,17 +221,19 @@ note:
   sample: resuming progressing at step 3 (weight 25), as recorded
 weights_before:
   description: Subset weights of the route when the run started.
-  returned: success
+  returned: always, once the VirtualService was read
   type: dict
   sample: {"v1": 100, "v2": 0}
 weights_after:
-  description: Subset weights of the route when the run ended.
-  returned: success
+  description:
+    - Subset weights of the route when the run ended - on a failure, the weights in force (or, when the
+      VirtualService could not be read any more, the ones this run last wrote; the message says which).
+  returned: always, once the VirtualService was read
   type: dict
   sample: {"v1": 0, "v2": 100}
 schedule:
   description: The planned steps from where this run starts, with weights and intervals (seconds), then the promotion.
-  returned: success
+  returned: success, and failures after the plan was made
   type: list
   elements: dict
 planned_seconds:
@@ -221,7 +244,10 @@ timeline:
   description:
     - One entry per analysed step, then the final action - step, weight, weights, started, mesh_ready, ended,
       seconds, verdict, checks (every check with its query, value, threshold and verdict), action, api_calls.
-  returned: success
+    - C(conflicts) - how many of the step's writes were refused because another client wrote first, and retried.
+    - C(concurrent_change) - on the step whose write found the rollout's own fields changed by another client,
+      each field with what was C(found) and C(expected).
+  returned: always, once the VirtualService was read
   type: list
   elements: dict
 failures:
@@ -230,11 +256,11 @@ failures:
   type: int
 holder:
   description: The name this run held the lease under.
-  returned: success
+  returned: always, once the VirtualService was read
   type: str
 api_calls:
   description: Calls made to the API server for the VirtualService and DestinationRules, by kind.
-  returned: success
+  returned: always, once the VirtualService was read
   type: dict
   sample: {"read": 7, "write": 5}
 """
@@ -243,7 +269,7 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible_collections.onprem.mesh.plugins.module_utils.canary_checks import CHECKS_ARGSPEC, CanaryCheckError, CanaryGate, CanaryTarget
 from ansible_collections.onprem.mesh.plugins.module_utils.k8s_client import (
     HAS_K8S, K8S_AUTH_ARGSPEC, K8S_IMP_ERR, IstioObjects, K8sError, build_api_client)
-from ansible_collections.onprem.mesh.plugins.module_utils.rollout import Rollout, plan_steps, probe_checks
+from ansible_collections.onprem.mesh.plugins.module_utils.rollout import Rollout, check_stable_and_canary, outcome_message, plan_steps, probe_checks
 from ansible_collections.onprem.mesh.plugins.module_utils.traffic import VS_ROUTE_ARGSPEC, TrafficError, WeightChange, default_host, subset_labels
 
 
@@ -284,6 +310,7 @@ def main():
     if not p["checks"]:
         module.fail_json(msg="checks: a rollout needs at least one health check (success_rate, latency, promql, workload_ready,"
                              " no_restarts or http); without one every step would pass unseen")
+    store = None
     try:
         plan = plan_steps(p["steps"], p["step_weight"], p["max_weight"], p["interval"])
         api_client = build_api_client(p)
@@ -291,7 +318,7 @@ def main():
         change = WeightChange(store, p["namespace"], p["name"], host=p["service_host"], route_name=p["route_name"],
                               route_index=p["route_index"], retries=p["conflict_retries"])
         vs = change.read()
-        change.validate({p["stable"]: 100, p["canary"]: 0}, vs)
+        check_stable_and_canary(change, vs, p["stable"], p["canary"])
         host = default_host(vs, p["service_host"])
         version = p["canary_version"] or subset_labels(change.destination_rules, host, p["namespace"], p["canary"]).get("version")
         stable_version = subset_labels(change.destination_rules, host, p["namespace"], p["stable"]).get("version")
@@ -308,12 +335,16 @@ def main():
     except CanaryCheckError as exc:
         module.fail_json(msg="invalid canary checks: %s" % exc)
     except (TrafficError, K8sError) as exc:
-        module.fail_json(msg=str(exc))
+        # once the VirtualService was read: result (not_started, stopped, rolled_back, held), timeline, weights in force
+        extra = dict(getattr(exc, "result", None) or {})
+        if extra and store is not None:
+            extra["api_calls"] = store.calls
+        module.fail_json(msg=str(exc), **extra)
     result["api_calls"] = store.calls
     if module._diff and result["changed"]:
         result["diff"] = dict(before={"weights": result["weights_before"]}, after={"weights": result["weights_after"]})
     if result["result"] in ("rolled_back", "held") and p["fail_on_rollback"]:
-        module.fail_json(msg="canary %s %s: %s" % (p["canary"], result["result"].replace("_", " "), result.get("reason")), **result)
+        module.fail_json(msg=outcome_message(result, p["canary"]), **result)
     module.exit_json(**result)
 
 

@@ -16,9 +16,11 @@ description:
     Every other route, match, mirror, retry, timeout, header and destination stays as it was.
   - Validates before it writes - whole weights from 0 to 100 that sum to 100, every subset defined by a
     DestinationRule for the host, the VirtualService and the route exist.
-  - Writes one JSON patch that begins with a C(test) of the route as it was read, so a concurrent change
-    is refused by the API server instead of being overwritten; on such a conflict it reads again and retries
-    up to O(conflict_retries) times.
+  - Writes one JSON patch that begins with a C(test) of the route's destinations as they were read, so a
+    concurrent change is refused by the API server instead of being overwritten or mixed. On such a conflict
+    (kube-apiserver answers HTTP 422 for a failed C(test), or 409) it reads the VirtualService again, builds the
+    patch anew from what it finds and retries, up to O(conflict_retries) times. Changes other clients make to other
+    routes, to other fields or to annotations never conflict and are kept.
   - A subset that the route does not list yet is added as a copy of the route's first destination with
     the new subset name; subsets missing from O(weights) get weight 0.
 author:

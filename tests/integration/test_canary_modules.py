@@ -19,6 +19,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from ansible_collections.onprem.mesh.plugins.module_utils.k8s_client import IstioObjects, K8sError
 from canary_cluster import ApiRelay, deployment, readme_role_rules, wait_for_deployment, without_verb  # pylint: disable=import-error
 from cluster_fixtures import samples  # pylint: disable=import-error
 from playbook_runner import ROOT, run_playbook  # pylint: disable=import-error
@@ -300,12 +301,10 @@ def test_a_concurrent_writer_of_other_fields_neither_conflicts_nor_is_lost(clust
     assert any(reads[0] < i < patches[0] for i in theirs) and any(i > patches[0] for i in theirs), (reads, patches, theirs)
 
 
-def test_a_change_to_the_route_between_read_and_patch_is_refused_by_the_test_op(cluster, ns, api, module_kubeconfig, tmp_path):
+def test_a_change_to_the_route_between_read_and_patch_is_refused_then_retried_on_a_fresh_read(cluster, ns, api, module_kubeconfig, tmp_path):
     """Another client sets the weights between the module's read and its patch: the server refuses the module's
-    patch (its test of the route as read fails, HTTP 422), so the other writer's weights stand, not a mix.
-
-    Today the module reports the 422 and stops: the real server's answer to a failed test op does not say "test
-    failed", so the module does not see a conflict and does not re-read and retry (reported on issue 10)."""
+    patch (its test of the route as read fails, HTTP 422 without causes), so nothing is mixed; the module takes that
+    for a conflict, reads again, rebuilds its patch from what it finds and sends it once more."""
     bookinfo(api, ns)
 
     def operator_sets_85_15():
@@ -319,17 +318,21 @@ def test_a_change_to_the_route_between_read_and_patch_is_refused_by_the_test_op(
         mark = cluster.audit.mark()
         rc, result, out = split(kubeconfig, tmp_path, ns, name="reviews", weights={"v1": 75, "v2": 25})
     assert relay.fired == 1 and not relay.errors, relay.errors
-    assert weights(get_vs(api, ns)) == {"v1": 85, "v2": 15}
+    assert rc == 0 and not result.get("failed") and result["changed"] and result["attempts"] == 2, out
+    # the second attempt was built on the operator's weights, and set the module's
+    assert result["weights_before"] == {"v1": 85, "v2": 15} and weights(get_vs(api, ns)) == {"v1": 75, "v2": 25}
+    assert result["patch"][0] == {"op": "test", "path": "/spec/http/0/route", "value": [
+        {"destination": {"host": "reviews", "subset": "v1"}, "weight": 85}, {"destination": {"host": "reviews", "subset": "v2"}, "weight": 15}]}
     events = cluster.audit.events(since=mark, user=module_user(ns), namespace=ns)
-    answers = [(e["verb"], e["responseStatus"]["code"]) for e in events if e["verb"] == "patch"]
-    assert answers[0] == ("patch", 422), events
-    assert rc == 0 and result["failed"], out
-    assert "patching virtualservices %s/reviews: HTTP 422 %s" % (ns, TEST_OP_REFUSED) in result["msg"], result["msg"]
+    assert [(e["verb"], e["responseStatus"]["code"]) for e in events if e["objectRef"].get("resource") == "virtualservices"] == [
+        ("get", 200), ("patch", 422), ("get", 200), ("patch", 200)], events
+    assert_calls_match(module_calls(cluster, ns, mark), result["api_calls"])
 
 
-def test_the_real_answer_to_a_failed_test_op_and_to_a_stale_resource_version(ns, api):
+def test_the_real_answer_to_a_failed_test_op_and_to_a_stale_resource_version(cluster, ns, api):
     """What the modules' guards meet on kube-apiserver 1.35: a failed JSON-patch `test` is HTTP 422 with reason
-    Invalid and a generic message (no "test failed", no causes); a stale metadata.resourceVersion in a patch is 409."""
+    Invalid, a generic message and no causes; a schema error is 422 with causes; a stale metadata.resourceVersion in a
+    patch is 409. The modules' client (IstioObjects) takes the first and the last for conflicts, the schema error not."""
     bookinfo(api, ns)
     vs = get_vs(api, ns)
     stale_route = copy.deepcopy(vs["spec"]["http"][0]["route"])
@@ -340,6 +343,7 @@ def test_the_real_answer_to_a_failed_test_op_and_to_a_stale_resource_version(ns,
             {"op": "replace", "path": "/spec/http/0/route/0/weight", "value": 80}], _content_type=JSON_PATCH)
     body = json.loads(err.value.body)
     assert err.value.status == 422 and body["reason"] == "Invalid" and body["message"] == TEST_OP_REFUSED, body
+    assert not (body.get("details") or {}).get("causes"), body
     with pytest.raises(ApiException) as err:
         api.patch_namespaced_custom_object(GROUP, VERSION, ns, "virtualservices", "reviews", [
             {"op": "test", "path": "/metadata/resourceVersion", "value": str(int(vs["metadata"]["resourceVersion"]) - 1)},
@@ -351,6 +355,63 @@ def test_the_real_answer_to_a_failed_test_op_and_to_a_stale_resource_version(ns,
             {"op": "add", "path": "/metadata/annotations", "value": {"a": "b"}}], _content_type=JSON_PATCH)
     assert err.value.status == 409 and "the object has been modified" in json.loads(err.value.body)["message"]
     assert unchanged(get_vs(api, ns), vs)
+
+    # the same answers through the modules' own client
+    store = IstioObjects(cluster.api_client())
+    route = vs["spec"]["http"][0]["route"]
+    with pytest.raises(K8sError) as err:
+        store.json_patch("virtualservices", ns, "reviews", [{"op": "test", "path": "/spec/http/0/route", "value": stale_route},
+                                                            {"op": "replace", "path": "/spec/http/0/route/0/weight", "value": 80}])
+    assert err.value.status == 422 and err.value.guarded and err.value.is_conflict, err.value.body
+    with pytest.raises(K8sError) as err:  # a schema error on a guarded patch (the test passes): causes, no conflict
+        store.json_patch("virtualservices", ns, "reviews", [{"op": "test", "path": "/spec/http/0/route", "value": route},
+                                                            {"op": "replace", "path": "/spec/http/0/route/0/weight", "value": "ninety"}])
+    causes = err.value.body["details"]["causes"]
+    assert err.value.status == 422 and err.value.guarded and not err.value.is_conflict, err.value.body
+    assert causes[0]["field"] == "spec.http[0].route[0].weight" and "must be of type integer" in causes[0]["message"], causes
+    with pytest.raises(K8sError) as err:
+        store.json_patch("virtualservices", ns, "reviews", [
+            {"op": "replace", "path": "/metadata/resourceVersion", "value": str(int(vs["metadata"]["resourceVersion"]) - 1)},
+            {"op": "add", "path": "/metadata/annotations", "value": {"a": "b"}}])
+    assert err.value.status == 409 and err.value.is_conflict
+    assert unchanged(get_vs(api, ns), vs)
+
+
+def test_a_test_against_null_holds_an_annotation_to_its_absence(ns, api):
+    """How the rollout tests its annotations (traffic.annotation_tests), on the real server: a `test` against null
+    passes for a missing key and fails for a present one; with no annotations at all, for the missing map."""
+    bookinfo(api, ns)
+    vs = get_vs(api, ns)
+    assert "annotations" not in vs["metadata"], vs["metadata"]
+
+    def patch(ops):
+        return api.patch_namespaced_custom_object(GROUP, VERSION, ns, "virtualservices", "reviews", ops, _content_type=JSON_PATCH)
+
+    patch([{"op": "test", "path": "/metadata/annotations", "value": None}, {"op": "add", "path": "/metadata/annotations", "value": {"a": "1"}}])
+    for path in ("/metadata/annotations", "/metadata/annotations/a"):
+        with pytest.raises(ApiException) as err:
+            patch([{"op": "test", "path": path, "value": None}, {"op": "add", "path": "/metadata/annotations/b", "value": "2"}])
+        assert err.value.status == 422 and json.loads(err.value.body)["message"] == TEST_OP_REFUSED
+    patch([{"op": "test", "path": "/metadata/annotations/b", "value": None}, {"op": "test", "path": "/metadata/annotations/a", "value": "1"},
+           {"op": "add", "path": "/metadata/annotations/b", "value": "2"}])
+    assert get_vs(api, ns)["metadata"]["annotations"] == {"a": "1", "b": "2"}
+
+
+def test_a_missing_namespace_is_named_not_the_virtualservice(cluster, ns, api, module_kubeconfig, tmp_path):
+    """With credentials that may read namespaces (the lab's admin), a missing namespace is said to be missing. The
+    README's Role is a Role in one namespace: elsewhere it grants nothing, so the server answers 403, and the message
+    says to check that the namespace exists too."""
+    bookinfo(api, ns)
+    missing = ns + "-gone"
+    _rc, result, out = split(cluster.kubeconfig, tmp_path, missing, name="reviews", weights={"v1": 50, "v2": 50})
+    assert result["failed"] and result["msg"].startswith("namespace: namespace %s does not exist" % missing), out
+    assert "VirtualService %s/reviews answered HTTP 404" % missing in result["msg"]
+    _rc, result, out = split(cluster.kubeconfig, tmp_path, ns, name="nope", weights={"v1": 50, "v2": 50})
+    assert result["failed"] and 'HTTP 404 virtualservices.networking.istio.io "nope" not found' in result["msg"], out
+    assert "does not exist" not in result["msg"] and "not known" not in result["msg"]
+    _rc, result, out = split(module_kubeconfig, tmp_path, missing, name="reviews", weights={"v1": 50, "v2": 50})
+    assert result["failed"] and "HTTP 403" in result["msg"] and "check that the namespace exists" in result["msg"], out
+    assert "lacks RBAC permission to get virtualservices.networking.istio.io in namespace %s" % missing in result["msg"]
 
 
 def test_tls_is_verified_by_default(cluster, ns, api, tmp_path):
@@ -474,36 +535,137 @@ def test_rollout_refuses_while_another_holds_the_lease_and_resumes_a_recorded_st
     assert [e["weight"] for e in result["timeline"]] == [50, 100]
 
 
-def test_rollout_step_write_after_a_concurrent_change_is_refused_and_rolled_back(
+HEADER_ROUTE = {"name": "jason", "match": [{"headers": {"end-user": {"exact": "jason"}}}],
+                "route": [{"destination": {"host": "reviews", "subset": "v2"}}]}
+
+
+def two_routes(api_, namespace):  # pylint: disable=redefined-outer-name
+    """Bookinfo's 90/10 VirtualService with a header-matched route in front of the weighted one, named primary."""
+    bookinfo(api_, namespace)
+    ops = [{"op": "add", "path": "/spec/http/0/name", "value": "primary"}, {"op": "add", "path": "/spec/http/0", "value": HEADER_ROUTE}]
+    api_.patch_namespaced_custom_object(GROUP, VERSION, namespace, "virtualservices", "reviews", ops, _content_type=JSON_PATCH)
+    return get_vs(api_, namespace)
+
+
+def patch_answers(cluster, ns, mark):
+    return [e["responseStatus"]["code"] for e in cluster.audit.events(since=mark, user=module_user(ns), namespace=ns) if e["verb"] == "patch"]
+
+
+def test_rollout_promotes_past_a_concurrent_writer_of_another_route_and_keeps_its_changes(
         cluster, ns, api, module_kubeconfig, health, tmp_path):
-    """Another client annotates the VirtualService between the rollout's read and its write of step 2. The rollout
-    guards each write with a test of metadata.resourceVersion, so the real server refuses it (HTTP 422) and the other
-    client's annotation stays. The module then treats the refusal as an error in the middle of the rollout: it rolls
-    the canary back, records that consistently and says why.
+    """Another client changes the timeout of the other route and an annotation of its own right before each of the
+    rollout's first three writes (the relay holds each write until that change is done). The VirtualService had no
+    annotations: the first write tests that and is refused (HTTP 422), read again, rebuilt and sent again; the
+    writes after it test only the rollout's own annotations and the target route, so the other client's changes
+    cost them nothing. The rollout promotes and every change of the other client is still there."""
+    before = two_routes(api, ns)
+    assert "annotations" not in before["metadata"]
+    count = {"n": 0}
 
-    (A retry with a fresh read, as for a conflict, is what the module means to do; it does not, because the real
-    server's 422 does not say "test failed" - reported on issue 10.)"""
-    bookinfo(api, ns)
-
-    def someone_annotates():
+    def someone_else():
+        count["n"] += 1
+        ops = [{"op": "add", "path": "/spec/http/0/timeout", "value": "%ds" % count["n"]}]
+        api.patch_namespaced_custom_object(GROUP, VERSION, ns, "virtualservices", "reviews", ops, _content_type=JSON_PATCH)
         api.patch_namespaced_custom_object(GROUP, VERSION, ns, "virtualservices", "reviews",
-                                           {"metadata": {"annotations": {"example.com/owner": "team-b"}}},
+                                           {"metadata": {"annotations": {"example.com/owner": "team-b-%d" % count["n"]}}},
                                            _content_type=MERGE_PATCH)
 
     with ApiRelay(cluster.url, cluster.ca_file) as relay:
-        # the first PATCH (step 1) goes through as it is; the second (step 2) meets the other client's change first
-        relay.before("PATCH", "/namespaces/%s/virtualservices/reviews" % ns, someone_annotates, skip=1)
+        relay.before("PATCH", "/namespaces/%s/virtualservices/reviews" % ns, someone_else, times=3)
+        kubeconfig = relay.kubeconfig(module_kubeconfig, tmp_path / "relayed.kubeconfig")
+        mark = cluster.audit.mark()
+        rc, result, out = rollout(kubeconfig, tmp_path, ns, health.url, route_name="primary")
+    assert relay.fired == 3 and not relay.errors, relay.errors
+    assert rc == 0 and not result.get("failed") and result["result"] == "promoted", out
+    # step 1 refused once (its test of the missing annotations met the other client's), then step 1, step 2, promotion
+    assert patch_answers(cluster, ns, mark) == [422, 200, 200, 200]
+    assert result["timeline"][0]["conflicts"] == 1 and all("conflicts" not in e for e in result["timeline"][1:]), result["timeline"]
+    vs = get_vs(api, ns)
+    assert weights(vs, 1) == {"v1": 0, "v2": 100}
+    assert vs["spec"]["http"][0] == dict(HEADER_ROUTE, timeout="3s") and vs["metadata"]["annotations"]["example.com/owner"] == "team-b-3"
+    assert json.loads(vs["metadata"]["annotations"]["mesh.onprem.io/canary-rollout"])["phase"] == "promoted"
+    assert_calls_match(module_calls(cluster, ns, mark), result["api_calls"])
+
+
+@pytest.mark.parametrize("on_failure", ["rollback", "hold"])
+def test_rollout_stops_when_another_client_changes_the_target_weights_and_says_so(
+        cluster, ns, api, module_kubeconfig, health, tmp_path, on_failure):
+    """An operator sets the target route's weights to 70/30 between the rollout's read and its write of step 2. The
+    real server refuses the write (its test of the route fails, HTTP 422); the rollout reads again, finds weights it
+    did not write, stops, names the field with what it found and what it had written, and follows on_failure:
+    rollback puts all traffic on v1, hold keeps the operator's weights."""
+    bookinfo(api, ns)
+
+    def operator_sets_70_30():
+        ops = [{"op": "replace", "path": "/spec/http/0/route/0/weight", "value": 70},
+               {"op": "replace", "path": "/spec/http/0/route/1/weight", "value": 30}]
+        api.patch_namespaced_custom_object(GROUP, VERSION, ns, "virtualservices", "reviews", ops, _content_type=JSON_PATCH)
+
+    with ApiRelay(cluster.url, cluster.ca_file) as relay:
+        relay.before("PATCH", "/namespaces/%s/virtualservices/reviews" % ns, operator_sets_70_30, skip=1)
+        kubeconfig = relay.kubeconfig(module_kubeconfig, tmp_path / "relayed.kubeconfig")
+        mark = cluster.audit.mark()
+        rc, result, out = rollout(kubeconfig, tmp_path, ns, health.url, on_failure=on_failure)
+    assert relay.fired == 1 and not relay.errors, relay.errors
+    assert patch_answers(cluster, ns, mark) == [200, 422, 200]  # step 1, step 2 refused, the rollback or hold
+    field = "the weights of the target route http[0] (spec.http[0].route[].weight)"
+    assert rc == 0 and result["failed"] and result["result"] == ("rolled_back" if on_failure == "rollback" else "held"), out
+    assert result["reason"] == ("another client changed VirtualService %s/reviews while the rollout ran: %s: found v1=70, v2=30,"
+                                " the rollout had written v1=90, v2=10" % (ns, field)), result["reason"]
+    expected = {"v1": 100, "v2": 0} if on_failure == "rollback" else {"v1": 70, "v2": 30}
+    assert result["msg"].endswith("; traffic now %s" % ", ".join("%s=%d" % kv for kv in sorted(expected.items()))), result["msg"]
+    assert result["weights_after"] == expected and weights(get_vs(api, ns)) == expected
+    step2 = result["timeline"][1]
+    assert step2["action"] == on_failure and step2["concurrent_change"] == [{"field": field, "found": "v1=70, v2=30", "expected": "v1=90, v2=10"}]
+    annotations = get_vs(api, ns)["metadata"]["annotations"]
+    state = json.loads(annotations["mesh.onprem.io/canary-rollout"])
+    assert state["phase"] == result["result"] and state["reason"] == result["reason"]
+    assert "mesh.onprem.io/canary-lease" not in annotations
+    assert_calls_match(module_calls(cluster, ns, mark), result["api_calls"])
+
+
+def test_rollout_that_loses_its_patch_permission_says_the_canary_keeps_its_share(
+        cluster, ns, api, module_kubeconfig, health, tmp_path):
+    """The Role loses `patch` on virtualservices between step 1 and step 2 (RBAC changed by an admin, seen by the
+    authorizer before the write goes on). Neither step 2 nor the rollback can be written: the task fails saying that
+    the canary still gets 10 %, which verb on which resource is missing, and returns result, timeline and weights."""
+    bookinfo(api, ns)
+    rbac = client.RbacAuthorizationV1Api(cluster.api_client())
+    authz = client.AuthorizationV1Api(cluster.api_client())
+
+    def revoke_patch():
+        rbac.patch_namespaced_role(ACCOUNT, ns, {"rules": without_verb(readme_role_rules(), "virtualservices", "patch")})
+        review = {"spec": {"user": module_user(ns), "resourceAttributes": {"namespace": ns, "verb": "patch", "group": GROUP,
+                                                                           "resource": "virtualservices", "name": "reviews"}}}
+        for dummy in range(100):  # bounded: until the authorizer has the new Role
+            if not authz.create_subject_access_review(review).status.allowed:
+                return
+            time.sleep(0.1)
+        raise AssertionError("the authorizer still allows patch after 10 s")
+
+    with ApiRelay(cluster.url, cluster.ca_file) as relay:
+        relay.before("PATCH", "/namespaces/%s/virtualservices/reviews" % ns, revoke_patch, skip=1)
         kubeconfig = relay.kubeconfig(module_kubeconfig, tmp_path / "relayed.kubeconfig")
         mark = cluster.audit.mark()
         rc, result, out = rollout(kubeconfig, tmp_path, ns, health.url)
     assert relay.fired == 1 and not relay.errors, relay.errors
-    events = cluster.audit.events(since=mark, user=module_user(ns), namespace=ns)
-    answers = [e["responseStatus"]["code"] for e in events if e["verb"] == "patch"]
-    assert answers == [200, 422, 200], events  # step 1, step 2 refused, the rollback
-    vs = get_vs(api, ns)
-    assert vs["metadata"]["annotations"]["example.com/owner"] == "team-b"
-    assert rc == 0 and result["failed"], out
-    assert "HTTP 422 %s" % TEST_OP_REFUSED in result["msg"] and "rolled back" in result["msg"], result["msg"]
-    state = json.loads(vs["metadata"]["annotations"]["mesh.onprem.io/canary-rollout"])
-    assert state["phase"] == "rolled_back" and weights(vs) == {"v1": 100, "v2": 0}
-    assert "mesh.onprem.io/canary-lease" not in vs["metadata"]["annotations"]
+    assert patch_answers(cluster, ns, mark) == [200, 403, 403]  # step 1, step 2 refused, the rollback refused
+    assert rc == 0 and result["failed"] and result["result"] == "stopped", out
+    msg = result["msg"]
+    assert msg.startswith("canary v2 still gets 10 %% of the traffic (weights in force: v1=90, v2=10): the rollout stopped on an error at"
+                          " step 2 (weight 50): patching virtualservices %s/reviews: HTTP 403 " % ns), msg
+    assert 'User "%s" cannot patch resource "virtualservices" in API group "%s"' % (module_user(ns), GROUP) in msg
+    assert "lacks RBAC permission to patch virtualservices.networking.istio.io in namespace %s" % ns in msg
+    assert "the rollback that should have followed was not written: it was refused the same way (HTTP 403)" in msg
+    assert result["weights_after"] == {"v1": 90, "v2": 10} and weights(get_vs(api, ns)) == {"v1": 90, "v2": 10}
+    assert [e["action"] for e in result["timeline"]] == ["advance", "stopped"], result["timeline"]
+    assert_calls_match(module_calls(cluster, ns, mark), result["api_calls"])
+
+
+def test_rollout_names_an_unknown_canary_under_canary(ns, api, module_kubeconfig, health, tmp_path):
+    bookinfo(api, ns)
+    rc, result, out = rollout(module_kubeconfig, tmp_path, ns, health.url, canary="v9")
+    assert rc == 0 and result["failed"] and result["result"] == "not_started", out
+    assert result["msg"].startswith("canary: subset v9 is not defined in the DestinationRule for host reviews (defined: v1, v2, v3)"), result["msg"]
+    assert result["msg"].endswith("this run wrote nothing: traffic stays v1=90, v2=10 (canary v9 gets 0 % of it)")
+    assert result["weights_after"] == {"v1": 90, "v2": 10} and weights(get_vs(api, ns)) == {"v1": 90, "v2": 10}

@@ -281,9 +281,12 @@ def test_an_api_error_mid_rollout_rolls_back_and_says_so():
         return Gate.evaluate(gate, token)
 
     gate.evaluate = crash
-    with pytest.raises(ro.RolloutError, match="stopped on an error: prometheus client crashed; rolled back done: weights now {'v1': 100, 'v2': 0}"):
+    with pytest.raises(ro.RolloutError,
+                       match=r"stopped on an error at step 2 \(weight 10\): prometheus client crashed; rolled back: traffic now v1=100, v2=0") as err:
         rollout.run()
     assert current_weights(store.route("payment", "shop", 1)) == {"v1": 100, "v2": 0}
+    assert err.value.result["result"] == "rolled_back" and err.value.result["weights_after"] == {"v1": 100, "v2": 0}
+    assert [e["action"] for e in err.value.result["timeline"]] == ["advance", "rolled_back"]
 
 
 def test_forbidden_before_any_write_changes_nothing():
