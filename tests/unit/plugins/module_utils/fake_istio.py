@@ -170,3 +170,11 @@ class FakeIstio:
 
     def route(self, name="reviews", namespace="default", index=0):
         return self.objects[("virtualservices", namespace, name)]["spec"]["http"][index]
+
+
+def serve(monkeypatch, fake, modules):
+    """Make the modules in `modules` (traffic_split, canary_rollout) talk to `fake` instead of a cluster."""
+    for module in modules:
+        monkeypatch.setattr(module, "build_api_client", lambda params: object())
+        monkeypatch.setattr(module, "IstioObjects", lambda api_client: fake)
+    return fake

@@ -365,16 +365,21 @@ def test_conflicts_past_conflict_retries_mid_rollout_are_an_error_that_follows_o
     assert err.value.result["result"] == "rolled_back" and target(store) == {"v1": 100, "v2": 0}
 
 
-def test_a_permission_revoked_mid_rollout_says_the_canary_keeps_its_share_and_what_is_missing():
-    store, gate, _clock, rollout = make()
+def revoke_after_window(gate, store, window):
+    """From the analysis of window `window` on, the API refuses every write (HTTP 403), as after a revoked Role."""
     evaluate = gate.evaluate
 
-    def revoke(token):
-        if gate.windows == 1:
+    def revoking(token):
+        if gate.windows == window:
             store.forbidden = True
         return evaluate(token)
 
-    gate.evaluate = revoke
+    gate.evaluate = revoking
+
+
+def test_a_permission_revoked_mid_rollout_says_the_canary_keeps_its_share_and_what_is_missing():
+    store, gate, _clock, rollout = make()
+    revoke_after_window(gate, store, 1)
     with pytest.raises(ro.RolloutError) as err:
         rollout.run()
     message = str(err.value)
@@ -391,14 +396,7 @@ def test_a_permission_revoked_mid_rollout_says_the_canary_keeps_its_share_and_wh
 
 def test_a_rollback_that_cannot_be_written_after_a_failed_analysis_keeps_the_analysis_as_the_reason():
     store, gate, _clock, rollout = make(verdicts=["pass", "fail"])
-    evaluate = gate.evaluate
-
-    def revoke(token):
-        if gate.windows == 2:
-            store.forbidden = True
-        return evaluate(token)
-
-    gate.evaluate = revoke
+    revoke_after_window(gate, store, 2)
     with pytest.raises(ro.RolloutError) as err:
         rollout.run()
     message = str(err.value)

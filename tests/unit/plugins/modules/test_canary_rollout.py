@@ -11,7 +11,7 @@ import pytest
 from ansible.module_utils.testing import patch_module_args
 from ansible_collections.onprem.mesh.tests.unit.plugins.modules.module_exits import ExitJson, FailJson
 from ansible_collections.onprem.mesh.plugins.modules import canary_rollout, traffic_split
-from ansible_collections.onprem.mesh.tests.unit.plugins.module_utils.fake_istio import FakeIstio
+from ansible_collections.onprem.mesh.tests.unit.plugins.module_utils.fake_istio import FakeIstio, serve
 
 ROUTE = {"name": "primary", "route": [{"destination": {"host": "payment", "subset": "v1"}, "weight": 100},
                                       {"destination": {"host": "payment", "subset": "v2"}, "weight": 0}]}
@@ -22,10 +22,7 @@ OBJECTS = [{"kind": "VirtualService", "metadata": {"name": "payment", "namespace
 
 @pytest.fixture
 def store(monkeypatch):
-    fake = FakeIstio(OBJECTS)
-    for module in (traffic_split, canary_rollout):
-        monkeypatch.setattr(module, "build_api_client", lambda params: object())
-        monkeypatch.setattr(module, "IstioObjects", lambda api_client: fake)
+    fake = serve(monkeypatch, FakeIstio(OBJECTS), (traffic_split, canary_rollout))
     return fake
 
 

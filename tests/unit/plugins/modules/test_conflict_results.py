@@ -15,7 +15,7 @@ from ansible.module_utils.testing import patch_module_args
 from ansible_collections.onprem.mesh.plugins.module_utils import canary_checks
 from ansible_collections.onprem.mesh.plugins.modules import canary_rollout, traffic_split
 from ansible_collections.onprem.mesh.tests.unit.plugins.modules.module_exits import ExitJson, FailJson
-from ansible_collections.onprem.mesh.tests.unit.plugins.module_utils.fake_istio import FakeIstio
+from ansible_collections.onprem.mesh.tests.unit.plugins.module_utils.fake_istio import FakeIstio, serve
 
 ROUTE = {"name": "primary", "route": [{"destination": {"host": "payment", "subset": "v1"}, "weight": 100},
                                       {"destination": {"host": "payment", "subset": "v2"}, "weight": 0}]}
@@ -29,10 +29,7 @@ ROLLOUT = dict(name="payment", namespace="shop", route_name="primary", stable="v
 
 @pytest.fixture
 def store(monkeypatch):
-    fake = FakeIstio(OBJECTS)
-    for module in (traffic_split, canary_rollout):
-        monkeypatch.setattr(module, "build_api_client", lambda params: object())
-        monkeypatch.setattr(module, "IstioObjects", lambda api_client: fake)
+    fake = serve(monkeypatch, FakeIstio(OBJECTS), (traffic_split, canary_rollout))
     monkeypatch.setattr(time, "sleep", lambda seconds: None)   # the steps' intervals and the retries' back-off
     monkeypatch.setattr(canary_checks, "urls_transport", lambda url, **kwargs: (200, b"approved"))
     return fake
