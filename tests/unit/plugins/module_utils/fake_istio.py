@@ -35,6 +35,7 @@ class FakeIstio:
         self.patches = []
         self.interfere = []   # functions applied to the object before the next patches, one per patch
         self.forbidden = False
+        self.refuse = []      # errors (K8sError) the server answers to the next patches, one per patch
 
     @staticmethod
     def plural(kind):
@@ -55,6 +56,8 @@ class FakeIstio:
         self.calls["write"] += 1
         if self.forbidden:
             raise K8sError("patching: HTTP 403 forbidden", status=403)
+        if self.refuse:
+            raise self.refuse.pop(0)
         key = (plural, namespace, name)
         if self.interfere:
             change = self.interfere.pop(0)

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from ansible_collections.onprem.mesh.plugins.module_utils import rollout as ro
+from ansible_collections.onprem.mesh.plugins.module_utils.k8s_client import K8sError
 from ansible_collections.onprem.mesh.plugins.module_utils.traffic import WeightChange, current_weights
 from ansible_collections.onprem.mesh.tests.unit.plugins.module_utils.fake_istio import FakeIstio
 
@@ -17,9 +18,11 @@ MAIN_ROUTE = {"name": "primary", "timeout": "2s",
               "route": [{"destination": {"host": "payment", "subset": "v1"}, "weight": 100}, {"destination": {"host": "payment", "subset": "v2"}, "weight": 0}]}
 
 
-def objects():
+def objects(stable=100, canary=0):
+    route = dict(MAIN_ROUTE, route=[{"destination": {"host": "payment", "subset": "v1"}, "weight": stable},
+                                    {"destination": {"host": "payment", "subset": "v2"}, "weight": canary}])
     return [{"kind": "VirtualService", "metadata": {"name": "payment", "namespace": "shop"},
-             "spec": {"hosts": ["payment"], "http": [HEADER_ROUTE, MAIN_ROUTE]}},
+             "spec": {"hosts": ["payment"], "http": [HEADER_ROUTE, route]}},
             {"kind": "DestinationRule", "metadata": {"name": "payment", "namespace": "shop"},
              "spec": {"host": "payment", "subsets": [{"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}]}}]
 
@@ -86,6 +89,7 @@ def test_plan_from_list_and_from_step_max():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(steps=[10, 5]), r"steps\[1\]: weights must increase"),
     (dict(steps=[0, 5]), r"steps\[0\]: weight must be from 1 to 100"),
+    (dict(steps=[5, 101]), r"steps\[1\]: weight must be from 1 to 100, got 101"),
     (dict(steps=[5, 100, 50]), r"steps\[1\]: 100 is the promotion"),
     (dict(steps=[5.5]), r"steps\[0\]: weight must be a whole number"),
     (dict(steps=[100]), "at least one weight below 100"),
@@ -102,7 +106,7 @@ def test_bad_schedules_name_the_field(kwargs, message):
 def test_healthy_rollout_walks_every_step_and_promotes():
     store, gate, clock, rollout = make()
     result = rollout.run()
-    assert result["result"] == "promoted"
+    assert result["result"] == "promoted" and result["changed"] is True
     assert gate.seen == [5, 10, 25, 50]
     assert current_weights(store.route("payment", "shop", 1)) == {"v1": 0, "v2": 100}
     assert [e.get("action") for e in result["timeline"]] == ["advance", "advance", "advance", "promote", "promoted"]
@@ -126,7 +130,7 @@ def test_each_step_costs_one_write_and_one_read():
 def test_failed_check_rolls_back_to_stable():
     store, gate, _clock, rollout = make(verdicts=["pass", "pass", "fail"])
     result = rollout.run()
-    assert result["result"] == "rolled_back"
+    assert result["result"] == "rolled_back" and result["changed"] is True
     assert "step 3 (weight 25)" in result["reason"] and "success-rate fail (value 80.0" in result["reason"]
     assert current_weights(store.route("payment", "shop", 1)) == {"v1": 100, "v2": 0}
     assert state(store)["phase"] == "rolled_back" and ro.LEASE_ANNOTATION not in annotations(store)
@@ -136,7 +140,7 @@ def test_failed_check_rolls_back_to_stable():
 def test_hold_freezes_at_the_failing_weight_and_a_rerun_resumes_there():
     store, gate, _clock, rollout = make(verdicts=["pass", "fail"], on_failure="hold")
     result = rollout.run()
-    assert result["result"] == "held" and result["weights_after"] == {"v1": 90, "v2": 10}
+    assert result["result"] == "held" and result["changed"] is True and result["weights_after"] == {"v1": 90, "v2": 10}
     assert current_weights(store.route("payment", "shop", 1)) == {"v1": 90, "v2": 10}
     assert state(store)["phase"] == "held" and state(store)["step"] == 1
     _s, gate2, _c, rerun = make(store=store, on_failure="hold")
@@ -244,18 +248,51 @@ def test_wait_for_mesh_times_out_into_rollback():
     assert gate.seen == []
 
 
+class LaggingMesh:
+    """istiod's status on the VirtualService: status.observedGeneration reaches a new generation only after
+    ``lag`` reads of it (until then it still names the previous one), as a mesh that is busy programming."""
+
+    def __init__(self, store, lag):
+        self.store = store
+        self.lag = lag
+        self.reads = {}
+        self.get = store.get
+        store.get = self.read
+
+    def read(self, plural, namespace, name):
+        obj = self.store.objects[(plural, namespace, name)]
+        generation = obj["metadata"]["generation"]
+        self.reads[generation] = self.reads.get(generation, 0) + 1
+        obj["status"] = {"observedGeneration": generation if self.reads[generation] > self.lag else generation - 1}
+        return self.get(plural, namespace, name)
+
+
 def test_wait_for_mesh_starts_the_window_once_the_generation_is_observed():
     store, gate, clock, rollout = make(wait_for_mesh=True, mesh_timeout=30, poll_interval=1)
-    original_get = store.get
+    LaggingMesh(store, lag=2)
+    at_window_start = []
+    start_window = gate.start_window
 
-    def get_with_mesh_status(plural, namespace, name):
-        obj = store.objects[(plural, namespace, name)]
-        obj["status"] = {"observedGeneration": obj["metadata"]["generation"]}
-        return original_get(plural, namespace, name)
+    def note_what_the_mesh_reports():
+        obj = store.objects[("virtualservices", "shop", "payment")]
+        at_window_start.append((obj["status"]["observedGeneration"], obj["metadata"]["generation"]))
+        return start_window()
 
-    store.get = get_with_mesh_status
+    gate.start_window = note_what_the_mesh_reports
     result = rollout.run()
     assert result["result"] == "promoted" and all("mesh_ready" in e for e in result["timeline"][:4])
+    assert at_window_start == [(2, 2), (3, 3), (4, 4), (5, 5)]   # never a window on a generation the mesh has not programmed
+    # the write, then three polls a second apart: two stale answers and the one that names the new generation
+    assert [e["api_calls"] for e in result["timeline"][:4]] == [{"read": 4, "write": 1}] * 4
+    assert clock.slept[:4] == [1, 1, 1, 27]   # the step's 30 s interval counts from its write
+
+
+def test_wait_for_mesh_gives_up_on_a_mesh_that_stays_a_generation_behind():
+    store, gate, _clock, rollout = make(wait_for_mesh=True, mesh_timeout=5, poll_interval=1)
+    LaggingMesh(store, lag=1000)
+    result = rollout.run()
+    assert result["result"] == "rolled_back" and "did not report generation 2 within 5s" in result["reason"]
+    assert gate.windows == 0 and current_weights(store.route("payment", "shop", 1)) == {"v1": 100, "v2": 0}
 
 
 def test_unknown_canary_subset_is_refused_before_any_write():
@@ -287,11 +324,127 @@ def test_an_api_error_mid_rollout_rolls_back_and_says_so():
 
 
 def test_forbidden_before_any_write_changes_nothing():
-    store, _gate, _clock, rollout = make()
+    store, gate, _clock, rollout = make()
     store.forbidden = True
-    with pytest.raises(Exception, match="403"):
+    with pytest.raises(K8sError, match="403") as err:
         rollout.run()
-    assert current_weights(store.route("payment", "shop", 1)) == {"v1": 100, "v2": 0}
+    assert not isinstance(err.value, ro.RolloutError)   # the API's answer as it came, not a rollback's story
+    assert store.calls["write"] == 1 and store.patches == []   # the refused write, and no rollback write after it
+    assert gate.windows == 0 and current_weights(store.route("payment", "shop", 1)) == {"v1": 100, "v2": 0}
+
+
+def test_an_error_on_the_first_write_leaves_someone_elses_split_alone():
+    store = FakeIstio(objects(stable=70, canary=30))   # weights another tool set; this run has not written yet
+    store.refuse.append(K8sError("patching: HTTP 500 etcdserver: request timed out", status=500))
+    _s, gate, _clock, rollout = make(store=store)
+    with pytest.raises(K8sError, match="HTTP 500"):
+        rollout.run()
+    assert store.calls["write"] == 1 and store.patches == []
+    assert current_weights(store.route("payment", "shop", 1)) == {"v1": 70, "v2": 30} and ro.STATE_ANNOTATION not in annotations(store)
+
+
+def test_a_crash_in_the_first_window_rolls_back_the_first_step():
+    store, gate, _clock, rollout = make()
+
+    def crash(token):
+        raise RuntimeError("prometheus client crashed")
+
+    gate.evaluate = crash
+    with pytest.raises(ro.RolloutError, match="stopped on an error: prometheus client crashed; rolled back done"):
+        rollout.run()
+    assert store.calls["write"] == 2 and current_weights(store.route("payment", "shop", 1)) == {"v1": 100, "v2": 0}
+    assert state(store)["phase"] == "rolled_back" and ro.LEASE_ANNOTATION not in annotations(store)
+
+
+def test_a_failed_rollback_after_an_error_says_to_check_by_hand():
+    store, gate, _clock, rollout = make()
+
+    def crash_and_lose_the_api(token):
+        store.forbidden = True
+        raise RuntimeError("prometheus client crashed")
+
+    gate.evaluate = crash_and_lose_the_api
+    with pytest.raises(ro.RolloutError, match="prometheus client crashed; and the rollback that followed failed too: .*403.*"
+                                              " Check the VirtualService shop/payment by hand"):
+        rollout.run()
+    assert current_weights(store.route("payment", "shop", 1)) == {"v1": 95, "v2": 5}
+
+
+class Killed(BaseException):
+    """Like SIGTERM or Ctrl-C: no rollback, the record and the lease stay on the VirtualService."""
+
+
+def killed_in_window(gate, window):
+    evaluate = gate.evaluate
+
+    def evaluate_or_die(token):
+        if gate.windows == window:
+            raise Killed()
+        return evaluate(token)
+
+    gate.evaluate = evaluate_or_die
+
+
+def lease_written(store, patch=0):
+    """The lease the given write set (its annotation operations)."""
+    for op in store.patches[patch]:
+        if op["path"] == "/metadata/annotations":
+            return json.loads(op["value"][ro.LEASE_ANNOTATION])
+        if op["path"].endswith(ro.LEASE_ANNOTATION.replace("/", "~1")):
+            return json.loads(op["value"])
+    raise AssertionError("write %d set no lease: %s" % (patch, store.patches[patch]))
+
+
+def test_the_lease_covers_the_interval_the_tolerated_failures_and_two_minutes():
+    store, _gate, clock, rollout = make(failure_limit=2, interval="30s")
+    start = clock.t
+    rollout.run()
+    assert lease_written(store) == {"holder": rollout.holder, "expires": start + 30 * (1 + 2) + 120}
+    store, _gate, clock, rollout = make(failure_limit=0, interval="45s", wait_for_mesh=True, mesh_timeout=20)
+    rollout.run()
+    assert lease_written(store)["expires"] == start + 45 + 20 + 120   # and the time the mesh may take
+    store, _gate, clock, rollout = make(failure_limit=2, lease_seconds=600)
+    rollout.run()
+    assert lease_written(store)["expires"] == start + 600
+
+
+def test_a_lease_stops_other_runs_until_it_expires_not_after():
+    store, gate, clock, first = make(failure_limit=1, interval="30s")
+    killed_in_window(gate, 1)
+    start = clock.t
+    with pytest.raises(Killed):
+        first.run()
+    expires = json.loads(annotations(store)[ro.LEASE_ANNOTATION])["expires"]
+    assert expires == start + 30 * 2 + 120
+    clock.t = expires - 0.5
+    _s, _g, _c, early = make(store=store, clock=clock)
+    with pytest.raises(ro.LeaseHeld, match="until .*, 0 s from now"):
+        early.run()
+    clock.t = expires
+    _s, gate, _c, later = make(store=store, clock=clock)
+    assert later.run()["result"] == "promoted" and gate.seen == [5, 10, 25, 50]
+
+
+def test_two_runs_that_read_at_the_same_moment_cannot_both_take_the_lease():
+    # The route already has the first step's weights, so the two runs' first writes differ only in the
+    # rollout's record: the resourceVersion test is what makes the server refuse the later write.
+    store = FakeIstio(objects(stable=95, canary=5))
+    _s, _g, clock, first = make(store=store)
+    _s, second_gate, _c, second = make(store=store, clock=clock)
+    killed_in_window(second_gate, 1)   # the second run stops inside its first window, holding the lease
+    patch = store.json_patch
+
+    def second_writes_between_the_first_ones_read_and_write(plural, namespace, name, operations):
+        store.json_patch = patch
+        with pytest.raises(Killed):
+            second.run()
+        return patch(plural, namespace, name, operations)
+
+    store.json_patch = second_writes_between_the_first_ones_read_and_write
+    with pytest.raises(ro.LeaseHeld, match=r"held by another rollout \(%s\)" % second.holder):
+        first.run()
+    assert json.loads(annotations(store)[ro.LEASE_ANNOTATION])["holder"] == second.holder
+    assert state(store)["holder"] == second.holder and len(store.patches) == 2
 
 
 class Probe:
