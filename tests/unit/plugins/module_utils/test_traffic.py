@@ -7,6 +7,7 @@ __metaclass__ = type
 import copy
 import os
 import sys
+import time
 
 import pytest
 import yaml
@@ -219,3 +220,93 @@ def test_annotation_ops_escape_slashes_and_create_the_map():
     assert traffic.annotation_ops({"metadata": {}}, {"a/b": "1", "c": None}) == [{"op": "add", "path": "/metadata/annotations", "value": {"a/b": "1"}}]
     ops = traffic.annotation_ops({"metadata": {"annotations": {"a/b": "0", "c": "x"}}}, {"a/b": "1", "c": None})
     assert ops == [{"op": "replace", "path": "/metadata/annotations/a~1b", "value": "1"}, {"op": "remove", "path": "/metadata/annotations/c"}]
+
+
+def test_route_name_and_route_index_together_are_refused():
+    with pytest.raises(TrafficError, match="route_name and route_index are mutually exclusive; set only one"):
+        traffic.select_route(vs([HEADER_ROUTE, DEFAULT_ROUTE]), "reviews", "default", route_name="default", route_index=1)
+
+
+def test_a_negative_route_index_is_out_of_range_not_the_last_route():
+    with pytest.raises(TrafficError, match=r"route_index: -1 is out of range; VirtualService reviews has 2 HTTP routes \(0..1\)"):
+        traffic.select_route(vs([HEADER_ROUTE, DEFAULT_ROUTE]), "reviews", "default", route_index=-1)
+
+
+def test_a_route_name_used_twice_is_refused():
+    second = dict(DEFAULT_ROUTE, match=[{"uri": {"prefix": "/v2"}}])
+    with pytest.raises(TrafficError, match="VirtualService reviews has 2 HTTP routes named 'default'; set route_index instead"):
+        traffic.select_route(vs([HEADER_ROUTE, DEFAULT_ROUTE, second]), "reviews", "default", route_name="default")
+
+
+THREE_WAY = [dest("v1", 70), dest("v2", 10), dest("v3", 20)]
+
+
+def test_a_destination_not_named_in_the_weights_gets_zero_on_a_three_way_route():
+    store = FakeIstio([vs([{"name": "default", "route": THREE_WAY}]), dr()])
+    result = WeightChange(store, "default", "reviews").apply({"v1": 80, "v2": 20})
+    assert result["after"] == {"v1": 80, "v2": 20, "v3": 0}
+    assert result["patch"][1:] == [{"op": "replace", "path": "/spec/http/0/route/0/weight", "value": 80},
+                                   {"op": "replace", "path": "/spec/http/0/route/1/weight", "value": 20},
+                                   {"op": "replace", "path": "/spec/http/0/route/2/weight", "value": 0}]
+    assert [d["weight"] for d in store.route()["route"]] == [80, 20, 0]
+
+
+def test_a_destination_not_named_that_already_has_zero_needs_no_write():
+    store = FakeIstio([vs([{"name": "default", "route": [dest("v1", 90), dest("v2", 10), dest("v3", 0)]}]), dr()])
+    result = WeightChange(store, "default", "reviews").apply({"v1": 90, "v2": 10})
+    assert result["changed"] is False and result["patch"] == [] and store.calls["write"] == 0
+
+
+def test_only_the_undeclared_destinations_weight_moving_is_a_change():
+    route = {"name": "default", "route": [dest("v1", 90), dest("v2", 0), dest("v3", 10)]}
+    assert traffic.weights_changed(route, {"v1": 90, "v3": 10}) is False
+    assert traffic.weights_changed(route, {"v1": 90, "v2": 10}) is True
+
+
+def test_subset_labels_are_those_the_destination_rule_of_that_host_gives_that_subset():
+    rules = [dr(subsets=("v1", "v2"), host="ratings"),
+             {"kind": "DestinationRule", "metadata": {"name": "reviews", "namespace": "default"},
+              "spec": {"host": "reviews.default.svc.cluster.local",
+                       "subsets": [{"name": "v1", "labels": {"version": "v1", "track": "stable"}}, {"name": "v2", "labels": {"version": "v2"}},
+                                   {"name": "bare"}]}}]
+    rules[0]["spec"]["subsets"][1]["labels"] = {"version": "ratings-v2"}
+    assert traffic.subset_labels(rules, "reviews", "default", "v2") == {"version": "v2"}
+    assert traffic.subset_labels(rules, "reviews", "default", "v1") == {"version": "v1", "track": "stable"}
+    assert traffic.subset_labels(rules, "reviews", "default", "bare") == {}
+    assert traffic.subset_labels(rules, "reviews", "default", "v9") == {}
+    assert traffic.subset_labels(rules, "reviews", "other", "v1") == {}   # reviews of another namespace: no rule
+    assert traffic.subset_labels(None, "reviews", "default", "v1") == {}
+    labels = traffic.subset_labels(rules, "reviews", "default", "v2")
+    labels["version"] = "changed"
+    assert rules[1]["spec"]["subsets"][1]["labels"] == {"version": "v2"}   # a copy: the caller cannot change the rule
+
+
+def moving_writer():
+    """Another writer that moves the route's weights before each of our patches lands."""
+    counter = {"n": 0}
+
+    def other_writer(obj):
+        counter["n"] += 1
+        obj["spec"]["http"][0]["route"][0]["weight"] = 100 - counter["n"]
+        obj["spec"]["http"][0]["route"][1]["weight"] = counter["n"]
+
+    return other_writer
+
+
+def test_conflicts_back_off_with_the_real_sleep_a_tenth_more_each_time_up_to_a_second(monkeypatch):
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)   # the modules pass no sleep: the retry uses time.sleep
+    store = FakeIstio([vs([DEFAULT_ROUTE]), dr()])
+    store.interfere.extend([moving_writer()] * 12)
+    result = WeightChange(store, "default", "reviews", retries=12).apply({"v1": 50, "v2": 50})
+    assert result["attempts"] == 13 and traffic.current_weights(store.route()) == {"v1": 50, "v2": 50}
+    assert slept == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.0, 1.0])
+
+
+def test_an_injected_sleep_replaces_the_real_one(monkeypatch):
+    monkeypatch.setattr(time, "sleep", lambda seconds: pytest.fail("time.sleep called although a sleep was given"))
+    injected = []
+    store = FakeIstio([vs([DEFAULT_ROUTE]), dr()])
+    store.interfere.append(moving_writer())
+    WeightChange(store, "default", "reviews", sleep=injected.append).apply({"v1": 50, "v2": 50})
+    assert injected == [0.1]
