@@ -20,6 +20,7 @@ from ansible_collections.onprem.mesh.plugins.module_utils.prometheus import (
     TransportError,
     urls_transport,
 )
+from ansible_collections.onprem.mesh.tests.unit.plugins.module_utils.fake_prometheus import FakePrometheus
 
 NAN = float("nan")
 TARGET = dict(namespace="shop", workload="reviews-v2", version="v2", stable_version="v1", host="reviews.shop.svc")
@@ -30,11 +31,13 @@ TARGET = dict(namespace="shop", workload="reviews-v2", version="v2", stable_vers
 # ------------------------------------------------------------------------------------------------
 
 class FakeClock:
-    """Monotonic clock whose sleep() advances it; counts sleeps."""
+    """Monotonic clock whose sleep() advances it; counts sleeps. ``meanwhile``: what happens in the world
+    during each sleep, in order (e.g. Prometheus scrapes the canary's first series)."""
 
-    def __init__(self):
+    def __init__(self, meanwhile=()):
         self.now = 1000.0
         self.sleeps = []
+        self.meanwhile = list(meanwhile)
 
     def __call__(self):
         return self.now
@@ -42,38 +45,39 @@ class FakeClock:
     def sleep(self, seconds):
         self.sleeps.append(seconds)
         self.now += seconds
+        if self.meanwhile:
+            self.meanwhile.pop(0)()
 
 
-class FakeProm:
-    """query(promql) answered by the first matching rule: (substring, answer or list of answers per call)."""
+CANARY = dict(destination_workload_namespace="shop", destination_workload="reviews-v2", destination_version="v2")
+STABLE = dict(destination_workload_namespace="shop", destination_workload="reviews-v1", destination_version="v1")
 
-    def __init__(self, traffic=100.0, **answers):
-        self.queries = []
-        self.traffic = traffic
-        self.answers = answers  # keys: success_rate, latency, custom
-        self.calls = {}
 
-    def _answer(self, key):
-        answer = self.answers.get(key, [])
-        if isinstance(answer, list) and answer and isinstance(answer[0], list):  # a sequence of answers per call
-            n = self.calls.get(key, 0)
-            self.calls[key] = n + 1
-            answer = answer[min(n, len(answer) - 1)]
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
+def latency(prom, p99, **labels):
+    """Request-duration buckets whose p99 is ``p99`` ms: 98 of 100 requests took at most that long, 2 longer
+    (histogram_quantile places a quantile past the last finite bucket at that bucket's bound)."""
+    for le, count in ((repr(float(p99)), 98), ("+Inf", 100)):
+        prom.add("istio_request_duration_milliseconds_bucket", count, le=le, **labels)
 
-    def query(self, promql):
-        self.queries.append(promql)
-        if promql.startswith("sum(increase(istio_requests_total"):
-            if isinstance(self.traffic, Exception):
-                raise self.traffic
-            return [] if self.traffic is None else [({}, float(self.traffic))]
-        if promql.startswith("histogram_quantile"):
-            return self._answer("latency")
-        if "istio_requests_total" in promql and "response_code!~" in promql:
-            return self._answer("success_rate")
-        return self._answer("custom")
+
+def prometheus(good=None, errors=None, p99=None, reporter="destination", **canary):
+    """Istio's telemetry for the window: the canary answered ``good`` non-5xx and ``errors`` 5xx requests
+    (None: no such series) in ``p99`` ms. Beside it, what a query must not pick up: the stable version (half
+    its requests fail, p99 3 s) and the other reporter's view of the canary (also half failing)."""
+    prom = FakePrometheus()
+    labels = dict(CANARY, reporter=reporter, **canary)
+    if good is not None:
+        prom.add("istio_requests_total", good, response_code="200", **labels)
+    if errors is not None:
+        prom.add("istio_requests_total", errors, response_code="503", **labels)
+    if p99 is not None:
+        latency(prom, p99, **labels)
+    other_reporter = "source" if reporter == "destination" else "destination"
+    for decoy in (dict(STABLE, reporter=reporter), dict(CANARY, reporter=other_reporter)):
+        prom.add("istio_requests_total", 500, response_code="200", **decoy)
+        prom.add("istio_requests_total", 500, response_code="500", **decoy)
+        latency(prom, 3000, **decoy)
+    return prom
 
 
 class FakeReader:
@@ -114,9 +118,12 @@ def params(*checks, **top):
 
 
 def run(p, prom=None, reader=None, http=None, clock=None, window_start=None, target=None, wall=None):
+    """evaluate_gate as the modules call it: Prometheus reached through the collection's client over HTTP."""
     clock = clock or FakeClock()
+    if prom is not None:
+        prom.other, http = http, prom.transport
     return cc.evaluate_gate(p, target or TARGET, k8s=reader, http=http, clock=clock, sleep=clock.sleep,
-                            window_start=window_start, prometheus=prom, wall_clock=wall or (lambda: 1767225600.0))
+                            window_start=window_start, wall_clock=wall or (lambda: 1767225600.0))
 
 
 SR = dict(name="errors", type="success_rate", min=99)
@@ -152,10 +159,10 @@ def test_render_query_replaces_all_placeholders():
 
 
 def test_custom_query_is_rendered_and_run():
-    prom = FakeProm(custom=[({}, 0.2)])
+    prom = FakePrometheus().add("x", 60, ns="shop").add("x", 6000, ns="shop-staging")
     gate = run(params(dict(name="resets", type="promql", query='sum(rate(x{ns="{{ namespace }}"}[{{ window }}]))', max=1),
                       analysis_window="5m"), prom)
-    assert gate["verdict"] == "pass"
+    assert gate["verdict"] == "pass" and gate["checks"][0]["value"] == 0.2   # 60 in 5 minutes
     assert prom.queries == ['sum(rate(x{ns="shop"}[5m]))']  # no traffic guard unless min_requests is set
     assert gate["checks"][0]["query"] == 'sum(rate(x{ns="shop"}[5m]))'
 
@@ -203,25 +210,25 @@ def test_label_selector_from_match_labels_and_expressions():
 ])
 def test_spec_errors_name_the_field_and_the_fix(checks, top, message):
     with pytest.raises(cc.CanaryCheckError) as err:
-        run(params(*checks, **top), FakeProm())
+        run(params(*checks, **top), FakePrometheus())
     assert message in str(err.value)
     assert isinstance(err.value, ValueError)
 
 
 def test_placeholder_without_target_value_is_an_error():
     with pytest.raises(cc.CanaryCheckError, match=r"checks\[0\].query: uses \{\{ version \}\} but the target has no version"):
-        run(params(dict(name="q", type="promql", query='x{v="{{ version }}"}', max=1)), FakeProm(),
+        run(params(dict(name="q", type="promql", query='x{v="{{ version }}"}', max=1)), FakePrometheus(),
             target=dict(namespace="shop", workload="w"))
 
 
 def test_builtin_check_needs_namespace_and_workload():
     with pytest.raises(cc.CanaryCheckError, match=r"checks\[0\]: a success_rate check needs the target's workload"):
-        run(params(SR), FakeProm(), target=dict(namespace="shop"))
+        run(params(SR), FakePrometheus(), target=dict(namespace="shop"))
 
 
 def test_unknown_target_key():
     with pytest.raises(cc.CanaryCheckError, match="target: unknown keys colour"):
-        run(params(SR), FakeProm(), target=dict(TARGET, colour="red"))
+        run(params(SR), FakePrometheus(), target=dict(TARGET, colour="red"))
 
 
 def test_argspec_has_the_contract_keys():
@@ -238,30 +245,37 @@ def test_argspec_has_the_contract_keys():
 # ------------------------------------------------------------------------------------------------
 
 def test_healthy_canary_passes_with_values():
-    gate = run(params(SR, LAT), FakeProm(success_rate=[({}, 99.7)], latency=[({}, 120.0)]))
+    gate = run(params(SR, LAT), prometheus(good=9970, errors=30, p99=120))
     assert gate["verdict"] == "pass"
     assert [(c["name"], c["value"], c["verdict"], c["attempts"]) for c in gate["checks"]] == [
         ("errors", 99.7, "pass", 1), ("p99", 120.0, "pass", 1)]
     assert gate["checks"][0]["threshold"] == ">= 99 %" and gate["checks"][1]["threshold"] == "<= 500 ms"
-    assert gate["checks"][0]["requests"] == 100.0
+    assert gate["checks"][0]["requests"] == 10000.0
     assert set(gate) >= {"verdict", "checks", "started", "ended", "duration", "reason"}
     assert gate["started"].startswith("2026-01-01T00:00:00")
 
 
-@pytest.mark.parametrize("value, verdict", [(99.0, "pass"), (98.999, "fail"), (100.0, "pass"), (0.0, "fail")])
-def test_success_rate_boundary(value, verdict):
-    gate = run(params(SR), FakeProm(success_rate=[({}, value)]))
+@pytest.mark.parametrize("good, errors, value, verdict", [(5940, 60, 99.0, "pass"), (98999, 1001, 98.999, "fail"), (100, None, 100.0, "pass"),
+                                                         (None, 100, 0.0, "fail")])
+def test_success_rate_boundary(good, errors, value, verdict):
+    gate = run(params(SR), prometheus(good=good, errors=errors))
+    assert gate["checks"][0]["value"] == value   # a canary that only answered 5xx measures 0 %, not "no data"
     assert gate["checks"][0]["verdict"] == verdict and gate["verdict"] == verdict
 
 
-@pytest.mark.parametrize("value, verdict", [(500.0, "pass"), (500.001, "fail"), (float("inf"), "fail")])
+@pytest.mark.parametrize("value, verdict", [(500.0, "pass"), (500.001, "fail"), (499.999, "pass")])
 def test_latency_boundary(value, verdict):
-    gate = run(params(LAT), FakeProm(latency=[({}, value)]))
-    assert gate["checks"][0]["verdict"] == verdict
+    gate = run(params(LAT), prometheus(good=100, p99=value))
+    assert gate["checks"][0]["value"] == value and gate["checks"][0]["verdict"] == verdict
+
+
+def test_an_infinite_value_fails_a_max():
+    gate = run(params(dict(name="q", type="promql", query="scalar(x) / 0", max=500)), FakePrometheus().add("x", 1))
+    assert gate["checks"][0]["value"] == float("inf") and gate["verdict"] == "fail" and "+Inf is not <= 500" in gate["checks"][0]["reason"]
 
 
 def test_failure_message_names_check_and_value():
-    gate = run(params(SR, LAT), FakeProm(success_rate=[({}, 80.0)], latency=[({}, 100.0)]))
+    gate = run(params(SR, LAT), prometheus(good=80, errors=20, p99=100))
     assert gate["verdict"] == "fail"
     assert "errors (success_rate): fail - 80 % is not >= 99 %" in gate["reason"]
     assert "p99" not in gate["reason"]
@@ -269,26 +283,27 @@ def test_failure_message_names_check_and_value():
 
 def test_promql_range_min_and_max():
     check = dict(name="q", type="promql", query="up", min=1, max=3)
-    assert run(params(check), FakeProm(custom=[({}, 1.0)]))["verdict"] == "pass"
-    assert run(params(check), FakeProm(custom=[({}, 3.0)]))["verdict"] == "pass"
-    assert run(params(check), FakeProm(custom=[({}, 3.5)]))["verdict"] == "fail"
-    assert run(params(check), FakeProm(custom=[({}, 0.5)]))["checks"][0]["threshold"] == "between 1 and 3"
+    assert run(params(check), FakePrometheus().add("up", 1))["verdict"] == "pass"
+    assert run(params(check), FakePrometheus().add("up", 3))["verdict"] == "pass"
+    assert run(params(check), FakePrometheus().add("up", 3.5))["verdict"] == "fail"
+    gate = run(params(check), FakePrometheus().add("up", 0.5))
+    assert gate["verdict"] == "fail" and gate["checks"][0]["threshold"] == "between 1 and 3"
 
 
 def test_multiple_series_every_one_must_pass_and_the_worst_is_reported():
     check = dict(name="q", type="promql", query="per_pod", max=10)
-    samples = [({"pod": "a"}, 1.0), ({"pod": "b"}, 12.0), ({"pod": "c"}, 5.0)]
-    gate = run(params(check), FakeProm(custom=samples))
+    prom = FakePrometheus().add("per_pod", 1, pod="a").add("per_pod", 12, pod="b").add("per_pod", 5, pod="c")
+    gate = run(params(check), prom)
     c = gate["checks"][0]
     assert c["verdict"] == "fail" and c["value"] == 12.0
-    assert "worst of 3 series: pod=b" in c["reason"]
-    gate = run(params(dict(check, max=None, min=2)), FakeProm(custom=samples))
+    assert "worst of 3 series: __name__=per_pod,pod=b" in c["reason"]
+    gate = run(params(dict(check, max=None, min=2)), prom)
     assert gate["checks"][0]["value"] == 1.0 and gate["verdict"] == "fail"
 
 
 def test_scalar_like_result_with_no_labels():
-    gate = run(params(dict(name="q", type="promql", query="scalar(up)", min=1)), FakeProm(custom=[({}, 1.0)]))
-    assert gate["verdict"] == "pass"
+    gate = run(params(dict(name="q", type="promql", query="scalar(up)", min=1)), FakePrometheus().add("up", 1))
+    assert gate["verdict"] == "pass" and gate["checks"][0]["value"] == 1.0 and "series" not in gate["checks"][0]["reason"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -297,7 +312,8 @@ def test_scalar_like_result_with_no_labels():
 
 @pytest.mark.parametrize("policy", ["fail", "pass", "inconclusive"])
 def test_empty_vector_follows_on_no_data(policy):
-    gate = run(params(dict(SR, on_no_data=policy), on_still_inconclusive="inconclusive"), FakeProm(success_rate=[]))
+    # without the traffic guard (min_requests 0), a canary without series gives an empty result
+    gate = run(params(dict(SR, on_no_data=policy), on_still_inconclusive="inconclusive", min_requests=0), prometheus())
     c = gate["checks"][0]
     assert c["verdict"] == policy and gate["verdict"] == policy
     assert "no data" in c["reason"] and "on_no_data: %s" % policy in c["reason"]
@@ -305,45 +321,47 @@ def test_empty_vector_follows_on_no_data(policy):
 
 
 def test_empty_vector_is_never_pass_by_default():
-    gate = run(params(SR), FakeProm(success_rate=[]))
+    gate = run(params(SR, min_requests=0), prometheus())
     assert gate["verdict"] == "fail"
-    assert "still inconclusive" in gate["checks"][0]["reason"]
+    assert "still inconclusive" in gate["checks"][0]["reason"] and "no data" in gate["checks"][0]["reason"]
 
 
 @pytest.mark.parametrize("policy", ["fail", "pass", "inconclusive"])
 def test_nan_follows_on_nan(policy):
-    gate = run(params(LAT, on_nan=policy, on_still_inconclusive="inconclusive"), FakeProm(latency=[({}, NAN)]))
+    # series that did not move in the window (no requests): the quantile of zero observations is NaN
+    prom = prometheus(good=0)
+    for le in ("100.0", "+Inf"):
+        prom.add("istio_request_duration_milliseconds_bucket", 0, le=le, reporter="destination", **CANARY)
+    gate = run(params(LAT, on_nan=policy, on_still_inconclusive="inconclusive", min_requests=0), prom)
     assert gate["checks"][0]["verdict"] == policy
     assert "NaN" in gate["checks"][0]["reason"]
 
 
 def test_nan_in_one_series_of_several_is_nan():
-    gate = run(params(dict(name="q", type="promql", query="x", max=1)), FakeProm(custom=[({"a": "1"}, 0.5), ({"a": "2"}, NAN)]))
+    gate = run(params(dict(name="q", type="promql", query="x", max=1)), FakePrometheus().add("x", 0.5, a="1").add("x", NAN, a="2"))
     assert gate["verdict"] == "fail" and "NaN for 1 of 2 series" in gate["checks"][0]["reason"]
 
 
 @pytest.mark.parametrize("policy", ["fail", "pass", "inconclusive"])
 def test_query_error_follows_on_error(policy):
-    err = PrometheusError("unreachable", "Prometheus at prometheus_url http://127.0.0.1:9 is unreachable: refused")
-    gate = run(params(dict(SR, on_error=policy), on_still_inconclusive="inconclusive"), FakeProm(traffic=err))
+    nobody_there = FakePrometheus(url="http://prometheus.istio-system:9090")   # prometheus_url points elsewhere
+    gate = run(params(dict(SR, on_error=policy), on_still_inconclusive="inconclusive"), nobody_there)
     c = gate["checks"][0]
     assert c["verdict"] == policy and "prometheus_url http://127.0.0.1:9" in c["reason"]
 
 
 def test_bad_query_400_fails_at_once_even_with_error_policy_pass():
-    err = PrometheusError("bad_query", "Prometheus at http://p rejected the query (HTTP 400 bad_data: parse error). Fix the PromQL: x{",
-                          status=400)
     clock = FakeClock()
     gate = run(params(dict(name="q", type="promql", query="x{", max=1, on_error="pass"), retry_inconclusive_for=60),
-               FakeProm(custom=err), clock=clock)
+               FakePrometheus(), clock=clock)
     c = gate["checks"][0]
     assert c["verdict"] == "fail" and c["attempts"] == 1 and clock.sleeps == []
-    assert "configuration error, not retried" in c["reason"] and "bad_data: parse error" in c["reason"]
+    assert "configuration error, not retried" in c["reason"] and "HTTP 400 bad_data: parse error" in c["reason"]
 
 
 @pytest.mark.parametrize("policy", ["fail", "pass", "inconclusive"])
 def test_low_traffic_follows_on_low_traffic(policy):
-    prom = FakeProm(traffic=3, success_rate=[({}, 100.0)])
+    prom = prometheus(good=3)
     gate = run(params(dict(SR, on_low_traffic=policy), on_still_inconclusive="inconclusive"), prom)
     c = gate["checks"][0]
     assert c["verdict"] == policy and c["requests"] == 3
@@ -352,29 +370,28 @@ def test_low_traffic_follows_on_low_traffic(policy):
 
 
 def test_low_traffic_boundary_and_no_series():
-    assert run(params(SR), FakeProm(traffic=10, success_rate=[({}, 100.0)]))["verdict"] == "pass"
-    gate = run(params(SR), FakeProm(traffic=None, success_rate=[({}, 100.0)]))
+    assert run(params(SR), prometheus(good=10))["verdict"] == "pass"
+    assert run(params(SR), prometheus(good=9))["verdict"] == "fail"
+    gate = run(params(SR), prometheus())
     assert gate["verdict"] == "fail" and "low traffic: 0 requests" in gate["checks"][0]["reason"]
 
 
 def test_min_requests_per_check_and_off():
-    prom = FakeProm(traffic=30, success_rate=[({}, 100.0)])
-    gate = run(params(dict(SR, min_requests=50)), prom)
-    assert "min_requests is 50" in gate["checks"][0]["reason"]
-    prom = FakeProm(traffic=0, success_rate=[({}, 100.0)])
+    gate = run(params(dict(SR, min_requests=50)), prometheus(good=30))
+    assert "low traffic: 30 requests" in gate["checks"][0]["reason"] and "min_requests is 50" in gate["checks"][0]["reason"]
+    prom = prometheus(good=1)
     assert run(params(SR, min_requests=0), prom)["verdict"] == "pass"
     assert len(prom.queries) == 1
 
 
 def test_promql_check_with_min_requests_uses_the_traffic_guard():
-    prom = FakeProm(traffic=2, custom=[({}, 0.0)])
+    prom = prometheus(good=2).add("x", 0)
     gate = run(params(dict(name="q", type="promql", query="x", max=1, min_requests=5, on_low_traffic="fail")), prom)
     assert gate["verdict"] == "fail" and prom.queries[0].startswith("sum(increase(istio_requests_total")
 
 
 def test_global_policy_applies_and_check_policy_overrides():
-    prom = FakeProm(success_rate=[], latency=[])
-    gate = run(params(SR, dict(LAT, on_no_data="fail"), on_no_data="pass"), prom)
+    gate = run(params(SR, dict(LAT, on_no_data="fail"), on_no_data="pass", min_requests=0), prometheus())
     assert [c["verdict"] for c in gate["checks"]] == ["pass", "fail"]
 
 
@@ -384,8 +401,7 @@ def test_global_policy_applies_and_check_policy_overrides():
 
 def test_inconclusive_is_retried_then_fails_within_bounded_time():
     clock = FakeClock()
-    prom = FakeProm(success_rate=[])
-    gate = run(params(SR, retry_inconclusive_for=30, retry_interval=10), prom, clock=clock)
+    gate = run(params(SR, retry_inconclusive_for=30, retry_interval=10), prometheus(), clock=clock)
     c = gate["checks"][0]
     assert c["verdict"] == "fail" and c["attempts"] == 4
     assert clock.sleeps == [10, 10, 10]
@@ -401,43 +417,47 @@ def test_retry_stops_even_when_the_clock_jumps():
         clock.now += seconds * 5  # a slow world: each sleep takes longer than asked
 
     gate = cc.evaluate_gate(params(SR, retry_inconclusive_for=100, retry_interval=10), TARGET, clock=clock, sleep=slow_sleep,
-                            prometheus=FakeProm(success_rate=[]))
+                            http=prometheus().transport)
     assert gate["verdict"] == "fail" and len(clock.sleeps) == 2
 
 
 def test_inconclusive_then_data_arrives_passes():
-    clock = FakeClock()
-    prom = FakeProm(success_rate=[[], [({}, NAN)], [({}, 99.9)]])
-    gate = run(params(SR, retry_inconclusive_for=60, retry_interval=5), prom, clock=clock)
+    prom = prometheus()
+    # no series at first; then series that have not counted a request yet (NaN); then the requests
+    clock = FakeClock(meanwhile=[lambda: prom.add("istio_requests_total", 0, response_code="200", reporter="destination", **CANARY),
+                                 lambda: prom.add("istio_requests_total", 999, response_code="200", reporter="destination", **CANARY)
+                                 .add("istio_requests_total", 1, response_code="503", reporter="destination", **CANARY)])
+    gate = run(params(SR, retry_inconclusive_for=60, retry_interval=5, min_requests=0), prom, clock=clock)
     c = gate["checks"][0]
     assert gate["verdict"] == "pass" and c["attempts"] == 3 and c["value"] == 99.9
     assert clock.sleeps == [5, 5]
 
 
 def test_passing_checks_are_not_rerun_while_others_retry():
-    prom = FakeProm(success_rate=[[], [({}, 99.5)]], latency=[({}, 10.0)])
-    gate = run(params(SR, LAT, retry_inconclusive_for=20, retry_interval=10), prom)
+    prom = prometheus(good=1000, p99=10)
+    warm = dict(name="warm", type="promql", query='cache_warm{workload="reviews-v2"}', min=1)
+    clock = FakeClock(meanwhile=[lambda: prom.add("cache_warm", 1, workload="reviews-v2")])
+    gate = run(params(warm, LAT, retry_inconclusive_for=20, retry_interval=10), prom, clock=clock)
     assert [c["attempts"] for c in gate["checks"]] == [2, 1]
     assert gate["verdict"] == "pass"
 
 
 def test_a_failure_ends_the_gate_without_retrying_others():
     clock = FakeClock()
-    prom = FakeProm(success_rate=[({}, 50.0)], latency=[])
-    gate = run(params(SR, LAT, retry_inconclusive_for=60, retry_interval=10), prom, clock=clock)
+    gate = run(params(SR, LAT, retry_inconclusive_for=60, retry_interval=10), prometheus(good=50, errors=50), clock=clock)
     assert gate["verdict"] == "fail" and clock.sleeps == []
     assert [c["attempts"] for c in gate["checks"]] == [1, 1]
 
 
 def test_on_still_inconclusive_keeps_the_gate_inconclusive():
-    gate = run(params(SR, on_still_inconclusive="inconclusive"), FakeProm(success_rate=[]))
+    gate = run(params(SR, on_still_inconclusive="inconclusive"), prometheus())
     assert gate["verdict"] == "inconclusive"
     assert "errors (success_rate): inconclusive" in gate["reason"]
 
 
 def test_retry_zero_evaluates_once():
     clock = FakeClock()
-    gate = run(params(SR, retry_inconclusive_for=0), FakeProm(success_rate=[]), clock=clock)
+    gate = run(params(SR, retry_inconclusive_for=0), prometheus(), clock=clock)
     assert gate["checks"][0]["attempts"] == 1 and clock.sleeps == []
 
 
