@@ -301,6 +301,61 @@ def test_multiple_series_every_one_must_pass_and_the_worst_is_reported():
     assert gate["checks"][0]["value"] == 1.0 and gate["verdict"] == "fail"
 
 
+@pytest.mark.parametrize("values, verdict, value, worst", [
+    ((5, 12, 3), "fail", 12, "pod=b"),     # one series above max
+    ((5, 1, 3), "fail", 1, "pod=b"),       # one series below min
+    ((5, 2, 10), "pass", 2, "pod=b"),      # all within, the bounds included: the lowest is reported
+    ((0.5, 20, 5), "fail", 0.5, "pod=a"),  # below min and above max: the one below min is reported
+])
+def test_promql_min_and_max_over_several_series(values, verdict, value, worst):
+    prom = FakePrometheus()
+    for name, v in zip("abc", values):
+        prom.add("queue_depth", v, pod=name)
+    gate = run(params(dict(name="q", type="promql", query="queue_depth", min=2, max=10)), prom)
+    c = gate["checks"][0]
+    assert c["verdict"] == verdict and c["value"] == value and "(worst of 3 series: __name__=queue_depth,%s)" % worst in c["reason"]
+    assert c["threshold"] == "between 2 and 10"
+
+
+def test_success_rate_min_with_a_fraction():
+    check = dict(SR, min=99.9)
+    gate = run(params(check), prometheus(good=99900, errors=100))
+    assert gate["verdict"] == "pass" and gate["checks"][0]["threshold"] == ">= 99.9 %" and gate["checks"][0]["reason"] == "99.9 % >= 99.9 %"
+    gate = run(params(check), prometheus(good=99890, errors=110))
+    assert gate["verdict"] == "fail" and gate["checks"][0]["reason"] == "99.89 % is not >= 99.9 %"
+
+
+def test_latency_quantile_is_the_one_asked_for():
+    prom = prometheus(good=100, p99=500)
+    gate = run(params(dict(LAT, quantile=0.95, max=490)), prom)
+    c = gate["checks"][0]
+    assert c["query"].startswith("histogram_quantile(0.95, ") and c["value"] == pytest.approx(484.694, abs=0.001) and c["verdict"] == "pass"
+    assert run(params(dict(LAT, max=490)), prom)["checks"][0]["value"] == 500.0   # p99 by default
+
+
+def test_the_reporter_is_destination_unless_asked():
+    gate = run(params(SR), prometheus(good=1000))
+    assert gate["checks"][0]["value"] == 100.0 and 'reporter="destination"' in gate["checks"][0]["query"]
+    gate = run(params(dict(SR, reporter="source")), prometheus(good=5940, errors=60, reporter="source"))
+    assert gate["checks"][0]["value"] == 99.0 and gate["checks"][0]["requests"] == 6000.0 and 'reporter="source"' in gate["checks"][0]["query"]
+
+
+@pytest.mark.parametrize("check, accepted", [
+    (dict(LAT, quantile=0.95), True), (dict(LAT, quantile=0.999), True), (dict(LAT, quantile=0), False), (dict(LAT, quantile=1), False),
+    (dict(LAT, max=0.5), True), (dict(LAT, max=0), False),
+    (dict(SR, min=0), True), (dict(SR, min=100), True), (dict(SR, min=-0.1), False), (dict(SR, min=100.1), False),
+    (dict(name="q", type="promql", query="x", min=1, max=1), True),
+    (dict(name="r", type="no_restarts", max=0), True), (dict(name="r", type="no_restarts", max=-1), False),
+    (dict(SR, min_requests=0), True), (dict(SR, min_requests=-1), False),
+])
+def test_bounds_of_the_check_fields(check, accepted):
+    if accepted:
+        cc.validate(params(check), TARGET)
+    else:
+        with pytest.raises(cc.CanaryCheckError, match=r"checks\[0\]\.(quantile|max|min|min_requests): "):
+            cc.validate(params(check), TARGET)
+
+
 def test_scalar_like_result_with_no_labels():
     gate = run(params(dict(name="q", type="promql", query="scalar(up)", min=1)), FakePrometheus().add("up", 1))
     assert gate["verdict"] == "pass" and gate["checks"][0]["value"] == 1.0 and "series" not in gate["checks"][0]["reason"]
@@ -468,7 +523,7 @@ def test_retry_zero_evaluates_once():
 def transport_answering(status, body, record=None):
     def transport(url, method="GET", headers=None, data=None, validate_certs=True, timeout=10):
         if record is not None:
-            record.append(dict(url=url, method=method, headers=headers, validate_certs=validate_certs, timeout=timeout))
+            record.append(dict(url=url, method=method, headers=headers, data=data, validate_certs=validate_certs, timeout=timeout))
         if isinstance(status, Exception):
             raise status
         return status, body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -555,6 +610,24 @@ def test_workload_ready(dep, verdict, words):
     assert gate["checks"][0]["verdict"] == verdict and words in gate["checks"][0]["reason"]
 
 
+def test_workload_ready_when_the_status_omits_available_replicas():
+    dep = deployment()
+    del dep["status"]["availableReplicas"]   # how Kubernetes reports none available
+    gate = run(params(READY), reader=FakeReader(dep))
+    assert gate["verdict"] == "fail" and gate["checks"][0]["value"] == 0 and "0/3 replicas available, 3 updated" in gate["checks"][0]["reason"]
+    gate = run(params(dict(READY, min_available=1)), reader=FakeReader(dep))
+    assert gate["verdict"] == "fail" and "0 available replicas, min_available is 1" in gate["checks"][0]["reason"]
+    assert run(params(dict(READY, min_available=0)), reader=FakeReader(dep))["verdict"] == "pass"
+
+
+def test_workload_ready_takes_one_replica_when_the_spec_omits_it():
+    dep = deployment(available=1, updated=1)
+    del dep["spec"]["replicas"]
+    gate = run(params(READY), reader=FakeReader(dep))
+    assert gate["verdict"] == "pass" and "1/1 replicas available and updated" in gate["checks"][0]["reason"]
+    assert gate["checks"][0]["threshold"] == "== 1 (spec.replicas)"
+
+
 def test_workload_ready_min_available_boundary():
     assert run(params(dict(READY, min_available=2)), reader=FakeReader(deployment(available=2)))["verdict"] == "pass"
     gate = run(params(dict(READY, min_available=2)), reader=FakeReader(deployment(available=1)))
@@ -623,15 +696,19 @@ def test_without_baseline_restarts_in_the_window_count():
 
 
 def test_window_start_epoch_and_baseline_errors():
-    now = 1767225600.0
+    now = 1767225600.0   # 2026-01-01T00:00:00Z; window 1m
     pods = [pod("p", 1, finished="2025-12-31T23:50:00Z")]
-    # an epoch window start before the termination: it counts
+    # an epoch as the window's start (an hour ago): the restart ten minutes ago is inside it
     gate = run(params(RESTARTS), reader=FakeReader(deployment(), pods), window_start=now - 3600, wall=lambda: now)
-    assert gate["verdict"] == "fail"
+    c = gate["checks"][0]
+    assert gate["verdict"] == "fail" and c["value"] == 1 and "p/app +1 (restartCount 1)" in c["reason"]
+    assert "since 2025-12-31T23:00:00+00:00 (no baseline: restarts whose last termination is in the window)" in c["reason"]
+    # a baseline that could not read the pods: the window starts when it was taken, and the reason says why
     baseline = cc.take_baseline(params(RESTARTS), TARGET, k8s=FakeReader(error=cc.K8sReadError("boom")), wall_clock=lambda: now)
-    assert baseline["error"] == "boom" and baseline["restarts"] is None
+    assert baseline == {"epoch": now, "taken_at": "2026-01-01T00:00:00+00:00", "restarts": None, "error": "boom"}
     gate = run(params(RESTARTS), reader=FakeReader(deployment(), pods), window_start=baseline, wall=lambda: now)
-    assert gate["verdict"] == "pass" and "no baseline: boom" in gate["checks"][0]["reason"]
+    c = gate["checks"][0]
+    assert gate["verdict"] == "pass" and c["value"] == 0 and "since 2026-01-01T00:00:00+00:00 (no baseline: boom" in c["reason"]
 
 
 def test_no_pods_is_no_data():
@@ -640,15 +717,26 @@ def test_no_pods_is_no_data():
 
 
 def test_canary_gate_object_start_window_and_evaluate():
-    reader = FakeReader(deployment(), [pod("a", 0)])
+    now = 1767225600.0
+    reader = FakeReader(deployment(), [pod("a", 1, finished="2025-12-31T20:00:00Z")])
     clock = FakeClock()
-    gate = cc.CanaryGate(params(RESTARTS, READY), TARGET, k8s=reader, clock=clock, sleep=clock.sleep)
+    gate = cc.CanaryGate(params(RESTARTS, READY), TARGET, k8s=reader, clock=clock, sleep=clock.sleep, wall_clock=lambda: now)
     token = gate.start_window()
-    reader.pods = [pod("a", 1)]
+    assert token["restarts"] == {"a-uid": {"name": "a", "containers": {"app": 1}}}
+    reader.pods = [pod("a", 3, finished="2025-12-31T23:59:50Z")]
     result = gate.evaluate(token)
-    assert result["verdict"] == "fail" and result["checks"][0]["value"] == 1 and result["checks"][1]["verdict"] == "pass"
+    # two restarts since the token's count; without the token only the last one would be seen in the window
+    assert result["verdict"] == "fail" and result["checks"][0]["value"] == 2 and "since the baseline at 2026-01-01T00:00:00" in result["checks"][0]["reason"]
+    assert result["checks"][1]["verdict"] == "pass"
     with pytest.raises(cc.CanaryCheckError):
         cc.CanaryGate(params(dict(LAT, max=None)), TARGET)
+
+
+def test_canary_gate_without_a_kubernetes_connection_fails_workload_checks_by_on_error():
+    gate = cc.CanaryGate(params(READY), TARGET)
+    token = gate.start_window()
+    result = gate.evaluate(token)
+    assert result["verdict"] == "fail" and "no Kubernetes connection was given for the workload_ready check (on_error: inconclusive)" in result["checks"][0]["reason"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -660,6 +748,31 @@ def test_http_2xx_passes_and_renders_url():
     gate = run(params(dict(name="h", type="http", url="http://{{ host }}/healthz"), prometheus_url=None),
                http=transport_answering(204, b"", seen))
     assert gate["verdict"] == "pass" and seen[0]["url"] == "http://reviews.shop.svc/healthz" and seen[0]["method"] == "GET"
+
+
+def test_http_check_verifies_tls_by_default():
+    seen = []
+    gate = run(params(dict(name="h", type="http", url="https://{{ host }}/healthz"), prometheus_url=None), http=transport_answering(200, b"ok", seen))
+    assert gate["verdict"] == "pass" and gate["checks"][0]["threshold"] == "HTTP 2xx"
+    assert seen == [dict(url="https://reviews.shop.svc/healthz", method="GET", headers={}, data=None, validate_certs=True, timeout=10)]
+
+
+def test_http_check_headers_are_no_log():
+    assert cc.CHECK_OPTIONS["headers"]["no_log"] is True and cc.CHECKS_ARGSPEC["checks"]["options"]["headers"]["no_log"] is True
+
+
+def test_http_text_body_is_sent_as_is_without_a_content_type():
+    seen = []
+    check = dict(name="h", type="http", url="http://x/hook", method="put", body="approve", headers={"X-Token": "s"})
+    assert run(params(check), http=transport_answering(202, b"", seen))["verdict"] == "pass"
+    assert seen[0]["method"] == "PUT" and seen[0]["data"] == b"approve" and seen[0]["headers"] == {"X-Token": "s"}
+
+
+def test_http_status_boundaries():
+    check = dict(name="h", type="http", url="http://x/")
+    assert run(params(check), http=transport_answering(299, b""))["verdict"] == "pass"
+    assert run(params(check), http=transport_answering(300, b""))["verdict"] == "fail"
+    assert run(params(check), http=transport_answering(199, b""))["verdict"] == "fail"
 
 
 def test_http_non_2xx_fails():
