@@ -844,32 +844,71 @@ def test_urls_transport_against_a_local_server():
         urls_transport(base + "/gone", timeout=5)
 
 
+class FakeKubeAPI:
+    """The API server behind the official client, at its HTTP layer (urllib3's pool manager): GET of a
+    Deployment by path, and pods listed by an exact label selector, answered in the API's JSON."""
+
+    def __init__(self, deployments=(), pods=()):
+        self.deployments = dict(((d["metadata"]["namespace"], d["metadata"]["name"]), d) for d in deployments)
+        self.pods = list(pods)
+        self.requests = []
+
+    def request(self, method, url, fields=None, headers=None, preload_content=True, timeout=None, **kwargs):
+        import urllib3  # pylint: disable=import-outside-toplevel
+        from ansible.module_utils.six.moves.urllib.parse import parse_qs, urlsplit  # pylint: disable=import-outside-toplevel
+
+        parts = urlsplit(url)
+        query = dict((k, v[0]) for k, v in parse_qs(parts.query).items())
+        self.requests.append((method, parts.path, query))
+        status, doc = self.answer(method, parts.path.split("/"), query)
+        return urllib3.HTTPResponse(body=json.dumps(doc).encode(), status=status, headers={"Content-Type": "application/json"},
+                                    reason="OK" if status == 200 else "Not Found", preload_content=False)
+
+    def answer(self, method, path, query):
+        if method == "GET" and path[1:5] == ["apis", "apps", "v1", "namespaces"] and path[6] == "deployments" and len(path) == 8:
+            found = self.deployments.get((path[5], path[7]))
+            if found:
+                return 200, found
+            return 404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404,
+                         "message": 'deployments.apps "%s" not found' % path[7]}
+        if method == "GET" and path[1:4] == ["api", "v1", "namespaces"] and path[5:] == ["pods"]:
+            wanted = dict(term.split("=", 1) for term in query.get("labelSelector", "").split(",") if term)
+            items = [p for p in self.pods if p["metadata"]["namespace"] == path[4]
+                     and all(p["metadata"].get("labels", {}).get(k) == v for k, v in wanted.items())]
+            return 200, {"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "7"}, "items": items}
+        return 404, {"kind": "Status", "status": "Failure", "code": 404, "message": "the server could not find the requested resource"}
+
+
+def api_pod(name, labels, restarts, namespace="shop"):
+    return {"metadata": {"name": name, "namespace": namespace, "uid": name + "-uid", "labels": labels,
+                         "creationTimestamp": "2025-12-01T00:00:00Z"},
+            "status": {"containerStatuses": [{"name": "app", "restartCount": restarts, "image": "i", "imageID": "", "ready": True,
+                                              "lastState": {"terminated": {"exitCode": 1, "finishedAt": "2025-12-31T23:59:30Z"}}}]}}
+
+
 @pytest.mark.skipif(not cc.HAS_K8S, reason="the kubernetes library is not installed")
 def test_k8s_reader_with_the_official_client():
-    from unittest import mock
-    from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
+    from kubernetes import client  # pylint: disable=import-outside-toplevel
 
-    api = client.ApiClient()
-    reader = cc.as_reader(api)
+    dep = deployment(replicas=2, available=2, updated=2, generation=1, observed=1)
+    dep["spec"]["template"] = {"metadata": {"labels": {"app": "reviews", "version": "v2"}}, "spec": {"containers": [{"name": "app"}]}}
+    dep["spec"]["selector"] = {"matchLabels": {"app": "reviews", "version": "v2"}}
+    api = FakeKubeAPI([dep], [api_pod("canary-1", {"app": "reviews", "version": "v2"}, 1),
+                              api_pod("stable-1", {"app": "reviews", "version": "v1"}, 7),
+                              api_pod("elsewhere", {"app": "reviews", "version": "v2"}, 9, namespace="staging")])
+    api_client = client.ApiClient()
+    api_client.rest_client.pool_manager = api
+    reader = cc.as_reader(api_client)
     assert isinstance(reader, cc.K8sWorkloadReader)
-    dep = client.V1Deployment(metadata=client.V1ObjectMeta(name="reviews-v2", generation=1),
-                              spec=client.V1DeploymentSpec(replicas=2, selector=client.V1LabelSelector(match_labels={"app": "r"}),
-                                                           template=client.V1PodTemplateSpec()),
-                              status=client.V1DeploymentStatus(available_replicas=2, updated_replicas=2, observed_generation=1))
-    reader.apps = mock.Mock()
-    reader.apps.read_namespaced_deployment.return_value = dep
-    reader.core = mock.Mock()
-    reader.core.list_namespaced_pod.return_value = client.V1PodList(items=[client.V1Pod(
-        metadata=client.V1ObjectMeta(name="p", uid="u1"),
-        status=client.V1PodStatus(container_statuses=[client.V1ContainerStatus(
-            name="app", restart_count=1, image="i", image_id="", ready=True)]))])
-    gate = run(params(READY, RESTARTS), reader=reader)
-    assert gate["checks"][0]["verdict"] == "pass"
-    assert reader.core.list_namespaced_pod.call_args == mock.call("shop", label_selector="app=r")
-    reader.apps.read_namespaced_deployment.side_effect = ApiException(status=404, reason="Not Found")
-    gate = run(params(READY), reader=reader)
-    assert gate["verdict"] == "fail" and "Kubernetes API answered 404" in gate["checks"][0]["reason"]
+    gate = run(params(READY, RESTARTS), reader=api_client)
+    assert [(c["verdict"], c["value"]) for c in gate["checks"]] == [("pass", 2), ("fail", 1)]
+    assert "canary-1/app +1 (restartCount 1)" in gate["checks"][1]["reason"]   # only the canary's pods, in its namespace
+    assert api.requests == [("GET", "/apis/apps/v1/namespaces/shop/deployments/reviews-v2", {}),
+                            ("GET", "/apis/apps/v1/namespaces/shop/deployments/reviews-v2", {}),
+                            ("GET", "/api/v1/namespaces/shop/pods", {"labelSelector": "app=reviews,version=v2"})]
+    gate = run(params(READY), reader=api_client, target=dict(TARGET, workload="reviews-v3"))
+    assert gate["verdict"] == "fail" and gate["checks"][0]["attempts"] == 1
+    assert 'reading Deployment shop/reviews-v3: Kubernetes API answered 404: deployments.apps "reviews-v3" not found' in gate["checks"][0]["reason"]
 
 
 def test_client_401_hints_at_prometheus_headers():

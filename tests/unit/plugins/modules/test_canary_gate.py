@@ -42,7 +42,7 @@ ARGS = dict(prometheus_url="http://127.0.0.1:9090", namespace="shop", workload="
             checks=[dict(name="errors", type="success_rate", min=99), dict(name="p99", type="latency", max=500)])
 
 
-def run_module(monkeypatch, args, transport=None, check_mode=False):
+def run_module(monkeypatch, args, transport=None, check_mode=False, module=None):
     if transport is not None:
         monkeypatch.setattr(canary_checks, "urls_transport", transport)
     args = dict(args)
@@ -51,6 +51,8 @@ def run_module(monkeypatch, args, transport=None, check_mode=False):
     with patch_module_args(args):
         with pytest.raises((ExitJson, FailJson)) as res:
             canary_gate.main()
+    if module is not None:
+        module.append(res.value.module)
     return res.value.args[0], isinstance(res.value, FailJson)
 
 
@@ -107,10 +109,27 @@ def test_argument_spec_rejects_wrong_choice(monkeypatch):
 def test_prometheus_headers_are_sent_and_not_logged(monkeypatch):
     transport = prometheus_answers()
     args = dict(ARGS, prometheus_headers={"Authorization": "Bearer s3cr3t-token"}, prometheus_validate_certs=False)
-    result, failed = run_module(monkeypatch, args, transport)
+    module = []
+    result, failed = run_module(monkeypatch, args, transport, module=module)
     assert not failed
     assert transport.seen[0]["headers"]["Authorization"] == "Bearer s3cr3t-token" and transport.seen[0]["validate_certs"] is False
-    assert "s3cr3t-token" not in json.dumps(result)
+    assert "s3cr3t-token" not in json.dumps(result) and "Bearer s3cr3t-token" in module[0].no_log_values
+
+
+def test_http_check_headers_are_sent_and_kept_out_of_logs(monkeypatch):
+    seen = []
+
+    def transport(url, method="GET", headers=None, data=None, validate_certs=True, timeout=10):
+        seen.append(dict(url=url, headers=headers, validate_certs=validate_certs))
+        return 200, b"approved"
+
+    module = []
+    args = dict(ARGS, prometheus_url=None, checks=[dict(name="approval", type="http", url="https://deploy.example/approve",
+                                                        headers={"Authorization": "Bearer hook-s3cr3t"})])
+    result, failed = run_module(monkeypatch, args, transport, module=module)
+    assert not failed and result["verdict"] == "pass"
+    assert seen == [dict(url="https://deploy.example/approve", headers={"Authorization": "Bearer hook-s3cr3t"}, validate_certs=True)]
+    assert "Bearer hook-s3cr3t" in module[0].no_log_values   # Ansible masks it in every output and log
 
 
 def test_workload_checks_build_the_api_client(monkeypatch):

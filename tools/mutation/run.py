@@ -1,0 +1,284 @@
+"""Mutation testing of the canary engine against tests/unit (`make mutation`; tools/mutation/README.md).
+
+Cosmic Ray (requirements/mutation.txt) makes the mutants: its parser, its operators and its mutation visitor.
+This script runs them, faster than `cosmic-ray exec` would on 2 cores: one parent process imports pytest,
+Ansible and the kubernetes client once, and every mutant's test run is a fork of it that runs
+`pytest -x tests/unit` in-process on a scratch copy of the collection (.build/mutation/<file>/), where
+the mutant is written. The work tree is never mutated, so it can be edited during a run.
+
+A mutant is killed when the unit tests fail (or time out) with it, survived when they pass. Mutants
+listed in tools/mutation/equivalents.yml (no test can tell them from the original; each with the reason)
+are left out of the score: score = killed / (mutants - equivalent).
+
+    python tools/mutation/run.py                       # the three engine files, one after the other
+    python tools/mutation/run.py rollout.py            # one file
+    python tools/mutation/run.py --survivors-only      # retest only the last run's survivors (quick loop)
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+
+import yaml
+
+import cosmic_ray.operators.binary_operator_replacement as binary_ops
+import cosmic_ray.operators.comparison_operator_replacement as comparison_ops
+import cosmic_ray.operators.unary_operator_replacement as unary_ops
+from cosmic_ray.ast import ast_nodes, get_ast
+from cosmic_ray.mutating import MutationVisitor
+from cosmic_ray.operators import boolean_replacer, break_continue, exception_replacer, number_replacer
+from cosmic_ray.operators import remove_decorator, zero_iteration_for_loop
+from cosmic_ray.operators.operator import Example, Operator
+from parso.python.tree import Keyword
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+ENGINE = ("rollout.py", "traffic.py", "canary_checks.py")
+ENGINE_DIR = os.path.join("plugins", "module_utils")
+WORK = os.path.join(ROOT, ".build", "mutation")
+EQUIVALENTS = os.path.join(HERE, "equivalents.yml")
+# What the scratch copy needs to run tests/unit (the Bookinfo samples come from tools/controlplane's cache).
+TREE = ("plugins", "roles", "tests/unit", "tests/conftest.py", "tests/__init__.py", "pytest.ini", "galaxy.yml", "meta", "tools/controlplane")
+PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider", "tests/unit"]
+
+
+class DeleteRaise(Operator):
+    """Replaces a raise statement with pass: the error it reports goes unnoticed."""
+
+    def mutation_positions(self, node):
+        if node.type == "raise_stmt" or (node.type == "keyword" and node.value == "raise" and node.parent.type != "raise_stmt"):
+            yield (node.start_pos, node.end_pos)
+
+    def mutate(self, node, index):
+        return Keyword("pass", node.start_pos, prefix=node.get_first_leaf().prefix)
+
+    @classmethod
+    def examples(cls):
+        return (Example("if x:\n    raise ValueError(x)\n", "if x:\n    pass\n"),)
+
+
+def _pick(module, names):
+    found = dict((op.__name__, op) for op in module.operators())
+    return [found[name] for name in names]
+
+
+# Thirty classic operators and the deletion of a raise: each comparison to its boundary and its negation (is and is not
+# + and - swapped, * and / swapped, numbers, booleans, and/or, not, break/continue, except clauses, loops, decorators.
+OPERATORS = dict(
+    [("core/" + op.__name__, op) for op in _pick(binary_ops, [
+        "ReplaceBinaryOperator_Add_Sub", "ReplaceBinaryOperator_Sub_Add", "ReplaceBinaryOperator_Mul_Div", "ReplaceBinaryOperator_Div_Mul"])]
+    + [("core/" + op.__name__, op) for op in _pick(comparison_ops, [
+        "ReplaceComparisonOperator_%s" % pair for pair in (
+            "Eq_NotEq", "NotEq_Eq", "Lt_LtE", "Lt_GtE", "LtE_Lt", "LtE_Gt", "Gt_GtE", "Gt_LtE", "GtE_Gt", "GtE_Lt",
+            "Is_IsNot", "IsNot_Is")])]
+    + [("core/" + op.__name__, op) for op in _pick(unary_ops, [
+        "ReplaceUnaryOperator_Delete_Not", "ReplaceUnaryOperator_USub_UAdd", "ReplaceUnaryOperator_Delete_USub"])]
+    + [("core/" + op.__name__, op) for op in (
+        boolean_replacer.AddNot, boolean_replacer.ReplaceTrueWithFalse, boolean_replacer.ReplaceFalseWithTrue,
+        boolean_replacer.ReplaceAndWithOr, boolean_replacer.ReplaceOrWithAnd, break_continue.ReplaceBreakWithContinue,
+        break_continue.ReplaceContinueWithBreak, exception_replacer.ExceptionReplacer, number_replacer.NumberReplacer,
+        remove_decorator.RemoveDecorator, zero_iteration_for_loop.ZeroIterationForLoop)]
+    + [("mesh/DeleteRaise", DeleteRaise)]
+)
+
+
+def mutants(source):
+    """Every mutation of ``source``: dicts with operator, occurrence, line, col and the original line (stripped)."""
+    lines = source.splitlines()
+    tree = get_ast(source)
+    out = []
+    for name, operator_class in OPERATORS.items():
+        operator = operator_class()
+        positions = [start for node in ast_nodes(tree) for start, _end in operator.mutation_positions(node)]
+        for occurrence, (line, col) in enumerate(positions):
+            text = lines[line - 1]
+            out.append(dict(operator=name, occurrence=occurrence, line=line, col=col - (len(text) - len(text.lstrip())), code=text.strip()))
+    return out
+
+
+def mutate(source, mutant):
+    """The mutated source, or None when the operator makes no change there."""
+    code = MutationVisitor.mutate_code(source, OPERATORS[mutant["operator"]](), mutant["occurrence"])
+    return None if code is None or code == source else code
+
+
+def _changed_line(lines, mutated_lines, line):
+    for i, (a, b) in enumerate(zip(lines, mutated_lines)):
+        if a != b:
+            return b.strip()
+    return (mutated_lines[line - 1] if line - 1 < len(mutated_lines) else "").strip() + "  (line removed)"
+
+
+def load_equivalents(path=EQUIVALENTS):
+    with open(path) as f:
+        doc = yaml.safe_load(f) or {}
+    for name, entries in doc.items():
+        for entry in entries or []:
+            missing = set(("operator", "line", "code", "col", "reason")) - set(entry)
+            if missing or not str(entry.get("reason") or "").strip():
+                raise SystemExit("%s: the entry for %s line %s needs operator, line, code, col and a reason (missing: %s)"
+                                 % (path, name, entry.get("line"), ", ".join(sorted(missing)) or "reason"))
+    return doc
+
+
+def _key(m):
+    return (m["operator"], m["code"], m["col"])
+
+
+def make_tree(dest):
+    """A scratch copy of what tests/unit needs, with the collection link that the tests import through."""
+    shutil.rmtree(dest, ignore_errors=True)
+    for rel in TREE:
+        src = os.path.join(ROOT, rel)
+        if os.path.isdir(src):
+            shutil.copytree(src, os.path.join(dest, rel), ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".cache"))
+        elif os.path.isfile(src):
+            os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
+            shutil.copy2(src, os.path.join(dest, rel))
+    link = os.path.join(dest, "collections", "ansible_collections", "onprem", "mesh")
+    os.makedirs(os.path.dirname(link))
+    os.symlink(os.path.join("..", "..", ".."), link)
+
+
+def preload():
+    """Import once, in the parent, what every test run imports: each fork then starts warm."""
+    sys.dont_write_bytecode = True
+    import pytest  # noqa: F401 pylint: disable=unused-import,import-outside-toplevel
+    import _pytest.python  # noqa: F401 pylint: disable=unused-import,import-outside-toplevel
+    import jsonpatch  # noqa: F401 pylint: disable=unused-import,import-outside-toplevel
+    import ansible.module_utils.basic  # noqa: F401 pylint: disable=unused-import,import-outside-toplevel
+    import ansible.module_utils.urls  # noqa: F401 pylint: disable=unused-import,import-outside-toplevel
+    try:
+        import kubernetes.client  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        return
+    for lazy in ("ApiClient", "AppsV1Api", "CoreV1Api", "CustomObjectsApi"):   # the client imports these on first use (1 s)
+        getattr(kubernetes.client, lazy)
+
+
+def run_tests(tree, timeout, log_path=None):
+    """Run tests/unit in a fork of this process inside ``tree``; True when they pass."""
+    pid = os.fork()
+    if pid == 0:  # the child: pytest in-process, its output to the log or nowhere
+        code = 3
+        try:
+            os.chdir(tree)
+            fd = os.open(log_path or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            sys.path.insert(0, os.path.join(tree, "collections"))
+            import pytest  # pylint: disable=import-outside-toplevel
+            code = int(pytest.main(list(PYTEST_ARGS)))
+        finally:
+            os._exit(code)  # pylint: disable=protected-access
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status) == 0
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return False  # a timeout counts as killed, as in Cosmic Ray
+        time.sleep(0.01)
+
+
+def run_file(name, equivalents, survivors_only=False, timeout=None):
+    source_path = os.path.join(ROOT, ENGINE_DIR, name)
+    with open(source_path) as f:
+        source = f.read()
+    stem = os.path.splitext(name)[0]
+    tree = os.path.join(WORK, stem)
+    results_path = os.path.join(WORK, stem + ".json")
+    make_tree(tree)
+    target = os.path.join(tree, ENGINE_DIR, name)
+    started = time.monotonic()
+    if not run_tests(tree, 600, log_path=os.path.join(WORK, stem + ".baseline.log")):
+        raise SystemExit("tests/unit fail without any mutant; see %s" % os.path.join(WORK, stem + ".baseline.log"))
+    timeout = timeout or max(30.0, 10 * (time.monotonic() - started))
+    digest = hashlib.sha256(source.encode()).hexdigest()
+    previous = {}
+    if survivors_only and os.path.exists(results_path):
+        with open(results_path) as f:
+            old = json.load(f)
+        if old.get("sha256") == digest:
+            previous = dict((tuple(r["key"]), r["outcome"]) for r in old["mutants"])
+    listed = dict((_key(e), e) for e in equivalents.get(name) or [])
+    all_mutants = mutants(source)
+    records = []
+    for i, m in enumerate(all_mutants, 1):
+        key = _key(m)
+        outcome = previous.get(key)
+        code = mutate(source, m)
+        if code is None:
+            continue
+        if outcome is None or outcome == "survived":
+            with open(target, "w") as f:
+                f.write(code)
+            outcome = "survived" if run_tests(tree, timeout) else "killed"
+            with open(target, "w") as f:
+                f.write(source)
+        records.append(dict(key=list(key), outcome=outcome, line=m["line"], operator=m["operator"], code=m["code"],
+                            mutated=_changed_line(source.splitlines(), code.splitlines(), m["line"])))
+        if i % 50 == 0:
+            print("  %s: %d/%d mutants tested" % (name, i, len(all_mutants)), flush=True)
+    os.makedirs(WORK, exist_ok=True)
+    with open(results_path, "w") as f:
+        json.dump(dict(file=name, sha256=digest, mutants=records), f, indent=1)
+    shutil.rmtree(tree, ignore_errors=True)
+    seen = set(tuple(r["key"]) for r in records)
+    stale = [e for k, e in listed.items() if k not in seen]
+    return report(name, records, listed, stale, time.monotonic() - started)
+
+
+def report(name, records, listed, stale, seconds):
+    equivalent = [r for r in records if tuple(r["key"]) in listed]
+    killed_equivalent = [r for r in equivalent if r["outcome"] == "killed"]
+    counted = [r for r in records if tuple(r["key"]) not in listed]
+    killed = [r for r in counted if r["outcome"] == "killed"]
+    survived = [r for r in counted if r["outcome"] == "survived"]
+    score = 100.0 * len(killed) / len(counted) if counted else 100.0
+    print("%s: %d mutants, %d equivalent (excluded), %d killed, %d survived: score %.1f %% (%.0f s)"
+          % (name, len(records), len(equivalent), len(killed), len(survived), score, seconds))
+    for r in sorted(survived, key=lambda r: (r["line"], r["operator"])):
+        print("  survived  %s:%d  %s\n            %s\n         -> %s" % (name, r["line"], r["operator"], r["code"], r["mutated"]))
+    for r in killed_equivalent:
+        print("  listed as equivalent but killed (remove it from equivalents.yml): %s:%d %s %s" % (name, r["line"], r["operator"], r["code"]))
+    for e in stale:
+        print("  equivalents.yml entry matches no mutant (the code changed; review it): %s:%s %s %s" % (name, e["line"], e["operator"], e["code"]))
+    return dict(file=name, mutants=len(records), equivalent=len(equivalent), killed=len(killed), survived=len(survived), score=score)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="*", default=list(ENGINE), help="engine files (default: %s)" % ", ".join(ENGINE))
+    parser.add_argument("--survivors-only", action="store_true", help="retest only the mutants that survived the last run of an unchanged file")
+    parser.add_argument("--fail-under", type=float, default=90.0, help="exit 1 when a file scores below this percentage (default 90)")
+    parser.add_argument("--timeout", type=float, help="seconds one test run may take (default: 10 times the unmutated run, at least 30)")
+    args = parser.parse_args(argv)
+    unknown = [f for f in args.files if f not in ENGINE]
+    if unknown:
+        parser.error("not an engine file: %s (choose from %s)" % (", ".join(unknown), ", ".join(ENGINE)))
+    equivalents = load_equivalents()
+    preload()
+    started = time.monotonic()
+    summary = [run_file(name, equivalents, args.survivors_only, args.timeout) for name in args.files]
+    print("\nmutation score (equivalent mutants excluded), %.0f min:" % ((time.monotonic() - started) / 60))
+    for s in summary:
+        print("  %-18s %5.1f %%  (%d mutants: %d killed, %d survived, %d equivalent)"
+              % (s["file"], s["score"], s["mutants"], s["killed"], s["survived"], s["equivalent"]))
+    low = [s["file"] for s in summary if s["score"] < args.fail_under]
+    if low:
+        print("below %s %%: %s" % (args.fail_under, ", ".join(low)))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
