@@ -736,7 +736,8 @@ def test_canary_gate_without_a_kubernetes_connection_fails_workload_checks_by_on
     gate = cc.CanaryGate(params(READY), TARGET)
     token = gate.start_window()
     result = gate.evaluate(token)
-    assert result["verdict"] == "fail" and "no Kubernetes connection was given for the workload_ready check (on_error: inconclusive)" in result["checks"][0]["reason"]
+    reason = result["checks"][0]["reason"]
+    assert result["verdict"] == "fail" and "no Kubernetes connection was given for the workload_ready check (on_error: inconclusive)" in reason
 
 
 # ------------------------------------------------------------------------------------------------
