@@ -82,6 +82,10 @@ def annotations(store):
 def test_plan_from_list_and_from_step_max():
     assert [s["weight"] for s in ro.plan_steps([5, 10, 25, 50, 100])] == [5, 10, 25, 50]
     assert [s["weight"] for s in ro.plan_steps(step_weight=10, max_weight=30)] == [10, 20, 30]
+    assert [s["weight"] for s in ro.plan_steps(step_weight=20)] == [20, 40]   # max_weight 50 by default
+    assert [s["weight"] for s in ro.plan_steps(step_weight=50, max_weight=50)] == [50]
+    assert [s["weight"] for s in ro.plan_steps(step_weight=1, max_weight=1)] == [1]
+    assert ro.plan_steps(["5", "99"]) == [{"weight": 5, "interval": 60.0}, {"weight": 99, "interval": 60.0}]   # 1m by default
     plan = ro.plan_steps([{"weight": 5, "interval": "2m"}, 50], interval="30s")
     assert plan == [{"weight": 5, "interval": 120.0}, {"weight": 50, "interval": 30.0}]
 
@@ -90,6 +94,15 @@ def test_plan_from_list_and_from_step_max():
     (dict(steps=[10, 5]), r"steps\[1\]: weights must increase"),
     (dict(steps=[0, 5]), r"steps\[0\]: weight must be from 1 to 100"),
     (dict(steps=[5, 101]), r"steps\[1\]: weight must be from 1 to 100, got 101"),
+    (dict(steps=[5, 5]), r"steps\[1\]: weights must increase step by step; 5 follows 5"),
+    (dict(steps=[True]), r"steps\[0\]: weight must be a whole number from 1 to 100, got True"),
+    (dict(steps=[{"weight": 5, "interval": "soon"}]), r"steps\[0\]\.interval: expected a duration"),
+    (dict(steps=[5], step_weight=10), "mutually exclusive"),
+    (dict(steps=[5], max_weight=50), "mutually exclusive"),
+    (dict(step_weight=-10), "step_weight: a whole number from 1 to 100, got -10"),
+    (dict(step_weight=True), "step_weight: a whole number from 1 to 100, got True"),
+    (dict(step_weight=10, max_weight=101), "max_weight: a whole number from 1 to 100, got 101"),
+    (dict(step_weight=100, max_weight=100), "at least one weight below 100"),
     (dict(steps=[5, 100, 50]), r"steps\[1\]: 100 is the promotion"),
     (dict(steps=[5.5]), r"steps\[0\]: weight must be a whole number"),
     (dict(steps=[100]), "at least one weight below 100"),
@@ -110,11 +123,16 @@ def test_healthy_rollout_walks_every_step_and_promotes():
     assert gate.seen == [5, 10, 25, 50]
     assert current_weights(store.route("payment", "shop", 1)) == {"v1": 0, "v2": 100}
     assert [e.get("action") for e in result["timeline"]] == ["advance", "advance", "advance", "promote", "promoted"]
+    assert [(e["step"], e["weight"], e["seconds"]) for e in result["timeline"][:4]] == [(1, 5, 30.0), (2, 10, 30.0), (3, 25, 30.0), (4, 50, 30.0)]
+    assert result["timeline"][4]["step"] == 5 and result["timeline"][4]["weights"] == {"v1": 0, "v2": 100}
+    assert result["timeline"][0]["started"] == "2023-11-14T22:13:20.000Z" and result["timeline"][0]["ended"] == "2023-11-14T22:13:50.000Z"
+    assert result["weights_before"] == {"v1": 100, "v2": 0} and result["weights_after"] == {"v1": 0, "v2": 100} and result["failures"] == 0
     assert sum(clock.slept) == pytest.approx(120.0)
     # one write per step and one for the promotion; the lease is gone at the end
     assert store.calls["write"] == 5
     assert ro.LEASE_ANNOTATION not in annotations(store)
-    assert state(store)["phase"] == "promoted"
+    assert state(store) == {"canary": "v2", "stable": "v1", "plan": [5, 10, 25, 50], "step": 4, "phase": "promoted", "failures": 0,
+                            "updated": "2023-11-14T22:15:20.000Z", "holder": rollout.holder}
     # other routes untouched
     assert store.route("payment", "shop", 0) == HEADER_ROUTE
     assert store.route("payment", "shop", 1)["timeout"] == "2s"
@@ -134,6 +152,7 @@ def test_failed_check_rolls_back_to_stable():
     assert "step 3 (weight 25)" in result["reason"] and "success-rate fail (value 80.0" in result["reason"]
     assert current_weights(store.route("payment", "shop", 1)) == {"v1": 100, "v2": 0}
     assert state(store)["phase"] == "rolled_back" and ro.LEASE_ANNOTATION not in annotations(store)
+    assert state(store)["reason"] == result["reason"] and state(store)["step"] == 2 and state(store)["failures"] == 1
     assert gate.seen == [5, 10, 25]
 
 
@@ -236,9 +255,23 @@ def test_promoted_rerun_changes_nothing():
 def test_check_mode_plans_and_writes_nothing():
     store, gate, _clock, rollout = make()
     result = rollout.run(check_mode=True)
-    assert result["result"] == "planned" and store.calls["write"] == 0 and gate.seen == []
-    assert [row["weight"] for row in result["schedule"]] == [5, 10, 25, 50, 100]
-    assert result["planned_seconds"] == 120.0
+    assert result["result"] == "planned" and result["changed"] is True and store.calls["write"] == 0 and gate.seen == []
+    assert result["schedule"] == [dict(step=1, weight=5, weights={"v1": 95, "v2": 5}, interval=30.0),
+                                  dict(step=2, weight=10, weights={"v1": 90, "v2": 10}, interval=30.0),
+                                  dict(step=3, weight=25, weights={"v1": 75, "v2": 25}, interval=30.0),
+                                  dict(step=4, weight=50, weights={"v1": 50, "v2": 50}, interval=30.0),
+                                  dict(step=5, weight=100, weights={"v1": 0, "v2": 100}, interval=0, promotion=True)]
+    assert result["planned_seconds"] == 120.0 and result["weights_after"] == {"v1": 0, "v2": 100}
+
+
+def test_check_mode_of_a_held_rollout_plans_from_where_it_stopped():
+    store, _gate, _clock, rollout = make(verdicts=["pass", "pass", "fail"], on_failure="hold")
+    rollout.run()
+    writes = store.calls["write"]
+    _s, _g, _c, rerun = make(store=store, on_failure="hold")
+    result = rerun.run(check_mode=True)
+    assert [row["step"] for row in result["schedule"]] == [3, 4, 5] and result["planned_seconds"] == 60.0
+    assert "resuming held at step 3 (weight 25)" in result["note"] and store.calls["write"] == writes
 
 
 def test_wait_for_mesh_times_out_into_rollback():
@@ -494,3 +527,28 @@ def test_probe_params_keep_only_prometheus_checks_and_never_pass_on_missing_data
 @pytest.mark.parametrize("text, seconds", [(30, 30.0), ("45", 45.0), ("30s", 30.0), ("2m", 120.0), ("1m30s", 90.0), ("500ms", 0.5)])
 def test_intervals_take_the_same_durations_as_analysis_window(text, seconds):
     assert ro.parse_duration(text, "interval") == seconds
+
+
+@pytest.mark.parametrize("value, message", [(True, "interval: expected a duration such as 30s, 2m or 1h, got True"),
+                                            (-5, "interval: a duration cannot be negative, got -5"), ("5 minutes", "got '5 minutes'")])
+def test_bad_durations_are_refused(value, message):
+    with pytest.raises(ro.RolloutError, match=message):
+        ro.parse_duration(value, "interval")
+    assert ro.parse_duration(0, "interval") == 0.0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(on_failure="pause"), "on_failure: rollback or hold, got 'pause'"),
+    (dict(failure_limit=-1), "failure_limit: .* got -1"),
+    (dict(failure_limit=True), "failure_limit: .* got True"),
+    (dict(failure_limit="2"), "failure_limit: .* got '2'"),
+])
+def test_bad_rollout_options_are_refused(kwargs, message):
+    with pytest.raises(ro.RolloutError, match=message):
+        make(**kwargs)
+
+
+def test_a_run_without_a_holder_gets_a_unique_name():
+    _s, _g, _c, one = make()
+    _s, _g, _c, two = make()
+    assert one.holder.startswith("onprem.mesh-") and len(one.holder) == len("onprem.mesh-") + 12 and one.holder != two.holder
