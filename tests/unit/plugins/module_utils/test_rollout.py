@@ -321,9 +321,10 @@ def test_wait_for_mesh_starts_the_window_once_the_generation_is_observed():
 
 
 def test_wait_for_mesh_gives_up_on_a_mesh_that_stays_a_generation_behind():
-    store, gate, _clock, rollout = make(wait_for_mesh=True, mesh_timeout=5, poll_interval=1)
+    store, gate, clock, rollout = make(wait_for_mesh=True, mesh_timeout=5, poll_interval=1)
     LaggingMesh(store, lag=1000)
     result = rollout.run()
+    assert clock.slept == [1] * 5   # polls for mesh_timeout, then the rollback
     assert result["result"] == "rolled_back" and "did not report generation 2 within 5s" in result["reason"]
     assert gate.windows == 0 and current_weights(store.route("payment", "shop", 1)) == {"v1": 100, "v2": 0}
 
@@ -513,6 +514,8 @@ def test_probes_that_never_fail_leave_the_decision_to_the_full_analysis():
     start = clock.t
     assert rollout.run()["result"] == "promoted" and gate.seen == [5, 10, 25, 50]
     assert clock.t - start == pytest.approx(120.0)   # probing does not stretch the schedule
+    # every 10 s inside each 30 s step, none at the step's end: the full analysis is there
+    assert [t - start for t in probe.asked] == [10, 20, 40, 50, 70, 80, 100, 110]
 
 
 def test_probe_params_keep_only_prometheus_checks_and_never_pass_on_missing_data():
@@ -552,3 +555,138 @@ def test_a_run_without_a_holder_gets_a_unique_name():
     _s, _g, _c, one = make()
     _s, _g, _c, two = make()
     assert one.holder.startswith("onprem.mesh-") and len(one.holder) == len("onprem.mesh-") + 12 and one.holder != two.holder
+
+
+def test_a_run_with_the_same_holder_takes_its_own_lease_back():
+    store, gate, clock, first = make(holder="ci-pipeline-42")
+    killed_in_window(gate, 2)
+    with pytest.raises(Killed):
+        first.run()
+    _s, gate, _c, again = make(store=store, clock=clock, holder="ci-pipeline-42")
+    result = again.run()
+    assert result["result"] == "promoted" and gate.seen == [10, 25, 50] and "resuming progressing at step 2" in result["note"]
+
+
+def test_a_run_that_another_forced_run_took_over_stops_without_rolling_back():
+    store, gate, clock, first = make()
+    _s, forced_gate, _c, forced = make(store=store, clock=clock, force=True, steps=(20, 40), restart=True)
+    killed_in_window(forced_gate, 1)
+
+    def forced_run_takes_over(token):
+        with pytest.raises(Killed):
+            forced.run()   # it now holds the lease, at 20 %
+        return Gate.evaluate(gate, token)
+
+    gate.evaluate = forced_run_takes_over
+    with pytest.raises(ro.LeaseHeld, match=r"held by another rollout \(%s\)" % forced.holder):
+        first.run()
+    assert current_weights(store.route("payment", "shop", 1)) == {"v1": 80, "v2": 20}   # the forced run's step, no rollback over it
+    assert state(store)["holder"] == forced.holder and state(store)["phase"] == "progressing"
+
+
+def test_an_annotation_that_is_not_json_is_named_with_the_command_that_removes_it():
+    store = FakeIstio(objects())
+    store.objects[("virtualservices", "shop", "payment")]["metadata"]["annotations"] = {ro.STATE_ANNOTATION: "{not json"}
+    _s, _g, _c, rollout = make(store=store)
+    with pytest.raises(ro.RolloutError, match="annotation mesh.onprem.io/canary-rollout on VirtualService payment is not valid JSON;"
+                                              " remove it .kubectl annotate virtualservice payment mesh.onprem.io/canary-rollout-. and rerun"):
+        rollout.run()
+    assert store.calls["write"] == 0
+
+
+def test_an_annotation_that_is_json_but_not_an_object_is_no_record():
+    store = FakeIstio(objects())
+    store.objects[("virtualservices", "shop", "payment")]["metadata"]["annotations"] = {ro.STATE_ANNOTATION: "[1, 2]", ro.LEASE_ANNOTATION: "7"}
+    _s, gate, _c, rollout = make(store=store)
+    assert rollout.run()["result"] == "promoted" and gate.seen == [5, 10, 25, 50]
+
+
+def record(store, **state_fields):
+    obj = store.objects[("virtualservices", "shop", "payment")]
+    fields = dict(canary="v2", stable="v1", plan=[5, 10, 25, 50], step=1, phase="progressing", failures=0)
+    fields.update(state_fields)
+    obj["metadata"]["annotations"] = {ro.STATE_ANNOTATION: json.dumps(fields)}
+
+
+def test_a_recorded_step_outside_the_plan_is_refused():
+    store = FakeIstio(objects())
+    record(store, step=4)
+    with pytest.raises(ro.RolloutError, match="the recorded step 4 is outside the plan; set restart: true"):
+        make(store=store)[3].run()
+    record(store, step=-1)
+    with pytest.raises(ro.RolloutError, match="the recorded step -1 is outside the plan"):
+        make(store=store)[3].run()
+    record(store, step=3)
+    assert make(store=store)[3].run()["note"] == "resuming progressing at step 4 (weight 50), as recorded"
+
+
+def test_an_unfinished_rollout_of_other_subsets_is_not_resumed():
+    store = FakeIstio(objects())
+    record(store, canary="v1", stable="v2", phase="held")
+    with pytest.raises(ro.RolloutError, match=r"records an unfinished rollout \(canary v1, stable v2, steps \[5, 10, 25, 50\], held at step 2\)"):
+        make(store=store)[3].run()
+    record(store, canary="v1", stable="v2", phase="rolled_back")
+    assert make(store=store)[3].run()["note"] == "starting"   # a finished one is no obstacle
+
+
+def test_resumed_runs_keep_counting_the_recorded_failures():
+    store = FakeIstio(objects())
+    record(store, step=1, phase="held", failures=1)
+    _s, gate, _c, rerun = make(store=store, verdicts=["fail"], failure_limit=1, on_failure="hold")
+    result = rerun.run()
+    assert result["result"] == "held" and result["failures"] == 2 and gate.seen == [10]
+
+
+def test_a_promoted_record_whose_weights_were_moved_back_starts_over():
+    store, _gate, _clock, rollout = make()
+    rollout.run()
+    WeightChange(store, "shop", "payment", route_name="primary").apply({"v1": 100, "v2": 0})   # someone undid it
+    _s, gate, _c, rerun = make(store=store)
+    result = rerun.run()
+    assert result["note"] == "starting" and result["result"] == "promoted" and gate.seen == [5, 10, 25, 50]
+
+
+def test_restart_starts_a_promoted_rollout_over():
+    store, _gate, _clock, rollout = make()
+    rollout.run()
+    _s, gate, _c, rerun = make(store=store, restart=True)
+    result = rerun.run()
+    assert result["note"] == "starting" and result["changed"] is True and gate.seen == [5, 10, 25, 50]
+
+
+def test_the_run_logs_where_it_starts_and_each_tolerated_failure():
+    logged = []
+    _store, _gate, _clock, rollout = make(verdicts=["fail"], failure_limit=1, log=logged.append)
+    rollout.run()
+    assert logged[0] == "starting"
+    assert logged[1].startswith("failed analysis 1 of 1 tolerated: step 1 (weight 5): success-rate fail (value 80.0, threshold >= 99)")
+
+
+def test_a_verdict_without_checks_is_named_in_the_reason():
+    store, gate, _clock, rollout = make()
+    gate.evaluate = lambda token: {"verdict": "inconclusive"}
+    result = rollout.run()
+    assert result["result"] == "rolled_back" and result["reason"] == "step 1 (weight 5): verdict inconclusive"
+
+
+def test_only_the_checks_that_did_not_pass_make_the_reason():
+    store, gate, _clock, rollout = make()
+    gate.evaluate = lambda token: {"verdict": "fail", "checks": [{"name": "p99", "verdict": "pass", "value": 10, "threshold": "<= 500 ms"},
+                                                                  {"name": "errors", "verdict": "fail", "value": 97.5, "threshold": ">= 99 %"}]}
+    assert rollout.run()["reason"] == "step 1 (weight 5): errors fail (value 97.5, threshold >= 99 %)"
+
+
+def test_a_rollback_reports_every_destination_of_the_route_as_written():
+    store = FakeIstio(objects())
+    store.objects[("virtualservices", "shop", "payment")]["spec"]["http"][1]["route"].append(
+        {"destination": {"host": "payment", "subset": "v3"}, "weight": 0})
+    _s, _g, _c, rollout = make(store=store, verdicts=["fail"])
+    assert rollout.run()["weights_after"] == {"v1": 100, "v2": 0, "v3": 0}
+
+
+def test_the_lease_expiry_is_kept_to_the_millisecond():
+    clock = Clock()
+    clock.t += 0.123456
+    store, _gate, clock, rollout = make(clock=clock)
+    rollout.run()
+    assert lease_written(store)["expires"] == round(1_700_000_000.123456 + 30 + 120, 3)
