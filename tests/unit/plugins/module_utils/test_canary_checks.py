@@ -829,7 +829,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 def test_urls_transport_against_a_local_server():
     server = HTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True)
     thread.start()
     try:
         base = "http://127.0.0.1:%d" % server.server_address[1]
