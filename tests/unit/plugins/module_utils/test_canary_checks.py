@@ -148,8 +148,24 @@ def test_latency_query_is_histogram_quantile_summed_by_le():
 
 
 def test_label_values_are_escaped():
-    q = cc.request_count_query(dict(namespace='a"b', workload="c\\d"), "1m")
-    assert 'destination_workload_namespace="a\\"b"' in q and 'destination_workload="c\\\\d"' in q
+    q = cc.request_count_query(dict(namespace='a"b', workload="c\\d", version="x\ny"), "1m")
+    assert 'destination_workload_namespace="a\\"b"' in q and 'destination_workload="c\\\\d"' in q and 'destination_version="x\\ny"' in q
+
+
+def test_render_query_refuses_what_it_cannot_fill():
+    with pytest.raises(cc.CanaryCheckError, match=r"unknown placeholder \{\{ colour \}\}"):
+        cc.render_query("x{c=\"{{ colour }}\"}", TARGET, "1m")
+    with pytest.raises(cc.CanaryCheckError, match=r"the query uses \{\{ host \}\} but the target has no host"):
+        cc.render_query("x{h=\"{{ host }}\"}", dict(TARGET, host=""), "1m")
+    assert cc.render_query("rate(x[{{ window }}])", dict(namespace="shop"), "2m30s") == "rate(x[2m30s])"
+
+
+def test_a_target_is_a_canary_target_or_a_dict():
+    target = cc.CanaryTarget("shop", "reviews-v2")
+    assert cc.CanaryTarget.from_any(target) is target
+    assert cc.CanaryTarget.from_any(TARGET).as_dict() == TARGET
+    with pytest.raises(cc.CanaryCheckError, match="target must be a CanaryTarget or a dict, got list"):
+        cc.CanaryTarget.from_any(["shop"])
 
 
 def test_render_query_replaces_all_placeholders():
@@ -246,7 +262,7 @@ def test_argspec_has_the_contract_keys():
 
 def test_healthy_canary_passes_with_values():
     gate = run(params(SR, LAT), prometheus(good=9970, errors=30, p99=120))
-    assert gate["verdict"] == "pass"
+    assert gate["verdict"] == "pass" and gate["reason"] == "all 2 checks passed" and gate["rounds"] == 1
     assert [(c["name"], c["value"], c["verdict"], c["attempts"]) for c in gate["checks"]] == [
         ("errors", 99.7, "pass", 1), ("p99", 120.0, "pass", 1)]
     assert gate["checks"][0]["threshold"] == ">= 99 %" and gate["checks"][1]["threshold"] == "<= 500 ms"
@@ -422,6 +438,7 @@ def test_low_traffic_follows_on_low_traffic(policy):
     assert c["verdict"] == policy and c["requests"] == 3
     assert "low traffic: 3 requests to shop/reviews-v2 in 1m, min_requests is 10" in c["reason"]
     assert len(prom.queries) == 1  # the metric itself was not judged
+    assert c["query"] == cc.success_rate_query(TARGET, "1m") and c["threshold"] == ">= 99 %"   # the check's query, not the count's
 
 
 def test_low_traffic_boundary_and_no_series():
@@ -801,6 +818,11 @@ def test_json_subset_mismatch_details():
     assert cc.json_subset_mismatch({"a": {"b": 1}}, {"a": {}}) == "$.a.b: missing"
     assert cc.json_subset_mismatch([1], [2, 3]) == "$[0]: no element matches 1"
     assert cc.json_subset_mismatch(True, 1) == "$: expected true, got 1"
+    assert cc.json_subset_mismatch({"a": 1}, [1]) == "$: expected an object, got [1]"
+    assert cc.json_subset_mismatch({"a": [1]}, {"a": {"b": 1}}) == '$.a: expected a list, got {"b": 1}'
+    assert cc.json_subset_mismatch([{"name": "db"}, 2], [{"name": "db", "ok": True}, 3]) == "$[1]: no element matches 2"
+    assert cc.json_subset_mismatch({"a": [{"b": [1, 2]}]}, {"a": [{"b": [2, 1, 0]}]}) is None
+    assert cc.json_subset_mismatch({"a": {"b": 2}}, {"a": {"b": 3}}) == "$.a.b: expected 2, got 3"
 
 
 def test_http_no_answer_follows_on_error():
@@ -929,3 +951,162 @@ def test_unexpected_error_in_a_check_fails_it_without_crashing_the_gate():
     gate = run(params(dict(READY, on_error="pass"), retry_inconclusive_for=60), reader=Broken())
     c = gate["checks"][0]
     assert gate["verdict"] == "fail" and c["attempts"] == 1 and "unexpected error in the workload_ready check: AttributeError" in c["reason"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Edges of the specification, the clients and the reasons
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("top, message", [
+    ({"analysis_window": "0m"}, "analysis_window: '0m' is not a PromQL duration"),
+    ({"analysis_window": 60}, "analysis_window: 60 is not a PromQL duration"),
+    ({"min_requests": -1}, "min_requests: must be a whole number >= 0, got -1"),
+    ({"prometheus_timeout": "10"}, "prometheus_timeout: must be a whole number >= 0, got '10'"),
+    ({"retry_inconclusive_for": 3601}, "retry_inconclusive_for: 3601 s is more than the 3600 s limit"),
+    ({"on_still_inconclusive": "pass"}, "on_still_inconclusive: 'pass' is not one of fail, inconclusive"),
+    ({"checks": "errors"}, "checks[0]: each check is a dict with name and type, got 'e'"),
+    ({"checks": ["errors"]}, "checks[0]: each check is a dict with name and type, got 'errors'"),
+    ({"prometheus_headers": ["Authorization: x"]}, "prometheus_headers: must be a dict of header names to values"),
+])
+def test_top_level_spec_errors(top, message):
+    with pytest.raises(cc.CanaryCheckError) as err:
+        cc.validate(params(SR, **top), TARGET)
+    assert message in str(err.value)
+
+
+def test_top_level_limits_are_inclusive():
+    cc.validate(params(SR, retry_inconclusive_for=3600, retry_interval=1, min_requests=0, prometheus_timeout=0), TARGET)
+
+
+@pytest.mark.parametrize("check, message", [
+    (dict(SR, name="  "), "checks[0].name: every check needs a name"),
+    (dict(SR, min=True), "checks[0].min: must be a number, got True"),
+    (dict(READY, min_available=-1), "checks[0].min_available: must be a whole number >= 0, got -1"),
+    (dict(name="h", type="http", url="http://x/", timeout=-1), "checks[0].timeout: must be a whole number >= 0, got -1"),
+    (dict(name="h", type="http", url="http://x/", headers=["X-Token: s"]), "checks[0].headers: must be a dict of header names to values"),
+    (dict(name="h", type="http", url="http://{{ colour }}/"), "checks[0].url: unknown placeholder {{ colour }}"),
+    (dict(SR, quantile=0.9), "checks[0].quantile: a success_rate check does not take quantile; it takes min, reporter, min_requests"),
+])
+def test_check_spec_errors(check, message):
+    with pytest.raises(cc.CanaryCheckError) as err:
+        cc.validate(params(check), TARGET)
+    assert message in str(err.value)
+
+
+def test_workload_checks_need_the_deployment_and_its_namespace_promql_does_not():
+    with pytest.raises(cc.CanaryCheckError, match=r"checks\[0\]: a workload_ready check needs the target's namespace \(the canary Deployment's namespace\)"):
+        cc.validate(params(READY), dict(workload="reviews-v2"))
+    with pytest.raises(cc.CanaryCheckError, match=r"a no_restarts check needs the target's workload \(the canary Deployment's name\)"):
+        cc.validate(params(RESTARTS), dict(namespace="shop"))
+    cc.validate(params(dict(name="q", type="promql", query='x{ns="{{ namespace }}"}', max=1)), dict(namespace="shop"))
+    cc.validate(params(READY), None)   # without a target, only the specification is checked
+
+
+def test_prometheus_is_asked_with_the_given_timeout_certificates_and_headers():
+    prom = prometheus(good=100)
+    run(params(SR, prometheus_timeout=3, prometheus_validate_certs=False, prometheus_headers={"Authorization": "Bearer t"}), prom)
+    assert [(r["timeout"], r["validate_certs"], r["headers"]) for r in prom.requests] == [
+        (3, False, {"Accept": "application/json", "Authorization": "Bearer t"})] * 2
+    prom = prometheus(good=100)
+    run(params(SR), prom)
+    assert [(r["timeout"], r["validate_certs"]) for r in prom.requests] == [(10, True)] * 2
+
+
+def test_infinities_and_huge_values_are_written_as_prometheus_writes_them():
+    check = dict(name="q", type="promql", query="scalar(x) / 0", min=0)
+    gate = run(params(check), FakePrometheus().add("x", -1))
+    assert gate["checks"][0]["reason"] == "-Inf is not >= 0" and gate["verdict"] == "fail"
+    gate = run(params(dict(name="q", type="promql", query="x", max=1)), FakePrometheus().add("x", 2.5e15))
+    assert gate["checks"][0]["reason"] == "2.5e+15 is not <= 1"
+    gate = run(params(dict(name="q", type="promql", query="x", max=1)), FakePrometheus().add("x", 4e14))
+    assert gate["checks"][0]["reason"] == "400000000000000 is not <= 1"
+    gate = run(params(dict(name="q", type="promql", query="x", max=0.25)), FakePrometheus().add("x", 0.1234567))
+    assert gate["checks"][0]["reason"] == "0.123457 <= 0.25"
+
+
+def test_a_request_count_that_is_nan_is_low_traffic():
+    prom = prometheus(good=20).add("istio_requests_total", float("nan"), response_code="500", reporter="destination", **CANARY)
+    gate = run(params(SR), prom)
+    assert gate["checks"][0]["requests"] == 0.0 and "low traffic: 0 requests" in gate["checks"][0]["reason"]
+
+
+def test_series_without_labels_are_named_as_such():
+    prom = FakePrometheus().add("a", 5).add("b", 1, pod="x")
+    gate = run(params(dict(name="q", type="promql", query="sum(a) or sum by (pod) (b)", max=4)), prom)
+    assert gate["checks"][0]["value"] == 5 and "(worst of 2 series: {})" in gate["checks"][0]["reason"]
+
+
+def test_workload_ready_until_the_controller_observed_the_generation():
+    dep = deployment()
+    del dep["status"]["observedGeneration"]
+    gate = run(params(READY), reader=FakeReader(dep))
+    assert gate["verdict"] == "fail" and "has not observed generation 2 yet (observedGeneration None)" in gate["checks"][0]["reason"]
+    dep = deployment(generation=None, observed=None)
+    assert run(params(READY), reader=FakeReader(dep))["verdict"] == "pass"   # no generation to wait for
+    gate = run(params(READY), reader=FakeReader(deployment(generation=3, observed=4)))
+    assert gate["verdict"] == "pass" and gate["checks"][0]["threshold"] == "== 3 (spec.replicas)"
+
+
+def test_workload_checks_without_a_connection_say_what_they_wanted():
+    gate = run(params(READY, dict(RESTARTS, max=2)))
+    assert [c["threshold"] for c in gate["checks"]] == ["all replicas available and updated", "<= 2 restarts"]
+    gate = run(params(dict(READY, min_available=2)))
+    assert gate["checks"][0]["threshold"] == ">= 2 available"
+
+
+def test_a_deployment_without_a_selector_is_an_error_for_no_restarts():
+    dep = deployment()
+    dep["spec"]["selector"] = {}
+    gate = run(params(dict(RESTARTS, on_error="fail")), reader=FakeReader(dep, [pod("a", 1)]))
+    assert gate["verdict"] == "fail" and "Deployment shop/reviews-v2 has no spec.selector to find its pods (on_error: fail)" in gate["checks"][0]["reason"]
+
+
+def test_without_the_kubernetes_library_workload_checks_follow_on_error(monkeypatch):
+    monkeypatch.setattr(cc, "HAS_K8S", False)
+    gate = run(params(dict(READY, on_error="fail")), reader=object())
+    assert gate["verdict"] == "fail" and "the Python library 'kubernetes' is needed for workload_ready and no_restarts checks" in gate["checks"][0]["reason"]
+    baseline = cc.take_baseline(params(RESTARTS), TARGET, k8s=None)
+    assert baseline["error"] == "no Kubernetes connection was given for the no_restarts check"
+
+
+@pytest.mark.parametrize("finished, counted", [
+    ("2025-12-31T23:59:30.123456789Z", True),      # nanoseconds, as the API may write them
+    ("2025-12-31T23:59:30+00:00", True),
+    ("2025-12-31T23:59:30", True),                 # no zone: UTC
+    ("2025-12-31T23:58:59.999Z", False),           # just before the window
+    ("yesterday", True),                           # not a time: a restart of unknown time counts
+])
+def test_restarts_without_a_baseline_count_when_the_last_one_ended_in_the_window(finished, counted):
+    gate = run(params(RESTARTS), reader=FakeReader(deployment(), [pod("p", 4, finished=finished)]), wall=lambda: 1767225600.0)
+    assert gate["checks"][0]["value"] == (1 if counted else 0)
+
+
+def test_restarts_of_init_containers_count_and_a_counter_that_went_down_is_no_restart():
+    reader = FakeReader(deployment(), [pod("a", 5)])
+    baseline = cc.take_baseline(params(RESTARTS), TARGET, k8s=reader)
+    reader.pods = [pod("a", 2)]
+    reader.pods[0]["status"]["initContainerStatuses"] = [{"name": "init", "restartCount": 1}]
+    gate = run(params(RESTARTS), reader=reader, window_start=baseline)
+    assert gate["checks"][0]["value"] == 1 and "a/init +1 (restartCount 1)" in gate["checks"][0]["reason"]
+
+
+def test_a_new_pod_without_restarts_adds_none():
+    now = 1767225600.0
+    gate = run(params(RESTARTS), reader=FakeReader(deployment(), [pod("fresh", 0, created="2025-12-31T23:59:50Z")]), wall=lambda: now)
+    assert gate["verdict"] == "pass" and gate["checks"][0]["value"] == 0
+    assert gate["checks"][0]["reason"].startswith("0 container restarts in 1 pods since 2025-12-31T23:59:00+00:00")
+
+
+def test_http_json_body_keeps_the_checks_own_headers_untouched():
+    seen = []
+    headers = {"X-Token": "s"}
+    check = dict(name="h", type="http", url="http://x/", method="POST", body=[1, 2], headers=headers, expect_json={"ok": True})
+    gate = run(params(check), http=transport_answering(200, {"ok": True}, seen))
+    assert gate["verdict"] == "pass" and gate["checks"][0]["threshold"] == "HTTP 2xx and JSON containing expect_json"
+    assert seen[0]["data"] == b"[1, 2]" and seen[0]["headers"] == {"X-Token": "s", "Content-Type": "application/json"}
+    assert headers == {"X-Token": "s"} and "requests" not in gate["checks"][0]
+
+
+def test_http_failure_quotes_at_most_200_characters_of_the_answer():
+    gate = run(params(dict(name="h", type="http", url="http://x/")), http=transport_answering(500, b"e" * 199 + b"XYZ"))
+    assert gate["checks"][0]["reason"].endswith("answered HTTP 500: " + "e" * 199 + "X")
