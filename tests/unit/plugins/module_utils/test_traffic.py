@@ -310,3 +310,92 @@ def test_an_injected_sleep_replaces_the_real_one(monkeypatch):
     store.interfere.append(moving_writer())
     WeightChange(store, "default", "reviews", sleep=injected.append).apply({"v1": 50, "v2": 50})
     assert injected == [0.1]
+
+
+@pytest.mark.parametrize("host", ["reviews", "reviews.default", "reviews.default.svc", "reviews.default.svc.cluster.local",
+                                  "reviews.default.svc.cluster.local."])
+def test_every_spelling_of_a_host_in_its_namespace_is_the_same_host(host):
+    assert traffic.short_host(host, "default") == "reviews" and traffic.same_host(host, "reviews", "default")
+    assert traffic.short_host(host, "other") != "reviews" or host == "reviews"
+
+
+def test_a_vs_without_http_routes_is_refused():
+    with pytest.raises(TrafficError, match="VirtualService reviews has no spec.http routes; traffic splitting needs an HTTP route"):
+        traffic.select_route(vs([]), "reviews", "default")
+
+
+def test_no_route_to_subsets_of_the_host_is_refused_naming_the_fix():
+    unnamed = {"route": [dest("v1"), {"destination": {"host": "reviews"}}]}   # one destination without a subset
+    with pytest.raises(TrafficError, match="has no HTTP route whose destinations are all subsets of host reviews; check service_host"):
+        traffic.select_route(vs([unnamed, {"route": []}]), "reviews", "default")
+    with pytest.raises(TrafficError, match=r"^http\[0\] of VirtualService reviews does not send only to subsets of host reviews"):
+        traffic.select_route(vs([unnamed]), "reviews", "default", route_index=0)
+    with pytest.raises(TrafficError, match=r"no HTTP route named 'x' \(named routes: none; set route_index instead\)"):
+        traffic.select_route(vs([unnamed]), "reviews", "default", route_name="x")
+
+
+def test_an_ambiguous_choice_names_unnamed_routes_by_index():
+    with pytest.raises(TrafficError, match=r"2 HTTP routes to subsets of reviews: http\[0\], http\[1\] \(name: default\)"):
+        traffic.select_route(vs([{"route": [dest("v2")]}, DEFAULT_ROUTE]), "reviews", "default")
+
+
+def test_destinations_of_the_same_subset_add_up_and_unweighted_ones_beside_others_carry_nothing():
+    assert traffic.current_weights({"route": [dest("v1", 30), dest("v1", 20), dest("v2", 50)]}) == {"v1": 50, "v2": 50}
+    assert traffic.current_weights({"route": [dest("v1"), dest("v2", 100)]}) == {"v1": 0, "v2": 100}
+    assert traffic.current_weights({}) == {}
+
+
+def test_weights_are_whole_numbers_keyed_by_name():
+    assert traffic.validate_weights({"v1": 90.0, 2: 10}) == {"v1": 90, "2": 10}
+    assert traffic.validate_weights({"v1": 100, "v2": 0}) == {"v1": 100, "v2": 0}
+    with pytest.raises(TrafficError, match=r"traffic: weights must sum to 100, they sum to 90 \(v1=90\)"):
+        traffic.validate_weights({"v1": 90}, field="traffic")
+    with pytest.raises(TrafficError, match="weights.v1: weight must be a whole number from 0 to 100, got None"):
+        traffic.validate_weights({"v1": None})
+
+
+def test_destination_rules_of_the_host_are_merged_and_others_ignored():
+    rules = [dr(subsets=("v1",)), dr(subsets=("v2",)), dr(subsets=("v9",), host="ratings"),
+             {"spec": {"host": "reviews", "subsets": [{"labels": {"version": "x"}}]}}]
+    assert traffic.destination_rule_subsets(rules, "reviews", "default") == (True, {"v1", "v2"})
+    assert traffic.destination_rule_subsets(rules, "details", "default") == (False, set())
+
+
+def test_a_destination_rule_without_subsets_says_so():
+    store = FakeIstio([vs([DEFAULT_ROUTE]), dr(subsets=())])
+    with pytest.raises(TrafficError, match=r"subset v1, v2 is not defined in the DestinationRule for host reviews \(defined: none\)"):
+        WeightChange(store, "default", "reviews").apply({"v1": 90, "v2": 10})
+
+
+def test_an_unchanged_weight_is_left_out_of_the_patch():
+    ops, _new = traffic.weight_patch(0, {"route": THREE_WAY}, {"v1": 80, "v2": 10, "v3": 10})
+    assert ops[1:] == [{"op": "replace", "path": "/spec/http/0/route/0/weight", "value": 80},
+                       {"op": "replace", "path": "/spec/http/0/route/2/weight", "value": 10}]
+
+
+def test_annotation_ops_leave_what_is_already_so():
+    assert traffic.annotation_ops({"metadata": {}}, {"a": None}) == []
+    assert traffic.annotation_ops({}, {"a": "1"}) == [{"op": "add", "path": "/metadata/annotations", "value": {"a": "1"}}]
+    obj = {"metadata": {"annotations": {"a": "1"}}}
+    assert traffic.annotation_ops(obj, {"a": "1", "b": None}) == []
+    assert traffic.annotation_ops(obj, {"b": "2"}) == [{"op": "add", "path": "/metadata/annotations/b", "value": "2"}]
+
+
+def test_the_host_is_the_one_given_or_the_only_one_the_vs_lists():
+    assert traffic.default_host(vs([], hosts=("a", "b")), "c") == "c"
+    assert traffic.default_host(vs([], hosts=("reviews",))) == "reviews"
+    with pytest.raises(TrafficError, match=r"service_host: VirtualService reviews lists 2 hosts \(a, b\); set service_host"):
+        traffic.default_host(vs([], hosts=("a", "b")))
+    with pytest.raises(TrafficError, match=r"lists 0 hosts \(none\)"):
+        traffic.default_host(vs([], hosts=()))
+
+
+def test_extra_operations_alone_do_not_make_a_change_unless_they_change_something():
+    store = FakeIstio([vs([DEFAULT_ROUTE]), dr()])
+    change = WeightChange(store, "default", "reviews")
+    result = change.apply({"v1": 100, "v2": 0}, extra_ops=lambda obj: [])
+    assert result["changed"] is False and store.calls["write"] == 0
+    result = change.apply({"v1": 100, "v2": 0}, extra_ops=lambda obj: traffic.annotation_ops(obj, {"note": "x"}))
+    assert result["changed"] is True and result["patch"][0] == {"op": "test", "path": "/spec/http/0/route", "value": DEFAULT_ROUTE["route"]}
+    assert store.objects[("virtualservices", "default", "reviews")]["metadata"]["annotations"] == {"note": "x"}
+    assert result["route_index"] == 0 and result["route_name"] == "default" and result["attempts"] == 1
