@@ -690,3 +690,48 @@ def test_the_lease_expiry_is_kept_to_the_millisecond():
     store, _gate, clock, rollout = make(clock=clock)
     rollout.run()
     assert lease_written(store)["expires"] == round(1_700_000_000.123456 + 30 + 120, 3)
+
+
+def test_an_observed_generation_that_is_not_a_number_is_not_yet():
+    store, gate, clock, rollout = make(wait_for_mesh=True, mesh_timeout=30, poll_interval=1)
+    mesh = LaggingMesh(store, lag=1)
+    read = mesh.read
+
+    def garbled_until_observed(plural, namespace, name):
+        obj = read(plural, namespace, name)
+        if obj["status"]["observedGeneration"] != obj["metadata"]["generation"]:
+            obj["status"]["observedGeneration"] = "pending"
+        return obj
+
+    store.get = garbled_until_observed
+    result = rollout.run()
+    assert result["result"] == "promoted" and [e["api_calls"]["read"] for e in result["timeline"][:4]] == [3] * 4
+
+
+def test_a_mesh_that_takes_the_whole_interval_starts_the_analysis_at_once():
+    store, gate, clock, rollout = make(wait_for_mesh=True, mesh_timeout=30, poll_interval=1, interval="3s")
+    LaggingMesh(store, lag=2)
+    assert rollout.run()["result"] == "promoted" and gate.seen == [5, 10, 25, 50]
+    assert clock.slept == [1] * 12   # the three polls of each step, no sleep after them
+
+
+def test_a_mesh_timeout_rolls_back_at_once_whatever_the_failure_limit():
+    store, gate, clock, rollout = make(wait_for_mesh=True, mesh_timeout=2, poll_interval=1, failure_limit=3)
+    result = rollout.run()
+    assert result["result"] == "rolled_back" and result["failures"] == 1 and state(store)["failures"] == 1
+
+
+def test_a_probe_without_an_interval_is_not_asked():
+    clock = Clock()
+    probe = Probe(clock, ["fail"])
+    _store, gate, clock, rollout = make(clock=clock, probe=probe, probe_every=0)
+    assert rollout.run()["result"] == "promoted" and probe.asked == []
+
+
+def test_a_hold_keeps_destinations_the_destination_rule_does_not_know():
+    store = FakeIstio(objects())
+    store.objects[("virtualservices", "shop", "payment")]["spec"]["http"][1]["route"].append(
+        {"destination": {"host": "payment", "subset": "legacy"}, "weight": 0})
+    _s, _g, _c, rollout = make(store=store, verdicts=["pass", "fail"], on_failure="hold")
+    result = rollout.run()
+    assert result["result"] == "held" and result["weights_after"] == {"v1": 90, "v2": 10, "legacy": 0}
