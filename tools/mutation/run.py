@@ -44,7 +44,8 @@ WORK = os.path.join(ROOT, ".build", "mutation")
 EQUIVALENTS = os.path.join(HERE, "equivalents.yml")
 # What the scratch copy needs to run tests/unit (the Bookinfo samples come from tools/controlplane's cache).
 TREE = ("plugins", "roles", "tests/unit", "tests/conftest.py", "tests/__init__.py", "pytest.ini", "galaxy.yml", "meta", "tools/controlplane")
-PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider", "tests/unit"]
+PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider"]
+UNIT = os.path.join("tests", "unit")
 
 
 class DeleteRaise(Operator):
@@ -159,6 +160,14 @@ def preload():
         return
     for lazy in ("ApiClient", "AppsV1Api", "CoreV1Api", "CustomObjectsApi"):   # the client imports these on first use (1 s)
         getattr(kubernetes.client, lazy)
+    # and the models it reads a Deployment and a pod list into (another second in every test run otherwise)
+    client = kubernetes.client.ApiClient()
+    for kind, doc in (("V1Deployment", {"metadata": {"name": "d"}, "spec": {"selector": {"matchLabels": {"a": "b"}}, "template": {
+            "metadata": {"labels": {"a": "b"}}, "spec": {"containers": [{"name": "c"}]}}}, "status": {"replicas": 1}}),
+                      ("V1PodList", {"items": [{"metadata": {"name": "p"}, "status": {"containerStatuses": [
+                          {"name": "c", "restartCount": 0, "image": "i", "imageID": "", "ready": True,
+                           "lastState": {"terminated": {"exitCode": 1, "finishedAt": "2025-01-01T00:00:00Z"}}}]}}]})):
+        client.sanitize_for_serialization(client._ApiClient__deserialize(doc, kind))  # pylint: disable=protected-access
 
 
 class _OwnTestsFirst:
@@ -171,9 +180,40 @@ class _OwnTestsFirst:
         items.sort(key=lambda item: os.path.basename(str(item.fspath)) != self.module)
 
 
-def run_tests(tree, timeout, log_path=None, first=None):
-    """Run tests/unit in a fork of this process inside ``tree`` (``first``: the engine file whose tests go first);
-    True when they pass."""
+def test_files(tree, name):
+    """The test files of tests/unit that import the engine file ``name`` (directly or through a module): only
+    they can kill its mutants. Found by importing each one in a fork and looking at what it loaded."""
+    module = "ansible_collections.onprem.mesh.%s.%s" % (ENGINE_DIR.replace(os.sep, "."), os.path.splitext(name)[0])
+    found = []
+    for folder, _dirs, files in sorted(os.walk(os.path.join(tree, UNIT))):
+        for test in sorted(f for f in files if f.startswith("test_") and f.endswith(".py")):
+            rel = os.path.relpath(os.path.join(folder, test), tree)
+            dotted = "ansible_collections.onprem.mesh." + os.path.splitext(rel)[0].replace(os.sep, ".")
+            pid = os.fork()
+            if pid == 0:
+                code = 2
+                try:
+                    os.chdir(tree)
+                    sys.path.insert(0, os.path.join(tree, "collections"))
+                    null = os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(null, 1)
+                    os.dup2(null, 2)
+                    __import__(dotted)
+                    code = 0 if module in sys.modules else 1
+                finally:
+                    os._exit(code)  # pylint: disable=protected-access
+            _pid, status = os.waitpid(pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+            if code == 2:
+                raise SystemExit("cannot import %s to see what it tests" % rel)
+            if code == 0:
+                found.append(rel)
+    return found
+
+
+def run_tests(tree, timeout, log_path=None, first=None, files=(UNIT,)):
+    """Run ``files`` (tests/unit) in a fork of this process inside ``tree`` (``first``: the engine file whose tests
+    go first); True when they pass."""
     pid = os.fork()
     if pid == 0:  # the child: pytest in-process, its output to the log or nowhere
         code = 3
@@ -184,7 +224,7 @@ def run_tests(tree, timeout, log_path=None, first=None):
             os.dup2(fd, 2)
             sys.path.insert(0, os.path.join(tree, "collections"))
             import pytest  # pylint: disable=import-outside-toplevel
-            code = int(pytest.main(list(PYTEST_ARGS), plugins=[_OwnTestsFirst(first)] if first else []))
+            code = int(pytest.main(list(PYTEST_ARGS) + list(files), plugins=[_OwnTestsFirst(first)] if first else []))
         finally:
             os._exit(code)  # pylint: disable=protected-access
     deadline = time.monotonic() + timeout
@@ -212,6 +252,8 @@ def run_file(name, equivalents, survivors_only=False, timeout=None):
     if not run_tests(tree, 600, log_path=os.path.join(WORK, stem + ".baseline.log")):
         raise SystemExit("tests/unit fail without any mutant; see %s" % os.path.join(WORK, stem + ".baseline.log"))
     timeout = timeout or max(30.0, 10 * (time.monotonic() - started))
+    files = test_files(tree, name)
+    print("%s: mutants run against %s (the files of %s that import it)" % (name, ", ".join(files), UNIT), flush=True)
     digest = hashlib.sha256(source.encode()).hexdigest()
     previous = {}
     if survivors_only and os.path.exists(results_path):
@@ -231,7 +273,7 @@ def run_file(name, equivalents, survivors_only=False, timeout=None):
         if outcome is None or outcome == "survived":
             with open(target, "w") as f:
                 f.write(code)
-            outcome = "survived" if run_tests(tree, timeout, first=name) else "killed"
+            outcome = "survived" if run_tests(tree, timeout, first=name, files=files) else "killed"
             with open(target, "w") as f:
                 f.write(source)
         records.append(dict(key=list(key), outcome=outcome, line=m["line"], operator=m["operator"], code=m["code"],
