@@ -278,6 +278,8 @@ def run_file(name, equivalents, survivors_only=False, timeout=None):
                 f.write(source)
         records.append(dict(key=list(key), outcome=outcome, line=m["line"], operator=m["operator"], code=m["code"],
                             mutated=_changed_line(source.splitlines(), code.splitlines(), m["line"])))
+        if outcome == "survived" and key not in listed:
+            print("  survived: %s:%d %s: %s  ->  %s" % (name, m["line"], m["operator"], m["code"], records[-1]["mutated"]), flush=True)
         if i % 50 == 0:
             print("  %s: %d/%d mutants tested" % (name, i, len(all_mutants)), flush=True)
     os.makedirs(WORK, exist_ok=True)
