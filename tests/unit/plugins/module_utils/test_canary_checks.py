@@ -6,6 +6,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import datetime
 import json
 import math
 import threading
@@ -1110,3 +1111,30 @@ def test_http_json_body_keeps_the_checks_own_headers_untouched():
 def test_http_failure_quotes_at_most_200_characters_of_the_answer():
     gate = run(params(dict(name="h", type="http", url="http://x/")), http=transport_answering(500, b"e" * 199 + b"XYZ"))
     assert gate["checks"][0]["reason"].endswith("answered HTTP 500: " + "e" * 199 + "X")
+
+
+def test_by_default_an_inconclusive_check_is_retried_every_10_s_for_a_minute():
+    clock = FakeClock()
+    p = dict(prometheus_url="http://127.0.0.1:9", checks=[SR])   # no retry settings: the argument spec's defaults
+    gate = cc.evaluate_gate(p, TARGET, clock=clock, sleep=clock.sleep, http=prometheus().transport)
+    assert gate["checks"][0]["attempts"] == 7 and clock.sleeps == [10] * 6 and gate["verdict"] == "fail"
+
+
+def test_times_from_a_reader_may_be_datetimes():
+    now = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+    recent = pod("aware", 2, finished="x")
+    recent["status"]["containerStatuses"][0]["lastState"]["terminated"]["finishedAt"] = now - datetime.timedelta(seconds=20)
+    naive = pod("naive", 3, finished="x")
+    naive["status"]["containerStatuses"][0]["lastState"]["terminated"]["finishedAt"] = datetime.datetime(2025, 12, 31, 23, 59, 40)
+    old = pod("old", 4, finished="x")
+    old["status"]["containerStatuses"][0]["lastState"]["terminated"]["finishedAt"] = now - datetime.timedelta(hours=2)
+    gate = run(params(RESTARTS), reader=FakeReader(deployment(), [recent, naive, old]), wall=lambda: now.timestamp())
+    c = gate["checks"][0]
+    assert c["value"] == 2 and "aware/app +1" in c["reason"] and "naive/app +1" in c["reason"] and "old/" not in c["reason"]
+
+
+def test_a_canary_gate_without_the_kubernetes_library_reports_it_through_on_error(monkeypatch):
+    monkeypatch.setattr(cc, "HAS_K8S", False)
+    gate = cc.CanaryGate(params(dict(READY, on_error="fail")), TARGET, k8s=object())
+    result = gate.evaluate(gate.start_window())
+    assert result["verdict"] == "fail" and "the Python library 'kubernetes' is needed" in result["checks"][0]["reason"]

@@ -527,7 +527,8 @@ def test_probe_params_keep_only_prometheus_checks_and_never_pass_on_missing_data
     assert probe["on_still_inconclusive"] == "inconclusive"
 
 
-@pytest.mark.parametrize("text, seconds", [(30, 30.0), ("45", 45.0), ("30s", 30.0), ("2m", 120.0), ("1m30s", 90.0), ("500ms", 0.5)])
+@pytest.mark.parametrize("text, seconds", [(30, 30.0), ("45", 45.0), ("30s", 30.0), ("2m", 120.0), ("1m30s", 90.0), ("500ms", 0.5),
+                                           ("2h", 7200.0), ("1d", 86400.0), ("1w", 604800.0), ("1y", 31536000.0), (2.5, 2.5)])
 def test_intervals_take_the_same_durations_as_analysis_window(text, seconds):
     assert ro.parse_duration(text, "interval") == seconds
 

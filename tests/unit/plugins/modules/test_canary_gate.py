@@ -96,6 +96,13 @@ def test_spec_error_is_a_clear_failure(monkeypatch):
     assert result["msg"] == ("invalid canary checks: checks[1].max: latency check needs max (milliseconds), e.g. max: 500")
 
 
+def test_argument_spec_requires_a_name_and_a_type_for_every_check(monkeypatch):
+    result, failed = run_module(monkeypatch, dict(ARGS, checks=[dict(type="success_rate", min=99)]), prometheus_answers().transport)
+    assert failed and result["msg"] == "missing required arguments: name found in checks"
+    result, failed = run_module(monkeypatch, dict(ARGS, checks=[dict(name="errors", min=99)]), prometheus_answers().transport)
+    assert failed and result["msg"] == "missing required arguments: type found in checks"
+
+
 def test_argument_spec_rejects_wrong_choice(monkeypatch):
     args = dict(ARGS, checks=[dict(name="x", type="nope")])
     result, failed = run_module(monkeypatch, args, prometheus_answers().transport)
