@@ -399,3 +399,20 @@ def test_extra_operations_alone_do_not_make_a_change_unless_they_change_somethin
     assert result["changed"] is True and result["patch"][0] == {"op": "test", "path": "/spec/http/0/route", "value": DEFAULT_ROUTE["route"]}
     assert store.objects[("virtualservices", "default", "reviews")]["metadata"]["annotations"] == {"note": "x"}
     assert result["route_index"] == 0 and result["route_name"] == "default" and result["attempts"] == 1
+
+
+def test_five_conflicts_are_retried_by_default_not_six():
+    store = FakeIstio([vs([DEFAULT_ROUTE]), dr()])
+    store.interfere.extend([moving_writer()] * 5)
+    assert WeightChange(store, "default", "reviews", sleep=lambda s: None).apply({"v1": 50, "v2": 50})["attempts"] == 6
+    store = FakeIstio([vs([DEFAULT_ROUTE]), dr()])
+    store.interfere.extend([moving_writer()] * 6)
+    with pytest.raises(TrafficError, match="6 attempts met a conflict"):
+        WeightChange(store, "default", "reviews", sleep=lambda s: None).apply({"v1": 50, "v2": 50})
+
+
+def test_subsets_the_route_lacks_are_appended_in_name_order():
+    route = {"route": [dest("v1", 100)]}
+    ops, new_route = traffic.weight_patch(0, route, {"v1": 80, "v3": 5, "v2": 15})
+    assert [d["destination"]["subset"] for d in new_route["route"]] == ["v1", "v2", "v3"]
+    assert [op["value"]["destination"]["subset"] for op in ops if op["path"] == "/spec/http/0/route/-"] == ["v2", "v3"]
