@@ -153,6 +153,8 @@ def test_failed_check_rolls_back_to_stable():
     assert current_weights(store.route("payment", "shop", 1)) == {"v1": 100, "v2": 0}
     assert state(store)["phase"] == "rolled_back" and ro.LEASE_ANNOTATION not in annotations(store)
     assert state(store)["reason"] == result["reason"] and state(store)["step"] == 2 and state(store)["failures"] == 1
+    assert result["timeline"][-1] == dict(step=3, weight=0, weights={"v1": 100, "v2": 0}, started="2023-11-14T22:14:50.000Z",
+                                          ended="2023-11-14T22:14:50.000Z", action="rolled_back", reason=result["reason"])
     assert gate.seen == [5, 10, 25]
 
 
@@ -160,6 +162,8 @@ def test_hold_freezes_at_the_failing_weight_and_a_rerun_resumes_there():
     store, gate, _clock, rollout = make(verdicts=["pass", "fail"], on_failure="hold")
     result = rollout.run()
     assert result["result"] == "held" and result["changed"] is True and result["weights_after"] == {"v1": 90, "v2": 10}
+    assert result["timeline"][-1] == dict(step=2, weight=10, weights={"v1": 90, "v2": 10}, started="2023-11-14T22:14:20.000Z",
+                                          ended="2023-11-14T22:14:20.000Z", action="held", reason=result["reason"])
     assert current_weights(store.route("payment", "shop", 1)) == {"v1": 90, "v2": 10}
     assert state(store)["phase"] == "held" and state(store)["step"] == 1
     _s, gate2, _c, rerun = make(store=store, on_failure="hold")

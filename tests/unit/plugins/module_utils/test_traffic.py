@@ -100,6 +100,8 @@ def test_route_by_name_index_and_default():
         traffic.select_route(obj, "reviews", "default", route_name="nope")
     with pytest.raises(TrafficError, match="route_index: 5 is out of range"):
         traffic.select_route(obj, "reviews", "default", route_index=5)
+    with pytest.raises(TrafficError, match=r"route_index: 2 is out of range; VirtualService reviews has 2 HTTP routes \(0..1\)"):
+        traffic.select_route(obj, "reviews", "default", route_index=2)
 
 
 def test_route_to_other_host_is_refused():
