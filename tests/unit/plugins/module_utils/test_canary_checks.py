@@ -323,6 +323,7 @@ def test_multiple_series_every_one_must_pass_and_the_worst_is_reported():
     ((5, 1, 3), "fail", 1, "pod=b"),       # one series below min
     ((5, 2, 10), "pass", 2, "pod=b"),      # all within, the bounds included: the lowest is reported
     ((0.5, 20, 5), "fail", 0.5, "pod=a"),  # below min and above max: the one below min is reported
+    ((2, 12, 5), "fail", 12, "pod=b"),     # the lowest exactly at min does not hide the one above max
 ])
 def test_promql_min_and_max_over_several_series(values, verdict, value, worst):
     prom = FakePrometheus()
@@ -1021,6 +1022,8 @@ def test_infinities_and_huge_values_are_written_as_prometheus_writes_them():
     assert gate["checks"][0]["reason"] == "2.5e+15 is not <= 1"
     gate = run(params(dict(name="q", type="promql", query="x", max=1)), FakePrometheus().add("x", 4e14))
     assert gate["checks"][0]["reason"] == "400000000000000 is not <= 1"
+    gate = run(params(dict(name="q", type="promql", query="x", max=1)), FakePrometheus().add("x", 1e15))
+    assert gate["checks"][0]["reason"] == "1e+15 is not <= 1"
     gate = run(params(dict(name="q", type="promql", query="x", max=0.25)), FakePrometheus().add("x", 0.1234567))
     assert gate["checks"][0]["reason"] == "0.123457 <= 0.25"
 
