@@ -1141,3 +1141,25 @@ def test_a_canary_gate_without_the_kubernetes_library_reports_it_through_on_erro
     gate = cc.CanaryGate(params(dict(READY, on_error="fail")), TARGET, k8s=object())
     result = gate.evaluate(gate.start_window())
     assert result["verdict"] == "fail" and "the Python library 'kubernetes' is needed" in result["checks"][0]["reason"]
+
+
+def test_fractions_in_reasons_are_rounded_for_reading():
+    gate = run(params(SR), prometheus(good=3.456), clock=FakeClock())
+    assert "low traffic: 3.46 requests to shop/reviews-v2" in gate["checks"][0]["reason"]
+    clock = FakeClock()
+
+    def a_little_late(seconds):
+        clock.sleeps.append(seconds)
+        clock.now += seconds + 0.0412
+
+    gate = cc.evaluate_gate(params(SR, retry_inconclusive_for=30, retry_interval=10), TARGET, clock=clock, sleep=a_little_late,
+                            http=prometheus().transport)
+    assert gate["duration"] == 20.082 and "still inconclusive after 3 attempt(s) in 20.1s" in gate["checks"][0]["reason"]
+
+
+def test_long_answers_are_cut_in_messages():
+    long_list = list(range(100))
+    assert cc.json_subset_mismatch({"a": 1}, long_list) == "$: expected an object, got " + json.dumps(long_list)[:100]
+    assert cc.json_subset_mismatch([long_list], [1]) == "$[0]: no element matches " + json.dumps(long_list)[:100]
+    gate = run(params(dict(name="h", type="http", url="http://x/", expect_json={"ok": True})), http=transport_answering(200, b"<" * 250))
+    assert gate["checks"][0]["reason"] == "GET http://x/ answered HTTP 200 but not JSON: " + "<" * 200

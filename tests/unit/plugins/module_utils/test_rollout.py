@@ -729,7 +729,7 @@ def test_a_mesh_timeout_rolls_back_at_once_whatever_the_failure_limit():
 def test_a_probe_without_an_interval_is_not_asked():
     clock = Clock()
     probe = Probe(clock, ["fail"])
-    _store, gate, clock, rollout = make(clock=clock, probe=probe, probe_every=0)
+    _store, gate, clock, rollout = make(clock=clock, probe=probe)   # probe_every: 0 by default
     assert rollout.run()["result"] == "promoted" and probe.asked == []
 
 
@@ -740,3 +740,9 @@ def test_a_hold_keeps_destinations_the_destination_rule_does_not_know():
     _s, _g, _c, rollout = make(store=store, verdicts=["pass", "fail"], on_failure="hold")
     result = rollout.run()
     assert result["result"] == "held" and result["weights_after"] == {"v1": 90, "v2": 10, "legacy": 0}
+
+
+def test_by_default_the_mesh_is_polled_twice_a_second_for_a_minute():
+    store, gate, clock, rollout = make(wait_for_mesh=True)
+    result = rollout.run()
+    assert result["result"] == "rolled_back" and clock.slept == [0.5] * 120 and "within 60.0s" in result["reason"]
