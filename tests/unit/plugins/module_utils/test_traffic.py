@@ -418,3 +418,11 @@ def test_subsets_the_route_lacks_are_appended_in_name_order():
     ops, new_route = traffic.weight_patch(0, route, {"v1": 80, "v3": 5, "v2": 15})
     assert [d["destination"]["subset"] for d in new_route["route"]] == ["v1", "v2", "v3"]
     assert [op["value"]["destination"]["subset"] for op in ops if op["path"] == "/spec/http/0/route/-"] == ["v2", "v3"]
+
+
+def test_an_error_that_is_no_conflict_is_raised_at_once_not_retried():
+    store = FakeIstio([vs([DEFAULT_ROUTE]), dr()])
+    store.refuse.append(ValueError("the client could not encode the patch"))   # not an API answer: no is_conflict
+    with pytest.raises(ValueError, match="could not encode"):
+        WeightChange(store, "default", "reviews", sleep=lambda s: pytest.fail("retried")).apply({"v1": 50, "v2": 50})
+    assert store.calls["write"] == 1 and traffic.current_weights(store.route()) == {"v1": 100, "v2": 0}
