@@ -1078,6 +1078,7 @@ def test_without_the_kubernetes_library_workload_checks_follow_on_error(monkeypa
     ("2025-12-31T23:59:30+00:00", True),
     ("2025-12-31T23:59:30", True),                 # no zone: UTC
     ("2025-12-31T23:58:59.999Z", False),           # just before the window
+    ("2025-12-31T23:59:00Z", True),                # at its start
     ("yesterday", True),                           # not a time: a restart of unknown time counts
 ])
 def test_restarts_without_a_baseline_count_when_the_last_one_ended_in_the_window(finished, counted):
@@ -1163,3 +1164,18 @@ def test_long_answers_are_cut_in_messages():
     assert cc.json_subset_mismatch([long_list], [1]) == "$[0]: no element matches " + json.dumps(long_list)[:100]
     gate = run(params(dict(name="h", type="http", url="http://x/", expect_json={"ok": True})), http=transport_answering(200, b"<" * 250))
     assert gate["checks"][0]["reason"] == "GET http://x/ answered HTTP 200 but not JSON: " + "<" * 200
+
+
+def test_a_pod_created_at_the_start_of_the_window_counts_all_its_restarts():
+    pods = [pod("new", 2, created="2025-12-31T23:59:00Z"), pod("older", 3, created="2025-12-31T23:58:59Z")]
+    gate = run(params(RESTARTS), reader=FakeReader(deployment(), pods), wall=lambda: 1767225600.0)
+    # "new" started in the window: both restarts are; "older" did not, and its last restart has no known time: one
+    assert gate["checks"][0]["value"] == 3 and "new/app +2" in gate["checks"][0]["reason"] and "older/app +1" in gate["checks"][0]["reason"]
+
+
+def test_the_gate_sleeps_only_between_attempts_even_on_a_clock_that_does_not_move():
+    clock = FakeClock()
+    sleeps = []
+    gate = cc.evaluate_gate(params(SR, retry_inconclusive_for=30, retry_interval=10), TARGET, clock=clock, sleep=sleeps.append,
+                            http=prometheus().transport)
+    assert gate["checks"][0]["attempts"] == 4 and sleeps == [10, 10, 10]
