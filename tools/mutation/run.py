@@ -162,11 +162,13 @@ def preload():
         getattr(kubernetes.client, lazy)
     # and the models it reads a Deployment and a pod list into (another second in every test run otherwise)
     client = kubernetes.client.ApiClient()
-    for kind, doc in (("V1Deployment", {"metadata": {"name": "d"}, "spec": {"selector": {"matchLabels": {"a": "b"}}, "template": {
-            "metadata": {"labels": {"a": "b"}}, "spec": {"containers": [{"name": "c"}]}}}, "status": {"replicas": 1}}),
-                      ("V1PodList", {"items": [{"metadata": {"name": "p"}, "status": {"containerStatuses": [
-                          {"name": "c", "restartCount": 0, "image": "i", "imageID": "", "ready": True,
-                           "lastState": {"terminated": {"exitCode": 1, "finishedAt": "2025-01-01T00:00:00Z"}}}]}}]})):
+    deployment = {"metadata": {"name": "d"}, "status": {"replicas": 1},
+                  "spec": {"selector": {"matchLabels": {"a": "b"}},
+                           "template": {"metadata": {"labels": {"a": "b"}}, "spec": {"containers": [{"name": "c"}]}}}}
+    container = {"name": "c", "restartCount": 0, "image": "i", "imageID": "", "ready": True,
+                 "lastState": {"terminated": {"exitCode": 1, "finishedAt": "2025-01-01T00:00:00Z"}}}
+    pods = {"items": [{"metadata": {"name": "p"}, "status": {"containerStatuses": [container]}}]}
+    for kind, doc in (("V1Deployment", deployment), ("V1PodList", pods)):
         client.sanitize_for_serialization(client._ApiClient__deserialize(doc, kind))  # pylint: disable=protected-access
 
 

@@ -272,8 +272,8 @@ def test_healthy_canary_passes_with_values():
     assert gate["started"].startswith("2026-01-01T00:00:00")
 
 
-@pytest.mark.parametrize("good, errors, value, verdict", [(5940, 60, 99.0, "pass"), (98999, 1001, 98.999, "fail"), (100, None, 100.0, "pass"),
-                                                         (None, 100, 0.0, "fail")])
+@pytest.mark.parametrize("good, errors, value, verdict", [
+    (5940, 60, 99.0, "pass"), (98999, 1001, 98.999, "fail"), (100, None, 100.0, "pass"), (None, 100, 0.0, "fail")])
 def test_success_rate_boundary(good, errors, value, verdict):
     gate = run(params(SR), prometheus(good=good, errors=errors))
     assert gate["checks"][0]["value"] == value   # a canary that only answered 5xx measures 0 %, not "no data"

@@ -676,8 +676,9 @@ def test_a_verdict_without_checks_is_named_in_the_reason():
 
 def test_only_the_checks_that_did_not_pass_make_the_reason():
     store, gate, _clock, rollout = make()
-    gate.evaluate = lambda token: {"verdict": "fail", "checks": [{"name": "p99", "verdict": "pass", "value": 10, "threshold": "<= 500 ms"},
-                                                                  {"name": "errors", "verdict": "fail", "value": 97.5, "threshold": ">= 99 %"}]}
+    checks = [{"name": "p99", "verdict": "pass", "value": 10, "threshold": "<= 500 ms"},
+              {"name": "errors", "verdict": "fail", "value": 97.5, "threshold": ">= 99 %"}]
+    gate.evaluate = lambda token: {"verdict": "fail", "checks": checks}
     assert rollout.run()["reason"] == "step 1 (weight 5): errors fail (value 97.5, threshold >= 99 %)"
 
 
