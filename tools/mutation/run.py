@@ -120,15 +120,16 @@ def load_equivalents(path=EQUIVALENTS):
         doc = yaml.safe_load(f) or {}
     for name, entries in doc.items():
         for entry in entries or []:
-            missing = set(("operator", "line", "code", "col", "reason")) - set(entry)
+            missing = set(("operator", "line", "code", "col", "mutated", "reason")) - set(entry)
             if missing or not str(entry.get("reason") or "").strip():
-                raise SystemExit("%s: the entry for %s line %s needs operator, line, code, col and a reason (missing: %s)"
+                raise SystemExit("%s: the entry for %s line %s needs operator, line, code, col, mutated and a reason (missing: %s)"
                                  % (path, name, entry.get("line"), ", ".join(sorted(missing)) or "reason"))
     return doc
 
 
 def _key(m):
-    return (m["operator"], m["code"], m["col"])
+    """What names a mutant across runs: operator, the original line, the column in it, the mutated line."""
+    return (m["operator"], m["code"], m["col"], m["mutated"])
 
 
 def make_tree(dest):
@@ -262,24 +263,24 @@ def run_file(name, equivalents, survivors_only=False, timeout=None):
         with open(results_path) as f:
             old = json.load(f)
         if old.get("sha256") == digest:
-            previous = dict((tuple(r["key"]), r["outcome"]) for r in old["mutants"])
+            previous = dict(((r["operator"], r["code"], r["key"][2], r["mutated"]), r["outcome"]) for r in old["mutants"])
     listed = dict((_key(e), e) for e in equivalents.get(name) or [])
     all_mutants = mutants(source)
     records = []
     for i, m in enumerate(all_mutants, 1):
-        key = _key(m)
-        outcome = previous.get(key)
         code = mutate(source, m)
         if code is None:
             continue
+        m["mutated"] = _changed_line(source.splitlines(), code.splitlines(), m["line"])
+        key = _key(m)
+        outcome = previous.get(key)
         if outcome is None or outcome == "survived":
             with open(target, "w") as f:
                 f.write(code)
             outcome = "survived" if run_tests(tree, timeout, first=name, files=files) else "killed"
             with open(target, "w") as f:
                 f.write(source)
-        records.append(dict(key=list(key), outcome=outcome, line=m["line"], operator=m["operator"], code=m["code"],
-                            mutated=_changed_line(source.splitlines(), code.splitlines(), m["line"])))
+        records.append(dict(key=list(key), outcome=outcome, line=m["line"], operator=m["operator"], code=m["code"], mutated=m["mutated"]))
         if outcome == "survived" and key not in listed:
             print("  survived: %s:%d %s: %s  ->  %s" % (name, m["line"], m["operator"], m["code"], records[-1]["mutated"]), flush=True)
         if i % 50 == 0:

@@ -454,6 +454,10 @@ def test_a_lease_stops_other_runs_until_it_expires_not_after():
         first.run()
     expires = json.loads(annotations(store)[ro.LEASE_ANNOTATION])["expires"]
     assert expires == start + 30 * 2 + 120
+    # what kubectl shows: JSON with its keys in order, as every run writes it
+    assert annotations(store)[ro.LEASE_ANNOTATION] == '{"expires": %r, "holder": "%s"}' % (expires, first.holder)
+    assert annotations(store)[ro.STATE_ANNOTATION] == ('{"canary": "v2", "failures": 0, "holder": "%s", "phase": "progressing", "plan": [5, 10, 25, 50],'
+                                                       ' "stable": "v1", "step": 0, "updated": "2023-11-14T22:13:20.000Z"}' % first.holder)
     clock.t = expires - 0.5
     _s, _g, _c, early = make(store=store, clock=clock)
     with pytest.raises(ro.LeaseHeld, match="until .*, 0 s from now"):

@@ -67,6 +67,8 @@ DEFAULT_ROUTE = {"name": "default", "route": [dest("v1", 100), dest("v2", 0)], "
     ({"v1": 50, "v2": 51}, "sum to 101"),
     ({"v1": 50, "v2": 49}, "sum to 99"),
     ({"v1": 110, "v2": -10}, "between 0 and 100"),
+    ({"v1": -1, "v2": 101}, "weights.v1: weight must be between 0 and 100, got -1"),
+    ({"v1": 101, "v2": -1}, "weights.v1: weight must be between 0 and 100, got 101"),
     ({"v1": 89.5, "v2": 10.5}, "whole number"),
     ({"v1": "ninety", "v2": 10}, "whole number from 0 to 100"),
     ({"v1": True}, "whole number"),
