@@ -428,3 +428,16 @@ def test_an_error_that_is_no_conflict_is_raised_at_once_not_retried():
     with pytest.raises(ValueError, match="could not encode"):
         WeightChange(store, "default", "reviews", sleep=lambda s: pytest.fail("retried")).apply({"v1": 50, "v2": 50})
     assert store.calls["write"] == 1 and traffic.current_weights(store.route()) == {"v1": 100, "v2": 0}
+
+
+def test_a_new_destination_copies_the_first_one_not_the_last():
+    route = {"route": [{"destination": {"host": "reviews", "subset": "v1", "port": {"number": 9080}}, "weight": 50},
+                       {"destination": {"host": "reviews", "subset": "v2", "port": {"number": 9090}}, "weight": 50}]}
+    _ops, new_route = traffic.weight_patch(0, route, {"v1": 50, "v2": 40, "v3": 10})
+    assert new_route["route"][2] == {"destination": {"host": "reviews", "subset": "v3", "port": {"number": 9080}}, "weight": 10}
+
+
+def test_a_zero_weight_for_a_subset_the_route_lacks_is_no_change():
+    store = FakeIstio([vs([DEFAULT_ROUTE]), dr()])
+    result = WeightChange(store, "default", "reviews").apply({"v1": 100, "v2": 0, "v3": 0})
+    assert result["changed"] is False and store.calls["write"] == 0 and len(store.route()["route"]) == 2
