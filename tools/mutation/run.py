@@ -13,6 +13,7 @@ are left out of the score: score = killed / (mutants - equivalent).
     python tools/mutation/run.py                       # the three engine files, one after the other
     python tools/mutation/run.py rollout.py            # one file
     python tools/mutation/run.py --survivors-only      # retest only the last run's survivors (quick loop)
+    python tools/mutation/run.py --jobs 2 --resume     # two at once; go on after an interruption
 """
 
 import argparse
@@ -242,53 +243,100 @@ def run_tests(tree, timeout, log_path=None, first=None, files=(UNIT,)):
         time.sleep(0.01)
 
 
-def run_file(name, equivalents, survivors_only=False, timeout=None):
+def _read_progress(path, digest):
+    """Outcomes recorded so far for this version of the file: {key: outcome}."""
+    found = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by an interrupted run
+                if row.get("sha256") == digest:
+                    found[tuple(row["key"])] = row["outcome"]
+    return found
+
+
+def _worker(name, source, digest, tree, todo, files, timeout, progress_path, listed, label):
+    """Test ``todo`` (mutants with their code) in ``tree``; append each outcome to the progress file."""
+    target = os.path.join(tree, ENGINE_DIR, name)
+    with open(progress_path, "a") as progress:
+        for i, m in enumerate(todo, 1):
+            with open(target, "w") as f:
+                f.write(m["source"])
+            outcome = "survived" if run_tests(tree, timeout, first=name, files=files) else "killed"
+            with open(target, "w") as f:
+                f.write(source)
+            progress.write(json.dumps(dict(sha256=digest, key=list(_key(m)), outcome=outcome)) + "\n")
+            progress.flush()
+            if outcome == "survived" and _key(m) not in listed:
+                print("  survived: %s:%d %s: %s  ->  %s" % (name, m["line"], m["operator"], m["code"], m["mutated"]), flush=True)
+            if i % 50 == 0:
+                print("  %s%s: %d/%d mutants tested" % (name, label, i, len(todo)), flush=True)
+
+
+def run_file(name, equivalents, survivors_only=False, timeout=None, jobs=1, resume=False):
     source_path = os.path.join(ROOT, ENGINE_DIR, name)
     with open(source_path) as f:
         source = f.read()
     stem = os.path.splitext(name)[0]
-    tree = os.path.join(WORK, stem)
     results_path = os.path.join(WORK, stem + ".json")
-    make_tree(tree)
-    target = os.path.join(tree, ENGINE_DIR, name)
+    progress_path = os.path.join(WORK, stem + ".progress.jsonl")
+    digest = hashlib.sha256(source.encode()).hexdigest()
     started = time.monotonic()
-    if not run_tests(tree, 600, log_path=os.path.join(WORK, stem + ".baseline.log")):
+    trees = [os.path.join(WORK, stem if j == 0 else "%s-%d" % (stem, j)) for j in range(jobs)]
+    for tree in trees:
+        make_tree(tree)
+    if not run_tests(trees[0], 600, log_path=os.path.join(WORK, stem + ".baseline.log")):
         raise SystemExit("tests/unit fail without any mutant; see %s" % os.path.join(WORK, stem + ".baseline.log"))
     timeout = timeout or max(30.0, 10 * (time.monotonic() - started))
-    files = test_files(tree, name)
+    files = test_files(trees[0], name)
     print("%s: mutants run against %s (the files of %s that import it)" % (name, ", ".join(files), UNIT), flush=True)
-    digest = hashlib.sha256(source.encode()).hexdigest()
     previous = {}
     if survivors_only and os.path.exists(results_path):
         with open(results_path) as f:
             old = json.load(f)
-        if old.get("sha256") == digest:
-            previous = dict(((r["operator"], r["code"], r["key"][2], r["mutated"]), r["outcome"]) for r in old["mutants"])
+        if old.get("sha256") == digest:   # killed stays killed; survivors are tested again
+            previous = dict(((r["operator"], r["code"], r["key"][2], r["mutated"]), r["outcome"]) for r in old["mutants"] if r["outcome"] == "killed")
+    if resume:
+        previous.update(_read_progress(progress_path, digest))
+    else:
+        open(progress_path, "w").close()
     listed = dict((_key(e), e) for e in equivalents.get(name) or [])
-    all_mutants = mutants(source)
-    records = []
-    for i, m in enumerate(all_mutants, 1):
+    all_mutants = []
+    for m in mutants(source):
         code = mutate(source, m)
-        if code is None:
-            continue
-        m["mutated"] = _changed_line(source.splitlines(), code.splitlines(), m["line"])
-        key = _key(m)
-        outcome = previous.get(key)
-        if outcome is None or outcome == "survived":
-            with open(target, "w") as f:
-                f.write(code)
-            outcome = "survived" if run_tests(tree, timeout, first=name, files=files) else "killed"
-            with open(target, "w") as f:
-                f.write(source)
-        records.append(dict(key=list(key), outcome=outcome, line=m["line"], operator=m["operator"], code=m["code"], mutated=m["mutated"]))
-        if outcome == "survived" and key not in listed:
-            print("  survived: %s:%d %s: %s  ->  %s" % (name, m["line"], m["operator"], m["code"], records[-1]["mutated"]), flush=True)
-        if i % 50 == 0:
-            print("  %s: %d/%d mutants tested" % (name, i, len(all_mutants)), flush=True)
+        if code is not None:
+            m["source"] = code
+            m["mutated"] = _changed_line(source.splitlines(), code.splitlines(), m["line"])
+            all_mutants.append(m)
+    todo = [m for m in all_mutants if previous.get(_key(m)) is None]
+    print("%s: %d mutants, %d to test%s" % (name, len(all_mutants), len(todo), " in %d workers" % jobs if jobs > 1 else ""), flush=True)
+    pids = []
+    for j, tree in enumerate(trees):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                _worker(name, source, digest, tree, todo[j::jobs], files, timeout, progress_path, listed,
+                        " (worker %d of %d)" % (j + 1, jobs) if jobs > 1 else "")
+                code = 0
+            finally:
+                os._exit(code)  # pylint: disable=protected-access
+        pids.append(pid)
+    failed = [pid for pid in pids if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0]
+    if failed:
+        raise SystemExit("%s: %d of %d workers failed; rerun with --resume to go on from where they stopped" % (name, len(failed), jobs))
+    outcomes = dict(previous)
+    outcomes.update(_read_progress(progress_path, digest))
+    records = [dict(key=list(_key(m)), outcome=outcomes[_key(m)], line=m["line"], operator=m["operator"], code=m["code"], mutated=m["mutated"])
+               for m in all_mutants]
     os.makedirs(WORK, exist_ok=True)
     with open(results_path, "w") as f:
         json.dump(dict(file=name, sha256=digest, mutants=records), f, indent=1)
-    shutil.rmtree(tree, ignore_errors=True)
+    for tree in trees:
+        shutil.rmtree(tree, ignore_errors=True)
     seen = set(tuple(r["key"]) for r in records)
     stale = [e for k, e in listed.items() if k not in seen]
     return report(name, records, listed, stale, time.monotonic() - started)
@@ -318,6 +366,8 @@ def main(argv=None):
     parser.add_argument("--survivors-only", action="store_true", help="retest only the mutants that survived the last run of an unchanged file")
     parser.add_argument("--fail-under", type=float, default=90.0, help="exit 1 when a file scores below this percentage (default 90)")
     parser.add_argument("--timeout", type=float, help="seconds one test run may take (default: 10 times the unmutated run, at least 30)")
+    parser.add_argument("--jobs", type=int, default=1, help="mutants tested at once, each in its own scratch copy (default 1)")
+    parser.add_argument("--resume", action="store_true", help="go on from where an interrupted run of an unchanged file stopped")
     args = parser.parse_args(argv)
     unknown = [f for f in args.files if f not in ENGINE]
     if unknown:
@@ -325,7 +375,9 @@ def main(argv=None):
     equivalents = load_equivalents()
     preload()
     started = time.monotonic()
-    summary = [run_file(name, equivalents, args.survivors_only, args.timeout) for name in args.files]
+    if args.jobs < 1:
+        parser.error("--jobs: 1 or more")
+    summary = [run_file(name, equivalents, args.survivors_only, args.timeout, args.jobs, args.resume) for name in args.files]
     print("\nmutation score (equivalent mutants excluded), %.0f min:" % ((time.monotonic() - started) / 60))
     for s in summary:
         print("  %-18s %5.1f %%  (%d mutants: %d killed, %d survived, %d equivalent)"
