@@ -425,8 +425,9 @@ def test_subsets_the_route_lacks_are_appended_in_name_order():
 def test_an_error_that_is_no_conflict_is_raised_at_once_not_retried():
     store = FakeIstio([vs([DEFAULT_ROUTE]), dr()])
     store.refuse.append(ValueError("the client could not encode the patch"))   # not an API answer: no is_conflict
-    with pytest.raises(ValueError, match="could not encode"):
+    with pytest.raises(ValueError, match="could not encode") as err:
         WeightChange(store, "default", "reviews", sleep=lambda s: pytest.fail("retried")).apply({"v1": 50, "v2": 50})
+    assert not isinstance(err.value, TrafficError)   # raised as it came, not reported as a conflict
     assert store.calls["write"] == 1 and traffic.current_weights(store.route()) == {"v1": 100, "v2": 0}
 
 
