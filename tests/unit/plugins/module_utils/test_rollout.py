@@ -751,3 +751,10 @@ def test_by_default_the_mesh_is_polled_twice_a_second_for_a_minute():
     store, gate, clock, rollout = make(wait_for_mesh=True)
     result = rollout.run()
     assert result["result"] == "rolled_back" and clock.slept == [0.5] * 120 and "within 60.0s" in result["reason"]
+
+
+def test_a_steps_duration_is_kept_to_the_millisecond():
+    store, gate, clock, rollout = make(steps=(5,), interval="0s", wait_for_mesh=True, mesh_timeout=30, poll_interval=0.0003)
+    LaggingMesh(store, lag=2)
+    result = rollout.run()
+    assert result["timeline"][0]["seconds"] == 0.001   # three polls of 0.3 ms before an analysis of no length
