@@ -1079,6 +1079,8 @@ def test_without_the_kubernetes_library_workload_checks_follow_on_error(monkeypa
     ("2025-12-31T23:59:30", True),                 # no zone: UTC
     ("2025-12-31T23:58:59.999Z", False),           # just before the window
     ("2025-12-31T23:59:00Z", True),                # at its start
+    ("2025-12-31T23:50:00+00:00", False),          # before it, with an offset
+    ("2025-12-31T23:50:00", False),                # before it, no zone
     ("yesterday", True),                           # not a time: a restart of unknown time counts
 ])
 def test_restarts_without_a_baseline_count_when_the_last_one_ended_in_the_window(finished, counted):
@@ -1179,3 +1181,8 @@ def test_the_gate_sleeps_only_between_attempts_even_on_a_clock_that_does_not_mov
     gate = cc.evaluate_gate(params(SR, retry_inconclusive_for=30, retry_interval=10), TARGET, clock=clock, sleep=sleeps.append,
                             http=prometheus().transport)
     assert gate["checks"][0]["attempts"] == 4 and sleeps == [10, 10, 10]
+
+
+def test_a_bound_that_is_not_a_number_lets_no_value_pass():
+    gate = run(params(dict(name="q", type="promql", query="x", max=float("nan"))), FakePrometheus().add("x", 1))
+    assert gate["verdict"] == "fail" and gate["checks"][0]["reason"] == "1 is not <= NaN"

@@ -758,3 +758,17 @@ def test_a_steps_duration_is_kept_to_the_millisecond():
     LaggingMesh(store, lag=2)
     result = rollout.run()
     assert result["timeline"][0]["seconds"] == 0.001   # three polls of 0.3 ms before an analysis of no length
+
+
+def test_a_hold_after_someone_removed_the_canary_from_the_route_reports_it_at_zero():
+    store, gate, _clock, rollout = make(on_failure="hold")
+
+    def someone_edits_the_route(token):
+        route = store.objects[("virtualservices", "shop", "payment")]["spec"]["http"][1]
+        route["route"] = [{"destination": {"host": "payment", "subset": "v1"}, "weight": 100}]
+        return {"verdict": "fail", "checks": []}
+
+    gate.evaluate = someone_edits_the_route
+    result = rollout.run()
+    assert result["result"] == "held" and result["weights_after"] == {"v1": 100}
+    assert result["timeline"][-1]["weight"] == 0 and result["timeline"][-1]["step"] == 1
