@@ -95,6 +95,8 @@ def test_plan_from_list_and_from_step_max():
     (dict(steps=[0, 5]), r"steps\[0\]: weight must be from 1 to 100"),
     (dict(steps=[5, 101]), r"steps\[1\]: weight must be from 1 to 100, got 101"),
     (dict(steps=[5, 5]), r"steps\[1\]: weights must increase step by step; 5 follows 5"),
+    (dict(steps=[5, 10, 7]), r"steps\[2\]: weights must increase step by step; 7 follows 10"),
+    (dict(step_weight=1, max_weight=0), "max_weight: a whole number from 1 to 100, got 0"),
     (dict(steps=[True]), r"steps\[0\]: weight must be a whole number from 1 to 100, got True"),
     (dict(steps=[{"weight": 5, "interval": "soon"}]), r"steps\[0\]\.interval: expected a duration"),
     (dict(steps=[5], step_weight=10), "mutually exclusive"),
@@ -542,7 +544,8 @@ def test_intervals_take_the_same_durations_as_analysis_window(text, seconds):
 
 
 @pytest.mark.parametrize("value, message", [(True, "interval: expected a duration such as 30s, 2m or 1h, got True"),
-                                            (-5, "interval: a duration cannot be negative, got -5"), ("5 minutes", "got '5 minutes'")])
+                                            (-5, "interval: a duration cannot be negative, got -5"), (-0.5, "cannot be negative, got -0.5"),
+                                            ("5 minutes", "got '5 minutes'")])
 def test_bad_durations_are_refused(value, message):
     with pytest.raises(ro.RolloutError, match=message):
         ro.parse_duration(value, "interval")
@@ -772,3 +775,25 @@ def test_a_hold_after_someone_removed_the_canary_from_the_route_reports_it_at_ze
     result = rollout.run()
     assert result["result"] == "held" and result["weights_after"] == {"v1": 100}
     assert result["timeline"][-1]["weight"] == 0 and result["timeline"][-1]["step"] == 1
+
+
+def test_a_record_without_step_or_failures_counts_from_zero():
+    store = FakeIstio(objects())
+    record(store, phase="held")
+    state_fields = json.loads(annotations(store)[ro.STATE_ANNOTATION])
+    del state_fields["step"], state_fields["failures"]
+    annotations(store)[ro.STATE_ANNOTATION] = json.dumps(state_fields)
+    _s, gate, _c, rerun = make(store=store, verdicts=["fail"], failure_limit=1, on_failure="hold")
+    result = rerun.run()
+    assert result["note"] == "resuming held at step 1 (weight 5), as recorded"
+    assert result["result"] == "promoted" and result["failures"] == 1 and gate.seen == [5, 5, 10, 25, 50]
+    annotations(store)[ro.STATE_ANNOTATION] = json.dumps(state_fields)
+    with pytest.raises(ro.RolloutError, match=r"steps \[5, 10, 25, 50\], held at step 1\)"):
+        make(store=store, steps=(20, 40))[3].run()
+
+
+def test_what_is_left_of_an_interval_after_the_mesh_is_waited_for_to_the_end():
+    store, gate, clock, rollout = make(wait_for_mesh=True, mesh_timeout=30, poll_interval=0.5, interval="3s")
+    LaggingMesh(store, lag=4)
+    assert rollout.run()["result"] == "promoted"
+    assert clock.slept == [0.5] * 24   # each step: five polls (2.5 s), then the half second left of its 3 s
