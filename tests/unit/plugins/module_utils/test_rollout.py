@@ -82,7 +82,8 @@ def annotations(store):
 def test_plan_from_list_and_from_step_max():
     assert [s["weight"] for s in ro.plan_steps([5, 10, 25, 50, 100])] == [5, 10, 25, 50]
     assert [s["weight"] for s in ro.plan_steps(step_weight=10, max_weight=30)] == [10, 20, 30]
-    assert [s["weight"] for s in ro.plan_steps(step_weight=20)] == [20, 40]   # max_weight 50 by default
+    assert [s["weight"] for s in ro.plan_steps(step_weight=25)] == [25, 50]   # max_weight 50 by default
+    assert [s["weight"] for s in ro.plan_steps(step_weight=17)] == [17, 34]
     assert [s["weight"] for s in ro.plan_steps(step_weight=50, max_weight=50)] == [50]
     assert [s["weight"] for s in ro.plan_steps(step_weight=1, max_weight=1)] == [1]
     assert ro.plan_steps(["5", "99"]) == [{"weight": 5, "interval": 60.0}, {"weight": 99, "interval": 60.0}]   # 1m by default
