@@ -871,12 +871,14 @@ def test_urls_transport_against_a_local_server():
 
 class FakeKubeAPI:
     """The API server behind the official client, at its HTTP layer (urllib3's pool manager): GET of a
-    Deployment by path, and pods listed by an exact label selector, answered in the API's JSON."""
+    Deployment by path, and pods listed by an exact label selector, answered in the API's JSON. ``down``:
+    what a proxy in front of it answers instead (status, text), or an exception for no answer at all."""
 
-    def __init__(self, deployments=(), pods=()):
+    def __init__(self, deployments=(), pods=(), down=None):
         self.deployments = dict(((d["metadata"]["namespace"], d["metadata"]["name"]), d) for d in deployments)
         self.pods = list(pods)
         self.requests = []
+        self.down = down
 
     def request(self, method, url, fields=None, headers=None, preload_content=True, timeout=None, **kwargs):
         import urllib3  # pylint: disable=import-outside-toplevel
@@ -885,6 +887,11 @@ class FakeKubeAPI:
         parts = urlsplit(url)
         query = dict((k, v[0]) for k, v in parse_qs(parts.query).items())
         self.requests.append((method, parts.path, query))
+        if isinstance(self.down, Exception):
+            raise self.down
+        if self.down:
+            return urllib3.HTTPResponse(body=self.down[1].encode(), status=self.down[0], headers={"Content-Type": "text/plain"},
+                                        reason="Service Unavailable", preload_content=False)
         status, doc = self.answer(method, parts.path.split("/"), query)
         return urllib3.HTTPResponse(body=json.dumps(doc).encode(), status=status, headers={"Content-Type": "application/json"},
                                     reason="OK" if status == 200 else "Not Found", preload_content=False)
@@ -1186,3 +1193,31 @@ def test_the_gate_sleeps_only_between_attempts_even_on_a_clock_that_does_not_mov
 def test_a_bound_that_is_not_a_number_lets_no_value_pass():
     gate = run(params(dict(name="q", type="promql", query="x", max=float("nan"))), FakePrometheus().add("x", 1))
     assert gate["verdict"] == "fail" and gate["checks"][0]["reason"] == "1 is not <= NaN"
+
+
+@pytest.mark.skipif(not cc.HAS_K8S, reason="the kubernetes library is not installed")
+def test_k8s_reader_when_a_proxy_answers_or_nothing_does():
+    from kubernetes import client  # pylint: disable=import-outside-toplevel
+
+    api_client = client.ApiClient()
+    api_client.rest_client.pool_manager = FakeKubeAPI(down=(503, "upstream connect error"))
+    gate = run(params(dict(READY, on_error="fail")), reader=api_client)
+    assert "reading Deployment shop/reviews-v2: Kubernetes API answered 503: Service Unavailable (on_error: fail)" in gate["checks"][0]["reason"]
+    api_client.rest_client.pool_manager = FakeKubeAPI(down=ConnectionRefusedError("[Errno 111] Connection refused"))
+    gate = run(params(dict(READY, on_error="fail")), reader=api_client)
+    assert "reading Deployment shop/reviews-v2: Kubernetes API unreachable: [Errno 111] Connection refused (on_error: fail)" in gate["checks"][0]["reason"]
+
+
+def test_an_object_that_only_reads_deployments_is_not_a_reader():
+    class OnlyReads:
+        def read_deployment(self, namespace, name):
+            return deployment()
+
+    gate = run(params(dict(READY, on_error="fail")), reader=OnlyReads())   # taken for an API client, which it is not
+    assert gate["verdict"] == "fail" and "Kubernetes API unreachable" in gate["checks"][0]["reason"]
+
+
+def test_a_baseline_looks_past_items_that_are_not_checks():
+    reader = FakeReader(deployment(), [pod("a", 2)])
+    baseline = cc.take_baseline(dict(checks=["not a check", RESTARTS]), TARGET, k8s=reader)
+    assert baseline["restarts"] == {"a-uid": {"name": "a", "containers": {"app": 2}}}
