@@ -985,6 +985,7 @@ def test_top_level_spec_errors(top, message):
 
 def test_top_level_limits_are_inclusive():
     cc.validate(params(SR, retry_inconclusive_for=3600, retry_interval=1, min_requests=0, prometheus_timeout=0), TARGET)
+    cc.validate(params(SR, analysis_window="500ms"), TARGET)
 
 
 @pytest.mark.parametrize("check, message", [
@@ -1031,6 +1032,8 @@ def test_infinities_and_huge_values_are_written_as_prometheus_writes_them():
     assert gate["checks"][0]["reason"] == "400000000000000 is not <= 1"
     gate = run(params(dict(name="q", type="promql", query="x", max=1)), FakePrometheus().add("x", 1e15))
     assert gate["checks"][0]["reason"] == "1e+15 is not <= 1"
+    gate = run(params(dict(name="q", type="promql", query="x", max=1)), FakePrometheus().add("x", 999999999999999))
+    assert gate["checks"][0]["reason"] == "999999999999999 is not <= 1"
     gate = run(params(dict(name="q", type="promql", query="x", max=0.25)), FakePrometheus().add("x", 0.1234567))
     assert gate["checks"][0]["reason"] == "0.123457 <= 0.25"
 
@@ -1131,6 +1134,9 @@ def test_by_default_an_inconclusive_check_is_retried_every_10_s_for_a_minute():
     p = dict(prometheus_url="http://127.0.0.1:9", checks=[SR])   # no retry settings: the argument spec's defaults
     gate = cc.evaluate_gate(p, TARGET, clock=clock, sleep=clock.sleep, http=prometheus().transport)
     assert gate["checks"][0]["attempts"] == 7 and clock.sleeps == [10] * 6 and gate["verdict"] == "fail"
+    clock = FakeClock()
+    gate = cc.evaluate_gate(dict(p, retry_interval=61), TARGET, clock=clock, sleep=clock.sleep, http=prometheus().transport)
+    assert gate["checks"][0]["attempts"] == 1 and clock.sleeps == []   # a retry after 61 s is past the minute
 
 
 def test_times_from_a_reader_may_be_datetimes():
