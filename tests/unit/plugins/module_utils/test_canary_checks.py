@@ -645,6 +645,15 @@ def test_workload_ready_takes_one_replica_when_the_spec_omits_it():
     gate = run(params(READY), reader=FakeReader(dep))
     assert gate["verdict"] == "pass" and "1/1 replicas available and updated" in gate["checks"][0]["reason"]
     assert gate["checks"][0]["threshold"] == "== 1 (spec.replicas)"
+    dep["spec"]["replicas"] = None   # written out as null
+    assert "1/1 replicas available and updated" in run(params(READY), reader=FakeReader(dep))["checks"][0]["reason"]
+
+
+def test_workload_ready_when_the_status_omits_updated_replicas():
+    dep = deployment()
+    del dep["status"]["updatedReplicas"]
+    gate = run(params(READY), reader=FakeReader(dep))
+    assert gate["verdict"] == "fail" and "3/3 replicas available, 0 updated" in gate["checks"][0]["reason"]
 
 
 def test_workload_ready_min_available_boundary():
@@ -1177,6 +1186,8 @@ def test_long_answers_are_cut_in_messages():
     long_list = list(range(100))
     assert cc.json_subset_mismatch({"a": 1}, long_list) == "$: expected an object, got " + json.dumps(long_list)[:100]
     assert cc.json_subset_mismatch([long_list], [1]) == "$[0]: no element matches " + json.dumps(long_list)[:100]
+    assert cc.json_subset_mismatch([1], {"a": long_list}) == "$: expected a list, got " + json.dumps({"a": long_list})[:100]
+    assert cc.json_subset_mismatch({"v": 1}, {"v": long_list}) == "$.v: expected 1, got " + json.dumps(long_list)[:100]
     gate = run(params(dict(name="h", type="http", url="http://x/", expect_json={"ok": True})), http=transport_answering(200, b"<" * 250))
     assert gate["checks"][0]["reason"] == "GET http://x/ answered HTTP 200 but not JSON: " + "<" * 200
 
