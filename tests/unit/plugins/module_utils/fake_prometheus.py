@@ -55,6 +55,8 @@ _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * 
 
 def bucket_quantile(q, buckets):
     """Prometheus's histogram_quantile for one series' buckets [(upper bound, cumulative count)]."""
+    if math.isnan(q) or q < 0 or q > 1:
+        return math.nan if math.isnan(q) else math.copysign(math.inf, q)
     buckets = sorted(buckets)
     if not buckets or not math.isinf(buckets[-1][0]) or len(buckets) < 2:
         return math.nan

@@ -314,6 +314,8 @@ def test_multiple_series_every_one_must_pass_and_the_worst_is_reported():
     c = gate["checks"][0]
     assert c["verdict"] == "fail" and c["value"] == 12.0
     assert "worst of 3 series: __name__=per_pod,pod=b" in c["reason"]
+    gate = run(params(dict(check, max=20)), prom)
+    assert gate["verdict"] == "pass" and gate["checks"][0]["value"] == 12.0   # all within max: the highest is reported
     gate = run(params(dict(check, max=None, min=2)), prom)
     assert gate["checks"][0]["value"] == 1.0 and gate["verdict"] == "fail"
 
