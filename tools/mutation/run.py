@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -378,7 +379,9 @@ def main(argv=None):
     if args.jobs < 1:
         parser.error("--jobs: 1 or more")
     summary = [run_file(name, equivalents, args.survivors_only, args.timeout, args.jobs, args.resume) for name in args.files]
-    print("\nmutation score (equivalent mutants excluded), %.0f min:" % ((time.monotonic() - started) / 60))
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print("\nmutation score (equivalent mutants excluded), %.0f min (%.0f CPU min):"
+          % ((time.monotonic() - started) / 60, (used.ru_utime + used.ru_stime) / 60))
     for s in summary:
         print("  %-18s %5.1f %%  (%d mutants: %d killed, %d survived, %d equivalent)"
               % (s["file"], s["score"], s["mutants"], s["killed"], s["survived"], s["equivalent"]))
