@@ -1,4 +1,4 @@
-"""Mutation testing of the canary engine against tests/unit (`make mutation`; tools/mutation/README.md).
+"""Mutation testing of the canary engine against tests/unit (`make mutation`; README.md, "Mutation testing").
 
 Cosmic Ray (requirements/mutation.txt) makes the mutants: its parser, its operators and its mutation visitor.
 This script runs them, faster than `cosmic-ray exec` would on 2 cores: one parent process imports pytest,
