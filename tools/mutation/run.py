@@ -2,9 +2,10 @@
 
 Cosmic Ray (requirements/mutation.txt) makes the mutants: its parser, its operators and its mutation visitor.
 This script runs them, faster than `cosmic-ray exec` would on 2 cores: one parent process imports pytest,
-Ansible and the kubernetes client once, and every mutant's test run is a fork of it that runs
-`pytest -x tests/unit` in-process on a scratch copy of the collection (.build/mutation/<file>/), where
-the mutant is written. The work tree is never mutated, so it can be edited during a run.
+Ansible and the kubernetes client once, and every mutant's test run is a fork of it that runs `pytest -x`
+in-process, on the test files of tests/unit that import the mutated file (the others cannot fail on it), in a
+scratch copy of the collection (.build/mutation/<file>/) where the mutant is written. The work tree is never
+mutated, so it can be edited during a run.
 
 A mutant is killed when the unit tests fail (or time out) with it, survived when they pass. Mutants
 listed in tools/mutation/equivalents.yml (no test can tell them from the original; each with the reason)
