@@ -127,7 +127,8 @@ def test_healthy_rollout_walks_every_step_and_promotes():
     assert current_weights(store.route("payment", "shop", 1)) == {"v1": 0, "v2": 100}
     assert [e.get("action") for e in result["timeline"]] == ["advance", "advance", "advance", "promote", "promoted"]
     assert [(e["step"], e["weight"], e["seconds"]) for e in result["timeline"][:4]] == [(1, 5, 30.0), (2, 10, 30.0), (3, 25, 30.0), (4, 50, 30.0)]
-    assert result["timeline"][4]["step"] == 5 and result["timeline"][4]["weights"] == {"v1": 0, "v2": 100}
+    assert result["timeline"][4] == dict(step=5, weight=100, weights={"v1": 0, "v2": 100}, started="2023-11-14T22:15:20.000Z",
+                                         ended="2023-11-14T22:15:20.000Z", action="promoted")
     assert result["timeline"][0]["started"] == "2023-11-14T22:13:20.000Z" and result["timeline"][0]["ended"] == "2023-11-14T22:13:50.000Z"
     assert result["weights_before"] == {"v1": 100, "v2": 0} and result["weights_after"] == {"v1": 0, "v2": 100} and result["failures"] == 0
     assert sum(clock.slept) == pytest.approx(120.0)
