@@ -217,9 +217,20 @@ def test_files(tree, name):
     return found
 
 
-def run_tests(tree, timeout, log_path=None, first=None, files=(UNIT,)):
+def _cpu_seconds(pid):
+    """CPU time a running process has used (all its threads), from /proc."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / float(os.sysconf("SC_CLK_TCK"))
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def run_tests(tree, cpu_limit, log_path=None, first=None, files=(UNIT,)):
     """Run ``files`` (tests/unit) in a fork of this process inside ``tree`` (``first``: the engine file whose tests
-    go first); True when they pass."""
+    go first). Returns ("passed" | "failed" | "timeout", CPU seconds). The limit is on CPU time, not on the clock:
+    at the lowest priority beside a busy machine a run can wait minutes for a core without being slow itself."""
     pid = os.fork()
     if pid == 0:  # the child: pytest in-process, its output to the log or nowhere
         code = 3
@@ -233,15 +244,15 @@ def run_tests(tree, timeout, log_path=None, first=None, files=(UNIT,)):
             code = int(pytest.main(list(PYTEST_ARGS) + list(files), plugins=[_OwnTestsFirst(first)] if first else []))
         finally:
             os._exit(code)  # pylint: disable=protected-access
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + max(1800.0, 60 * cpu_limit)   # and a backstop on the clock (a mutant that sleeps)
     while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
+        done, status, usage = os.wait4(pid, os.WNOHANG)
         if done:
-            return os.waitstatus_to_exitcode(status) == 0
-        if time.monotonic() > deadline:
+            return ("passed" if os.waitstatus_to_exitcode(status) == 0 else "failed"), usage.ru_utime + usage.ru_stime
+        if _cpu_seconds(pid) > cpu_limit or time.monotonic() > deadline:
             os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return False  # a timeout counts as killed, as in Cosmic Ray
+            _pid, _status, usage = os.wait4(pid, 0)
+            return "timeout", usage.ru_utime + usage.ru_stime   # killed, as in Cosmic Ray; reported apart
         time.sleep(0.01)
 
 
@@ -267,7 +278,8 @@ def _worker(name, source, digest, tree, todo, files, timeout, progress_path, lis
         for i, m in enumerate(todo, 1):
             with open(target, "w") as f:
                 f.write(m["source"])
-            outcome = "survived" if run_tests(tree, timeout, first=name, files=files) else "killed"
+            result, _cpu = run_tests(tree, timeout, first=name, files=files)
+            outcome = dict(passed="survived", failed="killed", timeout="timeout")[result]
             with open(target, "w") as f:
                 f.write(source)
             progress.write(json.dumps(dict(sha256=digest, key=list(_key(m)), outcome=outcome)) + "\n")
@@ -290,9 +302,10 @@ def run_file(name, equivalents, survivors_only=False, timeout=None, jobs=1, resu
     trees = [os.path.join(WORK, stem if j == 0 else "%s-%d" % (stem, j)) for j in range(jobs)]
     for tree in trees:
         make_tree(tree)
-    if not run_tests(trees[0], 600, log_path=os.path.join(WORK, stem + ".baseline.log")):
+    result, cpu = run_tests(trees[0], 600, log_path=os.path.join(WORK, stem + ".baseline.log"))
+    if result != "passed":
         raise SystemExit("tests/unit fail without any mutant; see %s" % os.path.join(WORK, stem + ".baseline.log"))
-    timeout = timeout or max(30.0, 10 * (time.monotonic() - started))
+    timeout = timeout or max(20.0, 10 * cpu)
     files = test_files(trees[0], name)
     print("%s: mutants run against %s (the files of %s that import it)" % (name, ", ".join(files), UNIT), flush=True)
     previous = {}
@@ -300,7 +313,8 @@ def run_file(name, equivalents, survivors_only=False, timeout=None, jobs=1, resu
         with open(results_path) as f:
             old = json.load(f)
         if old.get("sha256") == digest:   # killed stays killed; survivors are tested again
-            previous = dict(((r["operator"], r["code"], r["key"][2], r["mutated"]), r["outcome"]) for r in old["mutants"] if r["outcome"] == "killed")
+            previous = dict(((r["operator"], r["code"], r["key"][2], r["mutated"]), r["outcome"]) for r in old["mutants"]
+                            if r["outcome"] in ("killed", "timeout"))
     if resume:
         previous.update(_read_progress(progress_path, digest))
     else:
@@ -346,13 +360,16 @@ def run_file(name, equivalents, survivors_only=False, timeout=None, jobs=1, resu
 
 def report(name, records, listed, stale, seconds):
     equivalent = [r for r in records if tuple(r["key"]) in listed]
-    killed_equivalent = [r for r in equivalent if r["outcome"] == "killed"]
+    killed_equivalent = [r for r in equivalent if r["outcome"] != "survived"]
     counted = [r for r in records if tuple(r["key"]) not in listed]
-    killed = [r for r in counted if r["outcome"] == "killed"]
+    killed = [r for r in counted if r["outcome"] != "survived"]
+    timeouts = [r for r in killed if r["outcome"] == "timeout"]
     survived = [r for r in counted if r["outcome"] == "survived"]
     score = 100.0 * len(killed) / len(counted) if counted else 100.0
-    print("%s: %d mutants, %d equivalent (excluded), %d killed, %d survived: score %.1f %% (%.0f s)"
-          % (name, len(records), len(equivalent), len(killed), len(survived), score, seconds))
+    print("%s: %d mutants, %d equivalent (excluded), %d killed (%d by the CPU time limit), %d survived: score %.1f %% (%.0f s)"
+          % (name, len(records), len(equivalent), len(killed), len(timeouts), len(survived), score, seconds))
+    for r in sorted(timeouts, key=lambda r: (r["line"], r["operator"])):
+        print("  timeout   %s:%d  %s: %s  ->  %s" % (name, r["line"], r["operator"], r["code"], r["mutated"]))
     for r in sorted(survived, key=lambda r: (r["line"], r["operator"])):
         print("  survived  %s:%d  %s\n            %s\n         -> %s" % (name, r["line"], r["operator"], r["code"], r["mutated"]))
     for r in killed_equivalent:
@@ -367,7 +384,7 @@ def main(argv=None):
     parser.add_argument("files", nargs="*", default=list(ENGINE), help="engine files (default: %s)" % ", ".join(ENGINE))
     parser.add_argument("--survivors-only", action="store_true", help="retest only the mutants that survived the last run of an unchanged file")
     parser.add_argument("--fail-under", type=float, default=90.0, help="exit 1 when a file scores below this percentage (default 90)")
-    parser.add_argument("--timeout", type=float, help="seconds one test run may take (default: 10 times the unmutated run, at least 30)")
+    parser.add_argument("--timeout", type=float, help="CPU seconds one test run may use (default: 10 times the unmutated run, at least 20)")
     parser.add_argument("--jobs", type=int, default=1, help="mutants tested at once, each in its own scratch copy (default 1)")
     parser.add_argument("--resume", action="store_true", help="go on from where an interrupted run of an unchanged file stopped")
     args = parser.parse_args(argv)
