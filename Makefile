@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PATH := $(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: setup test demo units integration static molecule sanity lint clean
+.PHONY: setup test demo units integration static molecule sanity lint mutation clean
 
 setup:
 	@bash tools/bootstrap.sh
@@ -36,6 +36,16 @@ lint: setup
 
 molecule: setup
 	$(PY) -m pytest tests/layers/test_molecule.py $(PYTEST_ARGS)
+
+## Mutation testing of the canary engine against tests/unit (tools/mutation/run.py): the score per file and the
+## surviving mutants. Not part of `make test`: about half an hour on 2 cores, at the lowest CPU priority.
+## MUTATION_ARGS: e.g. `rollout.py`, or `--survivors-only` to retest only the last run's survivors.
+MUTATION_STAMP := $(VENV)/.mutation-requirements.sha256
+mutation: setup
+	@want=$$(sha256sum requirements/mutation.txt | cut -d' ' -f1); \
+	  if [ "$$(cat $(MUTATION_STAMP) 2>/dev/null)" != "$$want" ]; then \
+	    $(PY) -m pip install -q -r requirements/mutation.txt && echo "$$want" > $(MUTATION_STAMP); fi
+	nice -n 19 $(PY) tools/mutation/run.py $(MUTATION_ARGS)
 
 clean:
 	rm -rf .build tests/output .pytest_cache

@@ -22,11 +22,15 @@ class FailJson(Exception):
 @pytest.fixture(autouse=True)
 def exits(monkeypatch):
     def exit_json(self, **kwargs):
-        raise ExitJson(kwargs)
+        exc = ExitJson(kwargs)
+        exc.module = self   # the AnsibleModule, e.g. for the values it keeps out of logs (no_log_values)
+        raise exc
 
     def fail_json(self, **kwargs):
         kwargs["failed"] = True
-        raise FailJson(kwargs)
+        exc = FailJson(kwargs)
+        exc.module = self
+        raise exc
 
     monkeypatch.setattr(basic.AnsibleModule, "exit_json", exit_json)
     monkeypatch.setattr(basic.AnsibleModule, "fail_json", fail_json)

@@ -14,27 +14,23 @@ from ansible.module_utils.testing import patch_module_args
 from ansible_collections.onprem.mesh.tests.unit.plugins.modules.module_exits import ExitJson, FailJson
 from ansible_collections.onprem.mesh.plugins.module_utils import canary_checks
 from ansible_collections.onprem.mesh.plugins.modules import canary_gate
+from ansible_collections.onprem.mesh.tests.unit.plugins.module_utils.fake_prometheus import FakePrometheus
 
 
-def prometheus_answers(success_rate="99.9", latency="120", requests="500", status=200, error=None):
-    """A fake urls transport answering /api/v1/query like Prometheus."""
-    seen = []
-
-    def transport(url, method="GET", headers=None, data=None, validate_certs=True, timeout=10):
-        seen.append(dict(url=url, headers=headers, validate_certs=validate_certs))
-        if status != 200:
-            return status, json.dumps({"status": "error", "errorType": "bad_data", "error": error}).encode()
-        if "increase" in url:
-            value = requests
-        elif "histogram_quantile" in url:
-            value = latency
-        else:
-            value = success_rate
-        result = [] if value is None else [{"metric": {}, "value": [1700000000, value]}]
-        return 200, json.dumps({"status": "success", "data": {"resultType": "vector", "result": result}}).encode()
-
-    transport.seen = seen
-    return transport
+def prometheus_answers(good=999, errors=1, p99=120):
+    """Prometheus (the unit tests' FakePrometheus) holding the canary's Istio series: ``good`` non-5xx and ``errors`` 5xx
+    requests in the window (None: no series), ``p99`` ms. The module reaches it through its own client;
+    ``transport`` answers /api/v1/query, ``requests`` records what was sent."""
+    prom = FakePrometheus(url="http://127.0.0.1:9090")
+    labels = dict(reporter="destination", destination_workload_namespace="shop", destination_workload="reviews-v2", destination_version="v2")
+    if good is not None:
+        prom.add("istio_requests_total", good, response_code="200", **labels)
+    if errors is not None:
+        prom.add("istio_requests_total", errors, response_code="503", **labels)
+    if p99 is not None:
+        for le, count in ((repr(float(p99)), 98), ("+Inf", 100)):
+            prom.add("istio_request_duration_milliseconds_bucket", count, le=le, **labels)
+    return prom
 
 
 ARGS = dict(prometheus_url="http://127.0.0.1:9090", namespace="shop", workload="reviews-v2", version="v2",
@@ -42,7 +38,7 @@ ARGS = dict(prometheus_url="http://127.0.0.1:9090", namespace="shop", workload="
             checks=[dict(name="errors", type="success_rate", min=99), dict(name="p99", type="latency", max=500)])
 
 
-def run_module(monkeypatch, args, transport=None, check_mode=False):
+def run_module(monkeypatch, args, transport=None, check_mode=False, module=None):
     if transport is not None:
         monkeypatch.setattr(canary_checks, "urls_transport", transport)
     args = dict(args)
@@ -51,24 +47,26 @@ def run_module(monkeypatch, args, transport=None, check_mode=False):
     with patch_module_args(args):
         with pytest.raises((ExitJson, FailJson)) as res:
             canary_gate.main()
+    if module is not None:
+        module.append(res.value.module)
     return res.value.args[0], isinstance(res.value, FailJson)
 
 
 def test_healthy_canary_passes(monkeypatch):
-    transport = prometheus_answers()
-    result, failed = run_module(monkeypatch, ARGS, transport)
+    prom = prometheus_answers()
+    result, failed = run_module(monkeypatch, ARGS, prom.transport)
     assert not failed and result["changed"] is False and result["verdict"] == "pass"
     assert [(c["name"], c["value"]) for c in result["checks"]] == [("errors", 99.9), ("p99", 120.0)]
-    assert 'destination_version%3D%22v2%22' in transport.seen[0]["url"]
+    assert 'destination_version%3D%22v2%22' in prom.requests[0]["url"]
 
 
 def test_check_mode_runs_the_checks_too(monkeypatch):
-    result, failed = run_module(monkeypatch, ARGS, prometheus_answers(), check_mode=True)
+    result, failed = run_module(monkeypatch, ARGS, prometheus_answers().transport, check_mode=True)
     assert not failed and result["verdict"] == "pass" and result["changed"] is False
 
 
 def test_failing_verdict_fails_the_task_naming_checks_and_values(monkeypatch):
-    result, failed = run_module(monkeypatch, ARGS, prometheus_answers(success_rate="80"))
+    result, failed = run_module(monkeypatch, ARGS, prometheus_answers(good=80, errors=20).transport)
     assert failed and result["verdict"] == "fail"
     assert result["msg"].startswith("canary gate verdict fail: errors (success_rate): fail - 80 % is not >= 99 %")
     assert "p99" not in result["msg"]
@@ -76,41 +74,65 @@ def test_failing_verdict_fails_the_task_naming_checks_and_values(monkeypatch):
 
 
 def test_fail_on_verdict_false_returns_the_verdict(monkeypatch):
-    result, failed = run_module(monkeypatch, dict(ARGS, fail_on_verdict=False), prometheus_answers(latency="900"))
+    result, failed = run_module(monkeypatch, dict(ARGS, fail_on_verdict=False), prometheus_answers(p99=900).transport)
     assert not failed and result["verdict"] == "fail" and result["checks"][1]["value"] == 900.0
 
 
 def test_inconclusive_verdict_also_fails_the_task(monkeypatch):
-    result, failed = run_module(monkeypatch, dict(ARGS, on_still_inconclusive="inconclusive"), prometheus_answers(success_rate=None))
+    result, failed = run_module(monkeypatch, dict(ARGS, on_still_inconclusive="inconclusive"), prometheus_answers(good=None, errors=None, p99=None).transport)
     assert failed and result["verdict"] == "inconclusive" and "canary gate verdict inconclusive" in result["msg"]
 
 
 def test_bad_promql_quotes_prometheus(monkeypatch):
     args = dict(ARGS, checks=[dict(name="q", type="promql", query="sum(x", max=1)])
-    result, failed = run_module(monkeypatch, args, prometheus_answers(status=400, error="parse error: unclosed left parenthesis"))
-    assert failed and "HTTP 400 bad_data: parse error: unclosed left parenthesis" in result["msg"] and "sum(x" in result["msg"]
+    result, failed = run_module(monkeypatch, args, prometheus_answers().transport)
+    assert failed and "rejected the query (HTTP 400 bad_data: parse error: " in result["msg"] and result["msg"].endswith("Fix the PromQL: sum(x")
 
 
 def test_spec_error_is_a_clear_failure(monkeypatch):
     args = dict(ARGS, checks=[dict(name="errors", type="success_rate", min=99), dict(name="lat", type="latency")])
-    result, failed = run_module(monkeypatch, args, prometheus_answers())
+    result, failed = run_module(monkeypatch, args, prometheus_answers().transport)
     assert failed
     assert result["msg"] == ("invalid canary checks: checks[1].max: latency check needs max (milliseconds), e.g. max: 500")
 
 
+def test_argument_spec_requires_a_name_and_a_type_for_every_check(monkeypatch):
+    result, failed = run_module(monkeypatch, dict(ARGS, checks=[dict(type="success_rate", min=99)]), prometheus_answers().transport)
+    assert failed and result["msg"] == "missing required arguments: name found in checks"
+    result, failed = run_module(monkeypatch, dict(ARGS, checks=[dict(name="errors", min=99)]), prometheus_answers().transport)
+    assert failed and result["msg"] == "missing required arguments: type found in checks"
+
+
 def test_argument_spec_rejects_wrong_choice(monkeypatch):
     args = dict(ARGS, checks=[dict(name="x", type="nope")])
-    result, failed = run_module(monkeypatch, args, prometheus_answers())
+    result, failed = run_module(monkeypatch, args, prometheus_answers().transport)
     assert failed and "type" in result["msg"] and "nope" in result["msg"]
 
 
 def test_prometheus_headers_are_sent_and_not_logged(monkeypatch):
-    transport = prometheus_answers()
+    prom = prometheus_answers()
     args = dict(ARGS, prometheus_headers={"Authorization": "Bearer s3cr3t-token"}, prometheus_validate_certs=False)
-    result, failed = run_module(monkeypatch, args, transport)
+    module = []
+    result, failed = run_module(monkeypatch, args, prom.transport, module=module)
     assert not failed
-    assert transport.seen[0]["headers"]["Authorization"] == "Bearer s3cr3t-token" and transport.seen[0]["validate_certs"] is False
-    assert "s3cr3t-token" not in json.dumps(result)
+    assert prom.requests[0]["headers"]["Authorization"] == "Bearer s3cr3t-token" and prom.requests[0]["validate_certs"] is False
+    assert "s3cr3t-token" not in json.dumps(result) and "Bearer s3cr3t-token" in module[0].no_log_values
+
+
+def test_http_check_headers_are_sent_and_kept_out_of_logs(monkeypatch):
+    seen = []
+
+    def transport(url, method="GET", headers=None, data=None, validate_certs=True, timeout=10):
+        seen.append(dict(url=url, headers=headers, validate_certs=validate_certs))
+        return 200, b"approved"
+
+    module = []
+    args = dict(ARGS, prometheus_url=None, checks=[dict(name="approval", type="http", url="https://deploy.example/approve",
+                                                        headers={"Authorization": "Bearer hook-s3cr3t"})])
+    result, failed = run_module(monkeypatch, args, transport, module=module)
+    assert not failed and result["verdict"] == "pass"
+    assert seen == [dict(url="https://deploy.example/approve", headers={"Authorization": "Bearer hook-s3cr3t"}, validate_certs=True)]
+    assert "Bearer hook-s3cr3t" in module[0].no_log_values   # Ansible masks it in every output and log
 
 
 def test_workload_checks_build_the_api_client(monkeypatch):
@@ -150,5 +172,5 @@ def test_prometheus_only_gate_needs_no_kubernetes(monkeypatch):
         raise AssertionError("no Kubernetes connection for Prometheus checks")
 
     monkeypatch.setattr(canary_gate, "build_api_client", build)
-    result, failed = run_module(monkeypatch, ARGS, prometheus_answers())
+    result, failed = run_module(monkeypatch, ARGS, prometheus_answers().transport)
     assert not failed

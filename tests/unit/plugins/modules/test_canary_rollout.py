@@ -6,6 +6,8 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import time
+
 import pytest
 
 from ansible.module_utils.testing import patch_module_args
@@ -45,7 +47,9 @@ def test_traffic_split_check_mode_with_diff(store):
 
 def test_traffic_split_route_name_and_index_are_exclusive(store):
     out = run(traffic_split, dict(name="payment", namespace="shop", route_name="primary", route_index=0, weights={"v1": 100}))
-    assert out["failed"] and "mutually exclusive" in out["msg"]
+    # refused by the argument spec, before any call to the API (the engine's own check is in test_traffic)
+    assert out["failed"] and out["msg"] == "parameters are mutually exclusive: route_name|route_index"
+    assert store.calls == {"read": 0, "write": 0}
 
 
 def test_canary_rollout_needs_a_check(store):
@@ -74,3 +78,22 @@ def test_canary_rollout_bad_check_names_the_field(store):
                 prometheus_url="http://127.0.0.1:9")
     out = run(canary_rollout, args)
     assert out["failed"] and out["msg"].startswith("invalid canary checks: checks[0].max")
+
+
+def test_the_virtualservice_name_is_required(store):
+    out = run(traffic_split, dict(namespace="shop", weights={"v1": 100}))
+    assert out["failed"] and out["msg"] == "missing required arguments: name" and store.calls == {"read": 0, "write": 0}
+
+
+def test_traffic_split_retries_five_conflicts_by_default(store, monkeypatch):
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+    counter = {"n": 0}
+
+    def other_writer(obj):
+        counter["n"] += 1
+        obj["spec"]["http"][0]["route"][0]["weight"] = 100 - counter["n"]
+        obj["spec"]["http"][0]["route"][1]["weight"] = counter["n"]
+
+    store.interfere.extend([other_writer] * 6)
+    out = run(traffic_split, dict(name="payment", namespace="shop", weights={"v1": 50, "v2": 50}))
+    assert out["failed"] and "6 attempts met a conflict" in out["msg"]
