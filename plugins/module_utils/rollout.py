@@ -16,6 +16,16 @@ What the rollout records on the VirtualService (annotations, so a rerun can pick
 ``mesh.onprem.io/canary-lease``
     JSON: holder and expiry. Another run refuses to start while an unexpired lease is held by
     someone else, unless forced. Renewed with every step's write, dropped at the end.
+``mesh.onprem.io/canary-command``
+    JSON: an operator's command to the running rollout (``abort``, ``pause``, ``resume``, ``promote``, with an
+    ``id``, ``by``, ``at`` and ``reason``), posted by ``operator_command`` (the canary_command module). The
+    running rollout looks for it every ``command_every`` seconds, acts on it, removes it and records its ``id``
+    in the state (``command``), which is how the poster knows it was done.
+
+Cancel and kill: ``Cancelled`` (raised by the module's SIGTERM/SIGINT/SIGHUP handler, or by the ``alive``
+check when the job that started the module has died) ends the rollout by ``on_cancel``: ``rollback`` (all
+traffic to stable) or ``hold`` (the weights as they are); either way the lease is released and the state
+records why. ``abandoned`` does the same from another process for a module that was killed outright.
 
 Every step costs one write (weights, state and lease in one JSON patch) and one read before it,
 plus the reads of waiting for the mesh when that is asked for.
@@ -43,7 +53,9 @@ from ansible_collections.onprem.mesh.plugins.module_utils.traffic import Traffic
 
 STATE_ANNOTATION = "mesh.onprem.io/canary-rollout"
 LEASE_ANNOTATION = "mesh.onprem.io/canary-lease"
-ACTIVE_PHASES = ("progressing", "held")
+COMMAND_ANNOTATION = "mesh.onprem.io/canary-command"
+ACTIVE_PHASES = ("progressing", "held", "paused")
+COMMANDS = ("abort", "pause", "resume", "promote")
 
 
 class RolloutError(TrafficError):
@@ -67,6 +79,15 @@ class ConcurrentChange(RolloutError):
         super(ConcurrentChange, self).__init__(message)
         self.changes = list(changes)
         self.obj = obj
+
+
+class Cancelled(BaseException):
+    """The job was cancelled (a signal) or died: end the rollout by ``on_cancel``. A BaseException, like
+    KeyboardInterrupt, so that no ``except Exception`` on the way takes it for an error of the step."""
+
+    def __init__(self, reason):
+        super(Cancelled, self).__init__(reason)
+        self.reason = reason
 
 
 def format_weights(weights):
@@ -197,6 +218,10 @@ def probe_checks(check_params):
     return params
 
 
+def _fmt(number):
+    return "%d" % number if float(number).is_integer() else "%s" % number
+
+
 def iso(timestamp):
     return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
 
@@ -218,11 +243,14 @@ class Rollout:
 
     def __init__(self, change, gate, stable, canary, steps, on_failure="rollback", failure_limit=0,
                  wait_for_mesh=False, mesh_timeout=60.0, lease_seconds=None, force=False, restart=False,
-                 holder=None, now=time.time, sleep=time.sleep, poll_interval=0.5, log=None, probe=None, probe_every=0):
+                 holder=None, now=time.time, sleep=time.sleep, poll_interval=0.5, log=None, probe=None, probe_every=0,
+                 on_cancel="rollback", alive=None, tick=None, command_every=None, pause_timeout=3600.0):
         if stable == canary:
             raise RolloutError("stable and canary name the same subset %r; the canary must be another subset" % stable)
         if on_failure not in ("rollback", "hold"):
             raise RolloutError("on_failure: rollback or hold, got %r" % on_failure)
+        if on_cancel not in ("rollback", "hold"):
+            raise RolloutError("on_cancel: rollback or hold, got %r" % on_cancel)
         if isinstance(failure_limit, bool) or not isinstance(failure_limit, int) or failure_limit < 0:
             raise RolloutError("failure_limit: a whole number of failed analyses to tolerate (0 or more), got %r" % failure_limit)
         self.change = change
@@ -244,7 +272,13 @@ class Rollout:
         self.log = log or (lambda message: None)
         self.probe = probe
         self.probe_every = probe_every
+        self.on_cancel = on_cancel
+        self.alive = alive                  # None, or a function: None while the job lives, else why it is gone
+        self.tick = tick                    # seconds between two calls of alive() while waiting (None: only between steps)
+        self.command_every = command_every  # seconds between two looks for an operator's command (None: never look)
+        self.pause_timeout = pause_timeout
         self.timeline = []
+        self._ack = None        # the operator command this run acts on, recorded in the state with the next write
         self._started = False   # this run has written
         self._expected = None   # what the rollout expects of its own fields at the next write (see _remember)
         self._step_index = 0
@@ -287,9 +321,17 @@ class Rollout:
                      failures=failures, updated=iso(self.now()), holder=self.holder)
         if reason:
             state["reason"] = reason
+        changes = {}
+        tested = (STATE_ANNOTATION, LEASE_ANNOTATION)
+        if self._ack is not None:  # the operator's command is done: record its id; remove it unless a newer one replaced it
+            state["command"] = dict((k, self._ack.get(k)) for k in ("id", "command", "by", "at") if self._ack.get(k) is not None)
+            posted = parse_annotation(vs, COMMAND_ANNOTATION)
+            if posted is not None and posted.get("id") == self._ack.get("id"):
+                changes[COMMAND_ANNOTATION] = None
+                tested += (COMMAND_ANNOTATION,)
         lease = None if release else json.dumps(dict(holder=self.holder, expires=round(self.now() + self._lease_ttl(interval), 3)), sort_keys=True)
-        return annotation_tests(vs, (STATE_ANNOTATION, LEASE_ANNOTATION)) + annotation_ops(
-            vs, {STATE_ANNOTATION: json.dumps(state, sort_keys=True), LEASE_ANNOTATION: lease})
+        changes.update({STATE_ANNOTATION: json.dumps(state, sort_keys=True), LEASE_ANNOTATION: lease})
+        return annotation_tests(vs, tested) + annotation_ops(vs, changes)
 
     # -- what the rollout owns, and other writers --------------------------------------------------
     def _remember(self, obj):
@@ -425,6 +467,8 @@ class Rollout:
         base["schedule"] = schedule
         try:
             return self._steps(base, schedule, index, failures)
+        except Cancelled as exc:  # SIGTERM, Ctrl-C, AWX's cancel, or the job that ran the module died
+            return self._cancelled(base, exc, failures)
         except Exception as exc:  # an API error or a crashed check in the middle: do not leave the canary half-shifted
             if not self._started:
                 self._not_started(exc, dict(base, timeline=self.timeline, failures=failures))
@@ -475,7 +519,7 @@ class Rollout:
         error.result = outcome
         raise error
 
-    def _not_written(self, base, reason, exc, failures, index, first=None):
+    def _not_written(self, base, reason, exc, failures, index, first=None, policy=None):
         """The RolloutError for an on_failure write that failed: the canary keeps its share; say which and why."""
         if isinstance(exc, LeaseHeld):
             return self._stopped(base, failures, "%s; then %s" % (reason, exc), obj=exc.obj)
@@ -485,10 +529,11 @@ class Rollout:
         detail = "it was refused the same way (HTTP %s)" % exc.status if same else str(exc)
         advice = ("Fix the cause and rerun with the same options: it resumes at the recorded step (this run's lease, %s, stands until it expires"
                   " unless the rerun sets force: true); or set the weights with onprem.mesh.traffic_split" % self.holder)
+        policy = policy or self.on_failure
         self.timeline.append(dict(step=index + 1, weights=weights, started=iso(self.now()), ended=iso(self.now()), action="stopped",
-                                  reason="%s; the %s was not written: %s" % (reason, self.on_failure, detail)))
+                                  reason="%s; the %s was not written: %s" % (reason, policy, detail)))
         error = RolloutError("canary %s still gets %s %% of the traffic (weights %s: %s): %s; the %s that should have followed was not written: %s. %s"
-                             % (self.canary, weights.get(self.canary, 0), how, format_weights(weights), reason, self.on_failure, detail, advice))
+                             % (self.canary, weights.get(self.canary, 0), how, format_weights(weights), reason, policy, detail, advice))
         error.result = dict(base, changed=True, result="stopped", reason=reason, weights_after=weights, timeline=self.timeline, failures=failures)
         return error
 
@@ -498,6 +543,7 @@ class Rollout:
             self._step_index = index
             step = self.steps[index]
             entry = dict(step=index + 1, weight=step["weight"], weights=self.weights(step["weight"]), started=iso(self.now()))
+            self._check_alive()  # no traffic shift without a living job
             started = self.now()
             reads_before = dict(getattr(self.change.store, "calls", {}))
             try:
@@ -518,6 +564,11 @@ class Rollout:
                 entry["mesh_ready"] = iso(self.now())
             token = self.gate.start_window()
             gate = self._watch(started + step["interval"])
+            if gate is not None and gate.get("command"):
+                outcome = self._on_command(base, gate, index, failures, entry)
+                if outcome is not None:
+                    return outcome
+                continue  # resumed: the step starts again, with a fresh window
             if gate is None:
                 gate = self.gate.evaluate(token)
             else:
@@ -539,17 +590,8 @@ class Rollout:
                 return self._fail(base, index, failures, reason, step["interval"])
             entry["action"] = "retry"
             self.log("failed analysis %d of %d tolerated: %s" % (failures, self.failure_limit, reason))
-        self._step_index = len(self.steps)
-        entry = dict(step=len(self.steps) + 1, weight=100, weights=self.weights(100), started=iso(self.now()))
-        try:
-            written = self._write(100, "promoted", len(self.steps), failures, release=True)
-        except ConcurrentChange as exc:
-            return self._concurrent_change(base, entry, exc, len(self.steps), failures, 60)
-        entry.update(ended=iso(self.now()), action="promoted")
-        if written["attempts"] > 1:
-            entry["conflicts"] = written["attempts"] - 1
-        self.timeline.append(entry)
-        return dict(base, changed=True, result="promoted", weights_after=self.weights(100), timeline=self.timeline, failures=failures)
+        self._check_alive()
+        return self._promote(base, failures)
 
     def _concurrent_change(self, base, entry, exc, index, failures, interval):
         """Another client changed the rollout's own fields: record it in the timeline, then on_failure."""
@@ -560,21 +602,197 @@ class Rollout:
         return self._fail(base, min(index, len(self.steps) - 1), failures, str(exc), interval, vs=exc.obj)
 
     def _watch(self, deadline):
-        """Sleep until ``deadline`` (the step's start plus its interval, so a rollout takes the sum of its
-        intervals). With a probe, look every ``probe_every`` seconds on the way and return at once the
-        first probe result that *fails*; a probe's pass or inconclusive decides nothing, the full
-        analysis at the deadline does. Returns None when nothing failed early."""
+        """Wait until ``deadline`` (the step's start plus its interval, so a rollout takes the sum of its intervals).
+        On the way: every ``tick`` seconds, that the job still lives (``alive``; raises Cancelled when not); every
+        ``command_every`` seconds, a look at the VirtualService for an operator's command or a takeover; with a
+        probe, every ``probe_every`` seconds the probe, whose first *failing* result is returned at once (a probe's
+        pass or inconclusive decides nothing, the full analysis at the deadline does). Returns None when the
+        deadline came with nothing to act on, the failing probe result, or the command (a dict with ``command``)."""
+        start = self.now()
+        next_probe = start + self.probe_every if self.probe and self.probe_every else None
+        next_look = start + self.command_every if self.command_every else None
         while True:
-            remaining = deadline - self.now()
-            if remaining <= 0:
+            now = self.now()
+            if now >= deadline:
                 return None
-            if not self.probe or not self.probe_every or remaining <= self.probe_every:
-                self.sleep(remaining)
+            wake = [deadline] + [t for t in (next_probe, next_look) if t is not None and t < deadline]
+            if self.tick:
+                wake.append(now + self.tick)
+            self.sleep(min(wake) - now)
+            self._check_alive()
+            now = self.now()
+            if now >= deadline:
                 return None
-            self.sleep(self.probe_every)
-            early = self.probe.evaluate(None)
-            if early.get("verdict") == "fail":
-                return early
+            if next_look is not None and now >= next_look:
+                next_look += self.command_every
+                command = self._look()
+                if command is not None:
+                    return command
+            if next_probe is not None and now >= next_probe:
+                next_probe += self.probe_every
+                early = self.probe.evaluate(None)
+                if early.get("verdict") == "fail":
+                    return early
+
+    def _check_alive(self):
+        if self.alive is not None:
+            gone = self.alive()
+            if gone:
+                raise Cancelled(gone)
+
+    def _look(self):
+        """One read of the VirtualService while waiting: another run's takeover stops this one (LeaseHeld); an operator's
+        command this run has not acted on yet is returned (a dict with ``command``)."""
+        vs = self.change.read()
+        self._check_taken_over(vs)
+        posted = parse_annotation(vs, COMMAND_ANNOTATION)
+        if posted and posted.get("command") in COMMANDS and posted.get("id") != (self._ack or {}).get("id"):
+            return dict(posted, vs=vs)
+        return None
+
+    # -- operator commands -------------------------------------------------------------------------
+    def _by(self, command):
+        return "%s by %s%s" % (command["command"], command.get("by") or "an operator",
+                               ": %s" % command["reason"] if command.get("reason") else "")
+
+    def _on_command(self, base, command, index, failures, entry):
+        """Act on an operator's command during step ``index``. Returns the rollout's result for abort and promote, or
+        None when the step is to start again (after pause and resume, or a resume that found nothing paused)."""
+        self._ack = command
+        vs = command.pop("vs", None)
+        what = command["command"]
+        entry.update(ended=iso(self.now()), action=what, command=dict((k, command.get(k)) for k in ("id", "by", "reason", "at") if command.get(k)))
+        self.timeline.append(entry)
+        self.log("operator command: %s" % self._by(command))
+        if what == "abort":
+            return self._abort(base, index, failures, "aborted (%s)" % self._by(command), vs)
+        if what == "promote":
+            return self._promote(base, failures, manual=command, vs=vs)
+        if what == "pause":
+            return self._pause(base, index, failures, command, vs)
+        self._write(None, "progressing", index, failures, interval=self.steps[index]["interval"], vs=vs)  # a resume with nothing paused
+        return None
+
+    def _abort(self, base, index, failures, reason, vs=None):
+        """All traffic to stable, the lease released, phase ``aborted`` - whatever on_failure says."""
+        self._failing = reason
+        written = self._write(0, "aborted", index, failures, reason=reason, release=True, final=True, vs=vs)
+        weights = current_weights(self.change.locate(written["object"])[2])
+        self.timeline.append(dict(step=index + 1, weight=0, weights=weights, started=iso(self.now()), ended=iso(self.now()),
+                                  action="aborted", reason=reason))
+        return dict(base, changed=True, result="aborted", reason=reason, weights_after=weights, timeline=self.timeline, failures=failures)
+
+    def _pause(self, base, index, failures, command, vs):
+        """Stay at step ``index`` with its weights until resume (the step starts again), abort, promote, or
+        ``pause_timeout`` (then a hold: the weights stay, the lease is released, a rerun resumes the step)."""
+        interval = self.steps[index]["interval"]
+        self._write(None, "paused", index, failures, reason="paused (%s)" % self._by(command), interval=self.pause_timeout, vs=vs)
+        deadline = self.now() + self.pause_timeout
+        every = self.command_every or self.poll_interval
+        next_look = self.now() + every
+        while True:
+            now = self.now()
+            if now >= deadline:
+                reason = "paused for longer than pause_timeout (%ss) at step %d (weight %d), without resume, abort or promote" % (
+                    _fmt(self.pause_timeout), index + 1, self.steps[index]["weight"])
+                return self._fail(base, index, failures, reason, interval, policy="hold")
+            self.sleep(min([next_look, deadline] + ([now + self.tick] if self.tick else [])) - now)
+            self._check_alive()
+            if self.now() < next_look:
+                continue
+            next_look += every
+            command = self._look()
+            if command is None:
+                continue
+            entry = dict(step=index + 1, weight=self.steps[index]["weight"], weights=self.weights(self.steps[index]["weight"]), started=iso(now))
+            if command["command"] == "pause":  # paused already: just say so
+                self._ack = command
+                self._write(None, "paused", index, failures, reason="paused (%s)" % self._by(command), interval=self.pause_timeout,
+                            vs=command.pop("vs"))
+                continue
+            if command["command"] == "resume":
+                self._ack = command
+                self.timeline.append(dict(entry, ended=iso(self.now()), action="resume", command=dict(
+                    (k, command.get(k)) for k in ("id", "by", "reason", "at") if command.get(k))))
+                self._write(None, "progressing", index, failures, interval=interval, vs=command.pop("vs"))
+                return None
+            return self._on_command(base, command, index, failures, entry)
+
+    def _promote(self, base, failures, manual=None, vs=None):
+        """100 % to the canary, the lease released, phase ``promoted`` (``manual``: the operator's promote command)."""
+        self._step_index = len(self.steps)
+        entry = dict(step=len(self.steps) + 1, weight=100, weights=self.weights(100), started=iso(self.now()))
+        reason = "promoted by hand (%s)" % self._by(manual) if manual else None
+        try:
+            written = self._write(100, "promoted", len(self.steps), failures, reason=reason, release=True, vs=vs)
+        except ConcurrentChange as exc:
+            return self._concurrent_change(base, entry, exc, len(self.steps), failures, 60)
+        entry.update(ended=iso(self.now()), action="promoted")
+        if manual:
+            entry["manual"] = True
+        if written["attempts"] > 1:
+            entry["conflicts"] = written["attempts"] - 1
+        self.timeline.append(entry)
+        result = dict(base, changed=True, result="promoted", weights_after=self.weights(100), timeline=self.timeline, failures=failures)
+        if manual:
+            result["promoted_by"] = dict((k, manual.get(k)) for k in ("id", "by", "reason", "at") if manual.get(k))
+            result["reason"] = reason
+        return result
+
+    # -- cancel and kill -----------------------------------------------------------------------------
+    def _cancelled(self, base, exc, failures):
+        """The job was cancelled or died: on_cancel (rollback or hold), the lease released; raises a RolloutError with
+        ``result`` ``cancelled`` (``on_cancel`` says which was done)."""
+        index = min(self._step_index, len(self.steps) - 1)
+        weight = self.steps[self._step_index]["weight"] if self._step_index < len(self.steps) else 100
+        reason = "cancelled (%s) at step %d (weight %d)" % (exc.reason, self._step_index + 1, weight)
+        if not self._started:
+            weights = base.get("weights_before") or {}
+            error = RolloutError("%s; this run wrote nothing: traffic stays %s (%s)" % (reason, format_weights(weights), self._share(weights)))
+            error.result = dict(base, changed=False, result="cancelled", on_cancel=self.on_cancel, reason=reason, weights_after=weights,
+                                timeline=self.timeline, failures=failures)
+            raise error
+        try:
+            vs = self.change.read()
+            state = parse_annotation(vs, STATE_ANNOTATION) or {}
+            if state.get("holder") == self.holder and state.get("phase") in ("promoted", "rolled_back", "aborted"):
+                # the write the signal interrupted had landed and ended the rollout: nothing left to undo
+                weights = current_weights(self.change.locate(vs)[2])
+                error = RolloutError("%s, after the rollout had ended %s: traffic now %s (%s)" % (
+                    reason, state["phase"].replace("_", " "), format_weights(weights), self._share(weights)))
+                error.result = dict(base, changed=True, result=state["phase"], reason=reason, weights_after=weights, timeline=self.timeline,
+                                    failures=failures)
+                raise error
+            outcome = self._fail(base, index, failures, reason, 60, vs=vs, policy=self.on_cancel)
+        except RolloutError:
+            raise
+        except Exception as second:  # pylint: disable=broad-except
+            raise self._not_written(base, reason, second, failures, index, policy=self.on_cancel)
+        outcome.update(result="cancelled", on_cancel=self.on_cancel)
+        after = outcome["weights_after"]
+        error = RolloutError("%s; %s: traffic now %s (%s)" % (
+            reason, "rolled back" if self.on_cancel == "rollback" else "held", format_weights(after), self._share(after)))
+        error.result = outcome
+        raise error
+
+    def abandoned(self, reason):
+        """For a run whose process was killed outright (SIGKILL: ansible-runner's and AWX's cancel kill the job's whole
+        process group), called from the process that outlived it (``job_watch.Guardian``): when the VirtualService
+        still records this run as active and its lease as this run's, apply on_cancel and release the lease.
+        Returns the phase written, or None when there was nothing of this run's to end."""
+        vs = self.change.read()
+        lease = parse_annotation(vs, LEASE_ANNOTATION) or {}
+        state = parse_annotation(vs, STATE_ANNOTATION) or {}
+        if lease.get("holder") != self.holder or state.get("holder") != self.holder or state.get("phase") not in ACTIVE_PHASES:
+            return None
+        self._started, self._expected, self._ack = True, None, None
+        index = min(max(int(state.get("step", 0)), 0), len(self.steps) - 1)
+        reason = "cancelled (%s) at step %d (weight %d)" % (reason, index + 1, self.steps[index]["weight"])
+        if self.on_cancel == "rollback":
+            self._write(0, "rolled_back", index, int(state.get("failures", 0)), reason=reason, release=True, final=True, vs=vs)
+            return "rolled_back"
+        self._write(None, "held", index, int(state.get("failures", 0)), reason=reason, release=True, final=True, vs=vs)
+        return "held"
 
     @staticmethod
     def _describe(gate):
@@ -582,7 +800,7 @@ class Rollout:
         return "; ".join("%s %s (value %s, threshold %s)" % (c.get("name"), c.get("verdict"), c.get("value"), c.get("threshold"))
                          for c in failed) or "verdict %s" % gate.get("verdict")
 
-    def _fail(self, base, index, failures, reason, interval, vs=None):
+    def _fail(self, base, index, failures, reason, interval, vs=None, policy=None):
         """on_failure: rollback (all traffic to stable) or hold (the weights as they are). Each is one guarded write,
         retried on conflicts; only another run's takeover of the lease stops it. A change another client made to the
         rollout's own fields since its last write is named in the reason (it is undone by a rollback, kept by a hold)."""
@@ -593,7 +811,7 @@ class Rollout:
             reason = "%s; meanwhile another client had changed %s" % (
                 reason, "; ".join("%s: found %s, the rollout had written %s" % c for c in changes))
             self._failing = reason
-        if self.on_failure == "rollback":
+        if (policy or self.on_failure) == "rollback":
             written = self._write(0, "rolled_back", index, failures, reason=reason, release=True, final=True, vs=vs)
             weights = current_weights(self.change.locate(written["object"])[2])
             self.timeline.append(dict(step=index + 1, weight=0, weights=weights, started=iso(self.now()), ended=iso(self.now()),
@@ -604,3 +822,128 @@ class Rollout:
         self.timeline.append(dict(step=index + 1, weight=live.get(self.canary, 0), weights=live, started=iso(self.now()), ended=iso(self.now()),
                                   action="held", reason=reason))
         return dict(base, changed=True, result="held", reason=reason, weights_after=live, timeline=self.timeline, failures=failures)
+
+
+# -- operator commands from outside the running rollout (the canary_command module) --------------------------------
+
+def command_status(vs, now):
+    """What the VirtualService records: ``(state, lease, live)``; ``live`` when a rollout holds an unexpired lease and
+    is progressing or paused - a running job that looks for commands."""
+    state = parse_annotation(vs, STATE_ANNOTATION)
+    lease = parse_annotation(vs, LEASE_ANNOTATION)
+    live = bool(state and lease and lease.get("holder") == state.get("holder") and float(lease.get("expires", 0)) > now
+                and state.get("phase") in ("progressing", "paused"))
+    return state, lease, live
+
+
+def _describe_state(state, lease, now):
+    if not state:
+        return "no rollout is recorded on it"
+    text = "the last rollout (canary %s, stable %s) is %s at step %s" % (state.get("canary"), state.get("stable"), state.get("phase"),
+                                                                      int(state.get("step", 0)) + 1)
+    if lease:
+        left = float(lease.get("expires", 0)) - now
+        text += ", its lease (%s) %s" % (lease.get("holder"), "expired %d s ago" % -left if left <= 0 else "runs %d s more" % left)
+    return text
+
+
+def operator_command(change, command, by=None, reason=None, check_mode=False, wait=True, timeout=60.0, now=time.time, sleep=time.sleep,
+                     poll_interval=1.0, command_id=None):
+    """Post ``command`` (abort, pause, resume, promote) to the rollout running on the VirtualService, or, with no rollout
+    running, do abort or promote directly (a run that died or was held: its canary and stable come from the state).
+
+    Returns a dict: changed, command, id, posted (to a running rollout) or direct, acknowledged, phase, weights_before,
+    weights_after, state. Raises RolloutError when the command makes no sense here, naming why and what to do."""
+    if command not in COMMANDS:
+        raise RolloutError("command: one of %s, got %r" % (", ".join(COMMANDS), command))
+    vs = change.read()
+    state, lease, live = command_status(vs, now())
+    where = "VirtualService %s/%s" % (change.namespace, change.name)
+    before = current_weights(change.locate(vs)[2])
+    base = dict(command=command, weights_before=before, state=state)
+    if state and state.get("phase") == "paused" and command == "pause" or state and state.get("phase") == "progressing" and command == "resume":
+        return dict(base, changed=False, acknowledged=True, phase=state.get("phase"), weights_after=before,
+                    msg="%s is already %s: nothing to do" % (where, state.get("phase")))
+    if not live:
+        if command in ("pause", "resume"):
+            raise RolloutError("command: no rollout is running on %s (%s); %s acts on a running rollout. A held or paused rollout whose job"
+                               " ended goes on when its job is run again with the same options (it resumes at the recorded step);"
+                               " abort or promote end it from here" % (where, _describe_state(state, lease, now()), command))
+        if not state or not state.get("canary") or not state.get("stable"):
+            raise RolloutError("command: %s: %s, so its canary and stable subsets are unknown; set the weights with"
+                               " onprem.mesh.traffic_split instead" % (where, _describe_state(state, lease, now())))
+        return _direct(change, vs, state, command, by, reason, check_mode, now, base, command_id)
+    posted = dict(command=command, id=command_id or uuid.uuid4().hex[:12], at=iso(now()))
+    if by:
+        posted["by"] = by
+    if reason:
+        posted["reason"] = reason
+    result = dict(base, changed=True, id=posted["id"], posted=True, holder=lease.get("holder"), weights_after=before)
+    if check_mode:
+        return dict(result, acknowledged=False, phase=state.get("phase"),
+                    msg="would post %s to the rollout %s running on %s" % (command, lease.get("holder"), where))
+    pending = parse_annotation(vs, COMMAND_ANNOTATION)
+
+    def guard(obj):
+        _s, _l, still = command_status(obj, now())
+        if not still:
+            raise RolloutError("command: the rollout on %s ended while the command was being posted (%s); nothing was posted"
+                               % (where, _describe_state(_s, _l, now())))
+
+    change.apply(None, validate=False, vs=vs, guard=guard,
+                 extra_ops=lambda obj: annotation_tests(obj, (COMMAND_ANNOTATION,)) + annotation_ops(
+                     obj, {COMMAND_ANNOTATION: json.dumps(posted, sort_keys=True)}))
+    if pending and pending.get("id") != posted["id"]:
+        result["replaced"] = pending
+    if not wait:
+        return dict(result, acknowledged=False, phase=state.get("phase"),
+                    msg="posted %s to the rollout %s running on %s; it acts on it within its watch interval" % (command, lease.get("holder"), where))
+    deadline = now() + timeout
+    while True:
+        sleep(poll_interval)
+        vs = change.read()
+        state = parse_annotation(vs, STATE_ANNOTATION) or {}
+        if (state.get("command") or {}).get("id") == posted["id"]:
+            weights = current_weights(change.locate(vs)[2])
+            return dict(result, acknowledged=True, phase=state.get("phase"), state=state, weights_after=weights,
+                        msg="the rollout %s acted on %s: phase %s, traffic now %s" % (lease.get("holder"), command, state.get("phase"),
+                                                                                   format_weights(weights)))
+        if now() >= deadline:
+            error = RolloutError("command: the rollout %s running on %s did not act on %s within %ss (wait_timeout); the command stays"
+                                 " posted and the rollout acts on it at its next look, unless its job is gone (then its lease expires at %s"
+                                 " and abort or promote act directly)" % (lease.get("holder"), where, command, _fmt(timeout),
+                                                                          iso(float(lease.get("expires", 0)))))
+            error.result = dict(result, acknowledged=False, phase=state.get("phase"), weights_after=current_weights(change.locate(vs)[2]))
+            raise error
+
+
+def _direct(change, vs, state, command, by, reason, check_mode, now, base, command_id):
+    """abort or promote with no rollout running: the weights (0 or 100 to the recorded canary), the state, no lease."""
+    canary, stable = state["canary"], state["stable"]
+    weight = 0 if command == "abort" else 100
+    weights = {stable: 100 - weight, canary: weight}
+    phase = "aborted" if command == "abort" else "promoted"
+    done = dict((k, v) for k, v in (("id", command_id or uuid.uuid4().hex[:12]), ("command", command), ("by", by), ("at", iso(now())))
+                if v is not None)
+    new_state = dict(state, phase=phase, updated=iso(now()), command=done,
+                     reason="%s by %s%s (no rollout was running)" % ("aborted" if command == "abort" else "promoted by hand",
+                                                                     by or "an operator", ": %s" % reason if reason else ""))
+
+    def guard(obj):
+        _s, lease, live = command_status(obj, now())
+        if live or lease and float(lease.get("expires", 0)) > now() and lease.get("holder") != state.get("holder"):
+            raise RolloutError("command: a rollout (%s) started on %s/%s meanwhile; rerun the command to send it there"
+                               % ((lease or {}).get("holder"), change.namespace, change.name))
+
+    def record(obj):
+        return annotation_tests(obj, (STATE_ANNOTATION, LEASE_ANNOTATION)) + annotation_ops(
+            obj, {STATE_ANNOTATION: json.dumps(new_state, sort_keys=True), LEASE_ANNOTATION: None, COMMAND_ANNOTATION: None})
+
+    if state.get("phase") == phase and current_weights(change.locate(vs)[2]) == weights:
+        return dict(base, changed=False, direct=True, acknowledged=True, phase=phase, weights_after=base["weights_before"],
+                    msg="already %s: traffic %s" % (phase, format_weights(base["weights_before"])))
+    written = change.apply(weights, check_mode=check_mode, vs=vs, guard=guard, extra_ops=record)
+    verb = "would set" if check_mode else "set"
+    return dict(base, changed=True, direct=True, acknowledged=not check_mode, phase=phase, state=new_state, weights_after=written["after"],
+                id=done["id"], msg="no rollout was running on %s/%s: %s traffic %s, phase %s" % (
+                    change.namespace, change.name, verb, format_weights(written["after"]), phase))

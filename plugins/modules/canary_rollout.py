@@ -39,6 +39,20 @@ description:
     a rollback.
   - Every failure returns RV(result), RV(timeline) and RV(weights_after) (the weights in force), and its message says
     where the traffic is now.
+  - "Cancel and kill: SIGTERM, SIGINT (Ctrl-C) and SIGHUP end the rollout by O(on_cancel) within seconds - all traffic
+    back on O(stable), or the weights held - with the lease released and the reason recorded. When the
+    C(ansible-playbook) that runs the task dies (C(kill -9)), the module notices within a second (the chain of
+    processes that started it, up to C(ansible-playbook) or the C(sshd) session) and does the same: no traffic shift
+    happens without a living job. When the module process itself is killed outright (ansible-runner, and so AWX's
+    cancel button, send SIGKILL to the job's whole process group), a small guardian process the module started in a
+    session of its own does it. Only a kill of everything at once (a deleted execution environment pod, a lost
+    host) leaves the lease to expire; a rerun then resumes at the recorded step, and M(onprem.mesh.canary_command)
+    aborts or promotes it by hand."
+  - Operator commands - M(onprem.mesh.canary_command) posts V(abort), V(pause), V(resume) or V(promote) to the
+    running rollout in the annotation C(mesh.onprem.io/canary-command); the rollout looks for it every
+    O(command_interval) seconds. V(abort) puts all traffic on O(stable) (RV(result=aborted)), V(promote) gives the
+    canary 100 % now (recorded as a manual promotion), V(pause) keeps the current step's weights until V(resume)
+    (the step then starts again, with a fresh analysis window) or O(pause_timeout) (then a hold).
 author:
   - onprem.mesh contributors (@onprem-mesh)
 extends_documentation_fragment:
@@ -136,15 +150,33 @@ options:
     type: int
     default: 5
   fail_on_rollback:
-    description: Fail the task when the rollout ends rolled back or held (the results are returned either way).
+    description: Fail the task when the rollout ends rolled back, held or aborted (the results are returned either way).
     type: bool
     default: true
+  on_cancel:
+    description:
+      - What a cancel does (SIGTERM, SIGINT, SIGHUP, AWX's cancel, or the death of the job that ran the task) - V(rollback)
+        puts all traffic back on O(stable), V(hold) keeps the weights where they are (a rerun resumes at that step).
+        Either way the lease is released, so the next run is not refused.
+    type: str
+    choices: [rollback, hold]
+    default: rollback
+  command_interval:
+    description: Seconds between two looks at the VirtualService for an operator's command (M(onprem.mesh.canary_command)) or a
+      takeover, while a step runs. Each look is one read.
+    type: int
+    default: 5
+  pause_timeout:
+    description: Seconds a paused rollout waits for V(resume), V(abort) or V(promote) before it ends held (weights kept, lease released).
+    type: int
+    default: 3600
 notes:
   - "RBAC: C(get) and C(patch) on C(virtualservices.networking.istio.io), C(list) on C(destinationrules.networking.istio.io);
     for workload checks C(get) on C(deployments.apps) and C(list) on C(pods), in the namespace."
 seealso:
   - module: onprem.mesh.traffic_split
   - module: onprem.mesh.canary_gate
+  - module: onprem.mesh.canary_command
 """
 
 EXAMPLES = r"""
@@ -199,6 +231,8 @@ RETURN = r"""
 result:
   description:
     - V(promoted), V(rolled_back), V(held), or V(planned) in check mode.
+    - V(aborted) after an operator's abort (M(onprem.mesh.canary_command)); V(cancelled) after a cancel or the death of the
+      job (RV(on_cancel) says whether it rolled back or held).
     - On a failure that is no rollback or hold - V(not_started) when this run wrote nothing (the lease held by another
       run, an unknown subset, a refused first write), V(stopped) when it stopped after writing without a rollback or
       hold (the rollback could not be written, for example after a permission was revoked, or another run took over).
@@ -250,6 +284,14 @@ timeline:
   returned: always, once the VirtualService was read
   type: list
   elements: dict
+on_cancel:
+  description: After a cancel, what was done - V(rollback) or V(hold).
+  returned: when cancelled
+  type: str
+promoted_by:
+  description: After an operator's promote command, its id, who sent it (C(by)), when (C(at)) and why (C(reason)).
+  returned: when promoted by hand
+  type: dict
 failures:
   description: Failed analyses during this run.
   returned: when the rollout ran
@@ -269,7 +311,9 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible_collections.onprem.mesh.plugins.module_utils.canary_checks import CHECKS_ARGSPEC, CanaryCheckError, CanaryGate, CanaryTarget
 from ansible_collections.onprem.mesh.plugins.module_utils.k8s_client import (
     HAS_K8S, K8S_AUTH_ARGSPEC, K8S_IMP_ERR, IstioObjects, K8sError, build_api_client)
-from ansible_collections.onprem.mesh.plugins.module_utils.rollout import Rollout, check_stable_and_canary, outcome_message, plan_steps, probe_checks
+from ansible_collections.onprem.mesh.plugins.module_utils.job_watch import Guardian, JobWatch, cancel_on_signals, restore
+from ansible_collections.onprem.mesh.plugins.module_utils.rollout import (
+    Cancelled, Rollout, check_stable_and_canary, outcome_message, plan_steps, probe_checks)
 from ansible_collections.onprem.mesh.plugins.module_utils.traffic import VS_ROUTE_ARGSPEC, TrafficError, WeightChange, default_host, subset_labels
 
 
@@ -296,6 +340,9 @@ def argument_spec():
         restart=dict(type="bool", default=False),
         probe_interval=dict(type="int", default=5),
         fail_on_rollback=dict(type="bool", default=True),
+        on_cancel=dict(type="str", default="rollback", choices=["rollback", "hold"]),
+        command_interval=dict(type="int", default=5),
+        pause_timeout=dict(type="int", default=3600),
     )
     return spec
 
@@ -310,13 +357,22 @@ def main():
     if not p["checks"]:
         module.fail_json(msg="checks: a rollout needs at least one health check (success_rate, latency, promql, workload_ready,"
                              " no_restarts or http); without one every step would pass unseen")
+    for field in ("command_interval", "pause_timeout"):
+        if p[field] < 1:
+            module.fail_json(msg="%s: a number of seconds of 1 or more, got %s" % (field, p[field]))
     store = None
+    guardian = None
+    signals = None
+
+    def connect():
+        api = build_api_client(p)
+        return api, WeightChange(IstioObjects(api), p["namespace"], p["name"], host=p["service_host"], route_name=p["route_name"],
+                                 route_index=p["route_index"], retries=p["conflict_retries"])
+
     try:
         plan = plan_steps(p["steps"], p["step_weight"], p["max_weight"], p["interval"])
-        api_client = build_api_client(p)
-        store = IstioObjects(api_client)
-        change = WeightChange(store, p["namespace"], p["name"], host=p["service_host"], route_name=p["route_name"],
-                              route_index=p["route_index"], retries=p["conflict_retries"])
+        api_client, change = connect()
+        store = change.store
         vs = change.read()
         check_stable_and_canary(change, vs, p["stable"], p["canary"])
         host = default_host(vs, p["service_host"])
@@ -330,20 +386,41 @@ def main():
         rollout = Rollout(change, gate, p["stable"], p["canary"], plan, on_failure=p["on_failure"], failure_limit=p["failure_limit"],
                           wait_for_mesh=p["wait_for_mesh"], mesh_timeout=p["mesh_timeout"], lease_seconds=p["lease_seconds"],
                           force=p["force"], restart=p["restart"], holder=p["lease_holder"], log=module.log,
-                          probe=probe, probe_every=p["probe_interval"])
+                          probe=probe, probe_every=p["probe_interval"], on_cancel=p["on_cancel"],
+                          command_every=p["command_interval"], pause_timeout=p["pause_timeout"])
+        if not module.check_mode:
+            rollout.alive, rollout.tick = JobWatch().gone, 1.0
+
+            def abandoned(reason):  # in the guardian, after the module was killed: a client of its own
+                rollout.change = connect()[1]
+                rollout.abandoned(reason)
+
+            guardian = Guardian(abandoned)
+            guardian.start()
+            signals = cancel_on_signals(Cancelled)
         result = rollout.run(check_mode=module.check_mode)
+        if signals is not None:
+            restore(signals)
+            signals = None
     except CanaryCheckError as exc:
         module.fail_json(msg="invalid canary checks: %s" % exc)
+    except Cancelled as exc:  # before the rollout began, or after it ended: nothing of it to undo
+        module.fail_json(msg="cancelled (%s) outside the rollout's steps; nothing was undone" % exc.reason)
     except (TrafficError, K8sError) as exc:
         # once the VirtualService was read: result (not_started, stopped, rolled_back, held), timeline, weights in force
         extra = dict(getattr(exc, "result", None) or {})
         if extra and store is not None:
             extra["api_calls"] = store.calls
         module.fail_json(msg=str(exc), **extra)
+    finally:
+        if signals is not None:
+            restore(signals)
+        if guardian is not None:
+            guardian.done()
     result["api_calls"] = store.calls
     if module._diff and result["changed"]:
         result["diff"] = dict(before={"weights": result["weights_before"]}, after={"weights": result["weights_after"]})
-    if result["result"] in ("rolled_back", "held") and p["fail_on_rollback"]:
+    if result["result"] in ("rolled_back", "held", "aborted") and p["fail_on_rollback"]:
         module.fail_json(msg=outcome_message(result, p["canary"]), **result)
     module.exit_json(**result)
 

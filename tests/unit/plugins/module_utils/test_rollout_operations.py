@@ -1,0 +1,416 @@
+# -*- coding: utf-8 -*-
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Operator commands (abort, pause, resume, promote), cancel and the death of the job, through the engine's public
+functions, on the fake API server and a fake clock (a 5-step rollout runs in milliseconds)."""
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import json
+
+import pytest
+
+from ansible_collections.onprem.mesh.plugins.module_utils import rollout as ro
+from ansible_collections.onprem.mesh.plugins.module_utils.traffic import WeightChange, current_weights
+from ansible_collections.onprem.mesh.tests.unit.plugins.module_utils.fake_istio import FakeIstio
+from ansible_collections.onprem.mesh.tests.unit.plugins.module_utils.test_rollout import Clock, Gate, annotations, objects, state
+
+START = 1_700_000_000.0
+
+
+class Timed(Clock):
+    """A clock that runs ``events`` (time offset from the start -> function) once the time passes their offset."""
+
+    def __init__(self, events=None):
+        super(Timed, self).__init__()
+        self.events = sorted((events or {}).items())
+
+    def sleep(self, seconds):
+        super(Timed, self).sleep(seconds)
+        while self.events and self.t - START >= self.events[0][0]:
+            self.events.pop(0)[1]()
+
+
+def make(events=None, steps=(5, 10, 25, 50), verdicts=None, **kwargs):
+    store = FakeIstio(objects())
+    clock = Timed(events)
+    gate = Gate(store, verdicts)
+    change = WeightChange(store, "shop", "payment", route_name="primary", sleep=lambda s: None)
+    plan = ro.plan_steps(list(steps), interval=kwargs.pop("interval", "30s"))
+    kwargs.setdefault("command_every", 5)
+    rollout = ro.Rollout(change, gate, "v1", "v2", plan, now=clock.now, sleep=clock.sleep, holder="run-1", **kwargs)
+    return store, gate, clock, rollout
+
+
+def weights(store):
+    return current_weights(store.route("payment", "shop", 1))
+
+
+def post(store, clock, command, **kwargs):
+    """What canary_command does for a running rollout: post the command and return at once (wait: false)."""
+    change = WeightChange(store, "shop", "payment", route_name="primary", sleep=lambda s: None)
+    return lambda: kwargs.setdefault("out", ro.operator_command(change, command, by="alice", reason="why not", wait=False,
+                                                                now=clock.now, command_id="%s-1" % command))
+
+
+# -- abort, promote -------------------------------------------------------------------------------------------------
+
+def test_abort_during_a_step_puts_all_traffic_on_stable_and_releases_the_lease():
+    store = None
+    box = {}
+
+    def abort():
+        box["posted"] = ro.operator_command(WeightChange(store, "shop", "payment", route_name="primary"), "abort", by="alice",
+                                            reason="support desk", wait=False, now=clock.now, command_id="c-1")
+
+    store, gate, clock, rollout = make({40: abort})   # step 2 (weight 10) runs from 30 s to 60 s
+    result = rollout.run()
+    assert box["posted"]["posted"] is True and box["posted"]["holder"] == "run-1" and box["posted"]["acknowledged"] is False
+    assert result["result"] == "aborted" and result["weights_after"] == {"v1": 100, "v2": 0}
+    assert result["reason"] == "aborted (abort by alice: support desk)"
+    assert weights(store) == {"v1": 100, "v2": 0}
+    assert ro.LEASE_ANNOTATION not in annotations(store) and ro.COMMAND_ANNOTATION not in annotations(store)
+    recorded = state(store)
+    assert recorded["phase"] == "aborted" and recorded["step"] == 1 and recorded["command"]["id"] == "c-1"
+    assert recorded["command"]["by"] == "alice"
+    assert gate.seen == [5]   # step 2 was never analysed
+    assert [e["action"] for e in result["timeline"]] == ["advance", "abort", "aborted"]
+    assert clock.t - START == 40   # acted at the first look after the command (every 5 s)
+
+
+def test_abort_acts_within_one_command_interval():
+    store = None
+
+    def abort():
+        ro.operator_command(WeightChange(store, "shop", "payment", route_name="primary"), "abort", wait=False, now=clock.now)
+
+    store, _gate, clock, rollout = make({33: abort}, command_every=4)
+    rollout.run()
+    assert clock.t - START == 34   # looks at 34, 38, ... after the step began at 30
+
+
+def test_promote_during_a_step_gives_the_canary_everything_as_a_manual_promotion():
+    store = None
+
+    def promote():
+        ro.operator_command(WeightChange(store, "shop", "payment", route_name="primary"), "promote", by="bob", reason="verified",
+                            wait=False, now=clock.now, command_id="p-9")
+
+    store, gate, clock, rollout = make({10: promote})
+    result = rollout.run()
+    assert result["result"] == "promoted" and weights(store) == {"v1": 0, "v2": 100}
+    assert result["promoted_by"] == {"id": "p-9", "by": "bob", "reason": "verified", "at": "2023-11-14T22:13:30.000Z"}
+    assert result["reason"] == "promoted by hand (promote by bob: verified)"
+    assert result["timeline"][-1]["manual"] is True and result["timeline"][-1]["action"] == "promoted"
+    assert state(store)["phase"] == "promoted" and state(store)["command"]["id"] == "p-9"
+    assert ro.LEASE_ANNOTATION not in annotations(store) and ro.COMMAND_ANNOTATION not in annotations(store)
+    assert gate.seen == []
+
+
+def test_without_command_every_no_look_is_made():
+    store = None
+
+    def abort():
+        ro.operator_command(WeightChange(store, "shop", "payment", route_name="primary"), "abort", wait=False, now=clock.now)
+
+    store, _gate, clock, rollout = make({10: abort}, command_every=None)
+    result = rollout.run()
+    assert result["result"] == "promoted" and store.calls["read"] == 1 + 5 + 1 + 1   # run, 5 writes, the DestinationRules, abort's read
+    assert json.loads(annotations(store)[ro.COMMAND_ANNOTATION])["command"] == "abort"   # posted, never looked for
+
+
+# -- pause, resume -------------------------------------------------------------------------------------------------
+
+def test_pause_holds_the_step_and_resume_starts_it_again():
+    store = None
+    change = {}
+
+    def command(what, cid):
+        def go():
+            ro.operator_command(WeightChange(store, "shop", "payment", route_name="primary"), what, by="carol", wait=False, now=clock.now,
+                                command_id=cid)
+            change[what] = (clock.t - START, dict(state(store)), weights(store))
+        return go
+
+    store, gate, clock, rollout = make({12: command("pause", "p-1"), 200: command("resume", "r-1")}, pause_timeout=600)
+    result = rollout.run()
+    assert result["result"] == "promoted"
+    # while paused (from 15 s, the first look after 12 s, to 200 s): phase paused, weights of step 1, a lease for the pause
+    when, during, held = change["resume"]
+    assert during["phase"] == "paused" and during["command"]["id"] == "p-1" and held == {"v1": 95, "v2": 5}
+    assert "paused (pause by carol)" == during["reason"]
+    actions = [e["action"] for e in result["timeline"]]
+    assert actions == ["pause", "resume", "advance", "advance", "advance", "promote", "promoted"]
+    # the step started again after the resume (at the first look after 200 s), with a fresh window of 30 s
+    assert gate.windows == 5 and gate.seen == [5, 10, 25, 50]
+    assert result["timeline"][2]["started"] == ro.iso(START + 200)
+    assert clock.t - START == 200 + 4 * 30
+
+
+def test_the_lease_of_a_paused_rollout_lasts_the_pause_timeout():
+    store = None
+    seen = {}
+
+    def look():
+        seen["lease"] = json.loads(annotations(store)[ro.LEASE_ANNOTATION])
+
+    def pause():
+        ro.operator_command(WeightChange(store, "shop", "payment", route_name="primary"), "pause", wait=False, now=clock.now)
+
+    store, _gate, clock, rollout = make({3: pause, 6: look}, pause_timeout=900, failure_limit=0)
+    rollout.run()
+    assert seen["lease"] == {"holder": "run-1", "expires": START + 5 + 900 + 120}
+
+
+def test_a_pause_without_resume_ends_held_after_pause_timeout():
+    store = None
+
+    def pause():
+        ro.operator_command(WeightChange(store, "shop", "payment", route_name="primary"), "pause", wait=False, now=clock.now)
+
+    store, gate, clock, rollout = make({31: pause}, pause_timeout=100)
+    result = rollout.run()
+    assert result["result"] == "held" and weights(store) == {"v1": 90, "v2": 10}
+    assert result["reason"] == ("paused for longer than pause_timeout (100s) at step 2 (weight 10), without resume, abort or promote")
+    assert state(store)["phase"] == "held" and ro.LEASE_ANNOTATION not in annotations(store)
+    assert clock.t - START == 35 + 100
+    assert gate.seen == [5]
+
+
+def test_abort_while_paused():
+    store = None
+
+    def command(what):
+        return lambda: ro.operator_command(WeightChange(store, "shop", "payment", route_name="primary"), what, wait=False, now=clock.now)
+
+    store, _gate, clock, rollout = make({2: command("pause"), 50: command("abort")})
+    result = rollout.run()
+    assert result["result"] == "aborted" and weights(store) == {"v1": 100, "v2": 0}
+    assert [e["action"] for e in result["timeline"]] == ["pause", "abort", "aborted"]
+    assert clock.t - START == 50
+
+
+# -- operator_command with no rollout running, and its refusals ----------------------------------------------------
+
+def finished(phase="held", stable=60, canary=40, lease=None):
+    store = FakeIstio(objects(stable, canary))
+    vs = store.objects[("virtualservices", "shop", "payment")]
+    vs["metadata"]["annotations"] = {ro.STATE_ANNOTATION: json.dumps(dict(canary="v2", stable="v1", phase=phase, step=2, holder="run-0", plan=[5, 10, 40]))}
+    if lease:
+        vs["metadata"]["annotations"][ro.LEASE_ANNOTATION] = json.dumps(lease)
+    return store, WeightChange(store, "shop", "payment", route_name="primary")
+
+
+def test_abort_of_a_held_rollout_whose_job_ended_sets_the_weights_itself():
+    store, change = finished(lease={"holder": "run-0", "expires": START - 1})
+    out = ro.operator_command(change, "abort", by="dave", now=lambda: START, command_id="a-1")
+    assert out["direct"] is True and out["changed"] is True and out["phase"] == "aborted"
+    assert out["weights_before"] == {"v1": 60, "v2": 40} and out["weights_after"] == {"v1": 100, "v2": 0}
+    assert weights(store) == {"v1": 100, "v2": 0}
+    recorded = state(store)
+    assert recorded["phase"] == "aborted" and recorded["command"] == {"id": "a-1", "command": "abort", "by": "dave", "at": ro.iso(START)}
+    assert recorded["reason"] == "aborted by dave (no rollout was running)" and recorded["plan"] == [5, 10, 40]
+    assert ro.LEASE_ANNOTATION not in annotations(store)
+    again = ro.operator_command(change, "abort", now=lambda: START)
+    assert again["changed"] is False and store.calls["write"] == 1
+
+
+def test_promote_of_a_held_rollout_in_check_mode_writes_nothing():
+    store, change = finished()
+    out = ro.operator_command(change, "promote", check_mode=True, now=lambda: START)
+    assert out["weights_after"] == {"v1": 0, "v2": 100} and out["changed"] is True and out["acknowledged"] is False
+    assert store.calls["write"] == 0 and weights(store) == {"v1": 60, "v2": 40}
+
+
+def test_check_mode_for_a_running_rollout_posts_nothing():
+    store, change = finished("progressing", lease={"holder": "run-0", "expires": START + 100})
+    out = ro.operator_command(change, "abort", check_mode=True, now=lambda: START)
+    assert out["posted"] is True and out["acknowledged"] is False and out["msg"] == (
+        "would post abort to the rollout run-0 running on VirtualService shop/payment")
+    assert store.calls["write"] == 0 and ro.COMMAND_ANNOTATION not in annotations(store)
+
+
+@pytest.mark.parametrize("command, phase, message", [
+    ("pause", "held", r"command: no rollout is running on VirtualService shop/payment \(the last rollout \(canary v2, stable v1\) is held at"
+                      r" step 3, its lease \(run-0\) expired 1 s ago\); pause acts on a running rollout"),
+    ("resume", "paused", r"no rollout is running .* is paused at step 3.*; resume acts on a running rollout\. A held or paused rollout whose job"
+                         r" ended goes on when its job is run again"),
+])
+def test_pause_and_resume_need_a_running_rollout(command, phase, message):
+    store, change = finished(phase, lease={"holder": "run-0", "expires": START - 1})
+    with pytest.raises(ro.RolloutError, match=message):
+        ro.operator_command(change, command, now=lambda: START)
+    assert store.calls["write"] == 0
+
+
+def test_abort_without_a_recorded_rollout_points_to_traffic_split():
+    store = FakeIstio(objects(80, 20))
+    with pytest.raises(ro.RolloutError, match="no rollout is recorded on it, so its canary and stable subsets are unknown; set the weights with"
+                                              " onprem.mesh.traffic_split"):
+        ro.operator_command(WeightChange(store, "shop", "payment", route_name="primary"), "abort", now=lambda: START)
+    assert store.calls["write"] == 0
+
+
+def test_an_unknown_command_is_refused():
+    store, change = finished()
+    with pytest.raises(ro.RolloutError, match="command: one of abort, pause, resume, promote, got 'stop'"):
+        ro.operator_command(change, "stop", now=lambda: START)
+
+
+def test_a_command_waits_for_the_rollout_to_act_and_times_out_saying_what_stays():
+    store, change = finished("progressing", lease={"holder": "run-0", "expires": START + 500})
+    clock = Clock()
+    with pytest.raises(ro.RolloutError, match=r"the rollout run-0 running on VirtualService shop/payment did not act on pause within 3s"
+                                              r" \(wait_timeout\); the command stays posted") as caught:
+        ro.operator_command(change, "pause", timeout=3, now=clock.now, sleep=clock.sleep)
+    assert caught.value.result["acknowledged"] is False
+    assert json.loads(annotations(store)[ro.COMMAND_ANNOTATION])["command"] == "pause"
+    assert clock.slept == [1.0, 1.0, 1.0]
+
+
+def test_a_command_returns_once_the_rollout_recorded_its_id():
+    store, change = finished("progressing", lease={"holder": "run-0", "expires": START + 500})
+    clock = Clock()
+
+    def rollout_acts(seconds):
+        clock.sleep(seconds)
+        vs = store.objects[("virtualservices", "shop", "payment")]
+        posted = json.loads(vs["metadata"]["annotations"][ro.COMMAND_ANNOTATION])
+        current = json.loads(vs["metadata"]["annotations"][ro.STATE_ANNOTATION])
+        vs["metadata"]["annotations"][ro.STATE_ANNOTATION] = json.dumps(dict(current, phase="paused", command={"id": posted["id"]}))
+
+    out = ro.operator_command(change, "pause", now=clock.now, sleep=rollout_acts, command_id="x")
+    assert out["acknowledged"] is True and out["phase"] == "paused" and out["id"] == "x" and clock.slept == [1.0]
+
+
+def test_a_newer_command_replaces_one_not_acted_on_and_is_reported():
+    store, change = finished("progressing", lease={"holder": "run-0", "expires": START + 500})
+    ro.operator_command(change, "pause", wait=False, now=lambda: START, command_id="first")
+    out = ro.operator_command(change, "abort", wait=False, now=lambda: START, command_id="second")
+    assert out["replaced"]["id"] == "first"
+    assert json.loads(annotations(store)[ro.COMMAND_ANNOTATION])["id"] == "second"
+
+
+# -- cancel, the death of the job, a killed module ------------------------------------------------------------------
+
+def cancel_at(offset, reason="SIGTERM"):
+    def cancel():
+        raise ro.Cancelled(reason)
+    return {offset: cancel}
+
+
+def test_a_cancel_rolls_back_releases_the_lease_and_says_so():
+    store, gate, clock, rollout = make(cancel_at(45))
+    with pytest.raises(ro.RolloutError, match=r"^cancelled \(SIGTERM\) at step 2 \(weight 10\); rolled back: traffic now v1=100, v2=0"
+                                              r" \(canary v2 gets 0 % of the traffic\)$") as caught:
+        rollout.run()
+    result = caught.value.result
+    assert result["result"] == "cancelled" and result["on_cancel"] == "rollback" and result["weights_after"] == {"v1": 100, "v2": 0}
+    assert weights(store) == {"v1": 100, "v2": 0} and ro.LEASE_ANNOTATION not in annotations(store)
+    assert state(store)["phase"] == "rolled_back" and state(store)["reason"] == "cancelled (SIGTERM) at step 2 (weight 10)"
+    assert store.calls["write"] == 3 and gate.seen == [5]
+
+
+def test_a_cancel_with_on_cancel_hold_keeps_the_weights_and_a_rerun_resumes():
+    store, _gate, _clock, rollout = make(cancel_at(45), on_cancel="hold")
+    with pytest.raises(ro.RolloutError, match=r"cancelled \(SIGTERM\) at step 2 \(weight 10\); held: traffic now v1=90, v2=10") as caught:
+        rollout.run()
+    assert caught.value.result["on_cancel"] == "hold" and weights(store) == {"v1": 90, "v2": 10}
+    assert state(store)["phase"] == "held" and ro.LEASE_ANNOTATION not in annotations(store)
+    clock = Clock()
+    gate = Gate(store)
+    again = ro.Rollout(WeightChange(store, "shop", "payment", route_name="primary"), gate, "v1", "v2",
+                       ro.plan_steps([5, 10, 25, 50], interval="30s"), now=clock.now, sleep=clock.sleep, holder="run-2")
+    result = again.run()
+    assert result["note"] == "resuming held at step 2 (weight 10), as recorded" and result["result"] == "promoted"
+
+
+def test_a_cancel_before_the_first_write_writes_nothing():
+    store, _gate, _clock, rollout = make()
+    rollout.alive = lambda: "the process that ran this job ended: ansible-playbook (pid 7)"
+    with pytest.raises(ro.RolloutError, match=r"^cancelled \(the process that ran this job ended: ansible-playbook \(pid 7\)\) at step 1"
+                                              r" \(weight 5\); this run wrote nothing: traffic stays v1=100, v2=0") as caught:
+        rollout.run()
+    assert caught.value.result["result"] == "cancelled" and caught.value.result["changed"] is False
+    assert store.calls["write"] == 0
+
+
+def test_the_death_of_the_job_is_noticed_within_one_tick_and_rolls_back():
+    store, _gate, clock, rollout = make(tick=1.0)
+    rollout.alive = lambda: "the process that ran this job ended: ansible-playbook (pid 7)" if clock.t - START >= 42.5 else None
+    with pytest.raises(ro.RolloutError, match=r"^cancelled \(the process that ran this job ended: ansible-playbook \(pid 7\)\) at step 2"):
+        rollout.run()
+    assert clock.t - START == 43 and weights(store) == {"v1": 100, "v2": 0}
+
+
+def test_without_ticks_the_job_is_checked_before_every_step_and_no_shift_follows_its_death():
+    store, gate, clock, rollout = make()
+    rollout.alive = lambda: "gone" if gate.seen else None   # dies once step 1 was analysed
+    with pytest.raises(ro.RolloutError, match=r"^cancelled \(gone\) at step 2 \(weight 10\); rolled back"):
+        rollout.run()
+    assert [p for p in store.patches if any(op.get("path", "").endswith("/weight") and op.get("value") == 10 for op in p)] == []
+    assert gate.seen == [5] and clock.t - START == 30
+
+
+def test_a_cancel_after_the_promotion_landed_undoes_nothing():
+    store, _gate, clock, rollout = make(steps=(50,))
+    promote = rollout._promote
+
+    def promote_then_signal(base, failures, manual=None, vs=None):
+        promote(base, failures, manual=manual, vs=vs)
+        raise ro.Cancelled("SIGINT")
+
+    rollout._promote = promote_then_signal
+    with pytest.raises(ro.RolloutError, match=r"cancelled \(SIGINT\) at step 2 \(weight 100\), after the rollout had ended promoted: traffic now"
+                                              r" v1=0, v2=100") as caught:
+        rollout.run()
+    assert caught.value.result["result"] == "promoted" and weights(store) == {"v1": 0, "v2": 100}
+    assert store.calls["write"] == 2
+    del clock
+
+
+class Killed(BaseException):
+    """SIGKILL: nothing runs in the process any more."""
+
+
+def test_abandoned_applies_on_cancel_for_a_killed_run():
+    def die():
+        raise Killed()
+
+    store, _gate, _clock, rollout = make({40: die}, on_cancel="rollback")
+    with pytest.raises(Killed):
+        rollout.run()
+    assert weights(store) == {"v1": 90, "v2": 10} and json.loads(annotations(store)[ro.LEASE_ANNOTATION])["holder"] == "run-1"
+    # the guardian: the same run's settings, a client of its own
+    _store, _g, _c, guardian = make()
+    guardian.change = WeightChange(store, "shop", "payment", route_name="primary")
+    assert guardian.abandoned("the module process was killed") == "rolled_back"
+    assert weights(store) == {"v1": 100, "v2": 0} and ro.LEASE_ANNOTATION not in annotations(store)
+    assert state(store)["reason"] == "cancelled (the module process was killed) at step 2 (weight 10)" and state(store)["phase"] == "rolled_back"
+    writes = store.calls["write"]
+    assert guardian.abandoned("again") is None and store.calls["write"] == writes
+
+
+def test_abandoned_with_hold_keeps_the_weights_and_releases_the_lease():
+    def die():
+        raise Killed()
+
+    store, _gate, _clock, rollout = make({40: die}, on_cancel="hold")
+    with pytest.raises(Killed):
+        rollout.run()
+    _s, _g, _c, guardian = make(on_cancel="hold")
+    guardian.change = WeightChange(store, "shop", "payment", route_name="primary")
+    assert guardian.abandoned("killed") == "held"
+    assert weights(store) == {"v1": 90, "v2": 10} and state(store)["phase"] == "held" and ro.LEASE_ANNOTATION not in annotations(store)
+
+
+def test_abandoned_leaves_alone_what_another_run_holds():
+    store, change = finished("progressing", lease={"holder": "run-0", "expires": START + 500})
+    _s, _g, _c, guardian = make()
+    guardian.change = change
+    assert guardian.abandoned("killed") is None and store.calls["write"] == 0
+
+
+def test_on_cancel_is_validated():
+    with pytest.raises(ro.RolloutError, match="on_cancel: rollback or hold, got 'stay'"):
+        make(on_cancel="stay")
