@@ -167,7 +167,7 @@ def wait_until(what, timeout, every=0.1):
 def started(api, ns, run, weight=10, timeout=90):
     """Wait for the rollout's first step on the VirtualService; return the module's processes (module + guardian)."""
     ok = wait_until(lambda: weights(vs(api, ns)).get("v2") == weight and annotation(vs(api, ns), LEASE), timeout, every=0.3)
-    assert ok, "the rollout did not reach weight %d: %s" % (weight, run.output()[-3000:])
+    assert ok, "the rollout did not reach weight %d: %s" % (weight, run.output()[-3000:] if run else "")
     procs = wait_until(lambda: len(module_processes()) >= 2 and module_processes(), 10)
     assert len(procs) == 2, [(pid, open("/proc/%d/cmdline" % pid).read()) for pid in procs]   # the module and its guardian
     return procs
@@ -192,7 +192,7 @@ def writes(cluster, ns, mark):
 
 
 def report(name, seconds, count):
-    print("\nBENCH cancel %s: traffic on stable after %.2f s, %d API write(s)" % (name, seconds, count))
+    print("\nBENCH cancel %s: rollout ended (lease released) %.2f s after, %d API write(s)" % (name, seconds, count))
 
 
 # -- cancel and kill -----------------------------------------------------------------------------------------------
@@ -275,33 +275,33 @@ def test_kill_9_of_the_module_is_undone_by_its_guardian(cluster, api, reviews, k
     report("kill -9 of the module", seconds, len(writes(cluster, reviews, mark)))
 
 
-def test_ansible_runner_cancel_as_awx_does_is_undone_by_the_guardian(cluster, api, reviews, kubeconfig, health_url, tmp_path):
+def test_ansible_runner_cancel_as_awx_does_rolls_back(cluster, api, reviews, kubeconfig, health_url, tmp_path):
     import ansible_runner  # pylint: disable=import-outside-toplevel
     args = rollout_args(kubeconfig, reviews, health_url)
-    cancel = threading.Event()
-    box = {}
+    seen = {}
 
-    def job():
-        box["run"] = ansible_runner.run(private_data_dir=str(tmp_path / "job"), project_dir=ROOT, playbook=os.path.join(TARGET, "canary_rollout.yml"),
-                                        inventory="localhost,", extravars={"module_args": args, "result_file": str(tmp_path / "r.json")},
-                                        envvars=ansible_env(), quiet=True, timeout=600, cancel_callback=cancel.is_set,
-                                        settings={"suppress_ansible_output": True})
+    def cancel_callback():
+        """AWX's cancel button, pressed once the first step is on the VirtualService (ansible-runner polls this)."""
+        if "procs" not in seen and weights(vs(api, reviews)).get("v2") == 10 and len(module_processes()) == 2:
+            seen.update(procs=module_processes(), mark=cluster.audit.mark(), at=time.monotonic())
+        return "procs" in seen
 
-    thread = threading.Thread(target=job, daemon=True)
-    thread.start()
-    try:
-        procs = started(api, reviews, None)
-        mark = cluster.audit.mark()
-        cancel.set()   # AWX's cancel button: ansible-runner kills the job's process group (SIGKILL)
-        seconds, obj = settled(api, reviews)
-        thread.join(60)
-    finally:
-        cancel.set()
-    assert box["run"].status == "canceled"
+    (tmp_path / "job").mkdir()
+    run = ansible_runner.run(private_data_dir=str(tmp_path / "job"), project_dir=ROOT, playbook=os.path.join(TARGET, "canary_rollout.yml"),
+                             inventory="localhost,", extravars={"module_args": args, "result_file": str(tmp_path / "r.json")},
+                             envvars=ansible_env(), quiet=True, timeout=300, cancel_callback=cancel_callback,
+                             settings={"suppress_ansible_output": True})
+    assert run.status == "canceled", (run.status, open(run.stdout.name).read()[-3000:])
+    # ansible-runner killed ansible-playbook's process group (SIGKILL). Ansible runs the module outside that group, so the
+    # module lives on and notices that its job ended (were it killed too, its guardian would do the same)
+    _seconds, obj = settled(api, reviews)
+    seconds = time.monotonic() - seen["at"]
     assert weights(obj) == {"v1": 100, "v2": 0}
-    assert annotation(obj, STATE)["phase"] == "rolled_back" and "SIGKILL" in annotation(obj, STATE)["reason"]
-    assert gone(procs), module_processes()
-    report("ansible-runner cancel (AWX)", seconds, len(writes(cluster, reviews, mark)))
+    reason = annotation(obj, STATE)["reason"]
+    assert annotation(obj, STATE)["phase"] == "rolled_back" and reason.startswith("cancelled (the process that ran this job ended: ") and (
+        "ansible-playbook" in reason), reason
+    assert gone(seen["procs"]), module_processes()
+    report("ansible-runner cancel (AWX)", seconds, len(writes(cluster, reviews, seen["mark"])))
 
 
 # -- operator commands ------------------------------------------------------------------------------------------------
