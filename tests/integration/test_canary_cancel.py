@@ -343,8 +343,14 @@ def test_promote_from_a_second_playbook_and_a_direct_abort_after_the_job(cluster
     run = Run(tmp_path, rollout_args(kubeconfig, reviews, health_url))
     try:
         started(api, reviews, run)
-        promoted = command(kubeconfig, tmp_path, reviews, "promote", reason="verified")
-        assert promoted["acknowledged"] and promoted["phase"] == "promoted" and promoted["weights_after"] == {"v1": 0, "v2": 100}
+        # the collection's own playbook, as a user (or AWX's job template "onprem.mesh canary promote") runs it
+        done = subprocess.run([os.path.join(VENV_BIN, "ansible-playbook"), os.path.join(ROOT, "playbooks", "canary_command.yml"),
+                               "-e", json.dumps({"canary_command_action": "promote", "canary_command_service": "reviews",
+                                                 "canary_command_namespace": reviews, "canary_command_kubeconfig": kubeconfig,
+                                                 "canary_command_reason": "verified", "awx_user_name": "ops"})],
+                              cwd=ROOT, env=ansible_env(), capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "the rollout job-%s acted on promote: phase promoted, traffic now v1=0," % reviews in done.stdout, done.stdout
         assert run.wait(60) == 0
     finally:
         run.stop()

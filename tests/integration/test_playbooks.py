@@ -197,11 +197,12 @@ def test_awx_assets_have_the_export_shape_and_resolve():
         assert os.path.isfile(os.path.join(ROOT, source["source_path"])) and source["source_project"]["name"] in names["projects"]
 
 
-@pytest.mark.parametrize("name,playbook", [("canary", "playbooks/canary.yml"), ("site", "playbooks/site.yml")])
-def test_survey_questions_fit_the_roles_argument_specs(name, playbook):
+@pytest.mark.parametrize("name,playbook,count", [("canary", "playbooks/canary.yml", 1), ("site", "playbooks/site.yml", 1),
+                                                 ("canary_command", "playbooks/canary_command.yml", 4)])
+def test_survey_questions_fit_the_roles_argument_specs(name, playbook, count):
     survey = load_json("awx", "surveys", name + ".json")
     templates = [jt for jt in awx_assets()["job_templates"] if jt["playbook"] == playbook]
-    assert len(templates) == 1 and templates[0]["related"]["survey_spec"] == survey, "awx/assets.json holds the same survey"
+    assert len(templates) == count and all(t["related"]["survey_spec"] == survey for t in templates), "awx/assets.json holds the same survey"
     options = {}
     for role in playbook_roles(os.path.basename(playbook)):
         options.update(role_options(role))
@@ -262,6 +263,13 @@ def test_survey_answers_pass_the_roles_own_validation(tmp_path, name, playbook, 
         assert run.returncode == 0, run.stdout + run.stderr
     else:
         assert run.returncode != 0 and error in run.stdout, run.stdout + run.stderr
+
+
+def test_one_command_template_per_operator_command():
+    templates = [jt for jt in awx_assets()["job_templates"] if jt["playbook"] == "playbooks/canary_command.yml"]
+    actions = sorted(yaml.safe_load(t["extra_vars"])["canary_command_action"] for t in templates)
+    assert actions == ["abort", "pause", "promote", "resume"]
+    assert sorted(t["name"] for t in templates) == ["onprem.mesh canary %s" % a for a in actions]
 
 
 def test_canary_survey_covers_the_release_inputs():
