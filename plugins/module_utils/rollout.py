@@ -839,8 +839,8 @@ def command_status(vs, now):
 def _describe_state(state, lease, now):
     if not state:
         return "no rollout is recorded on it"
-    text = "the last rollout (canary %s, stable %s) is %s at step %s" % (state.get("canary"), state.get("stable"), state.get("phase"),
-                                                                      int(state.get("step", 0)) + 1)
+    text = "the last rollout (canary %s, stable %s) is %s at step %s" % (
+        state.get("canary"), state.get("stable"), state.get("phase"), int(state.get("step", 0)) + 1)
     if lease:
         left = float(lease.get("expires", 0)) - now
         text += ", its lease (%s) %s" % (lease.get("holder"), "expired %d s ago" % -left if left <= 0 else "runs %d s more" % left)
@@ -906,8 +906,8 @@ def operator_command(change, command, by=None, reason=None, check_mode=False, wa
         if (state.get("command") or {}).get("id") == posted["id"]:
             weights = current_weights(change.locate(vs)[2])
             return dict(result, acknowledged=True, phase=state.get("phase"), state=state, weights_after=weights,
-                        msg="the rollout %s acted on %s: phase %s, traffic now %s" % (lease.get("holder"), command, state.get("phase"),
-                                                                                   format_weights(weights)))
+                        msg="the rollout %s acted on %s: phase %s, traffic now %s" % (
+                            lease.get("holder"), command, state.get("phase"), format_weights(weights)))
         if now() >= deadline:
             error = RolloutError("command: the rollout %s running on %s did not act on %s within %ss (wait_timeout); the command stays"
                                  " posted and the rollout acts on it at its next look, unless its job is gone (then its lease expires at %s"

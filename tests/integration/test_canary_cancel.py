@@ -92,7 +92,8 @@ def annotation(obj, key):
 
 def rollout_args(kubeconfig, ns, health, **args):
     base = dict(name="reviews", namespace=ns, stable="v1", canary="v2", steps=[10, 50], interval="120s", kubeconfig=kubeconfig,
-                checks=[{"name": "smoke", "type": "http", "url": health}], retry_inconclusive_for=0, probe_interval=0, command_interval=1, lease_holder="job-%s" % ns)
+                checks=[{"name": "smoke", "type": "http", "url": health}], retry_inconclusive_for=0, probe_interval=0, command_interval=1,
+                lease_holder="job-%s" % ns)
     base.update(args)
     return base
 
