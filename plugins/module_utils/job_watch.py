@@ -10,8 +10,7 @@ A canary rollout runs for many minutes inside one module process. Three ways its
 * the controlling ``ansible-playbook`` dies (``kill -9``) while the module lives on (Ansible's worker processes
   and the module do not die with it): ``JobWatch.gone()`` notices when a process of the chain that started the
   module has ended - the rollout calls it every second or so while it waits;
-* the module itself is killed outright: ansible-runner (and so AWX) cancels a job with SIGKILL to its whole
-  process group. No handler runs then, so ``Guardian`` forks, before the rollout's first write, a small process
+* the module itself is killed outright (SIGKILL, the OOM killer). No handler runs then, so ``Guardian`` forks, before the rollout's first write, a small process
   in a session of its own that outlives the group; when the module's end of a pipe closes without the module
   having said it finished, the guardian runs the given action (the rollout's ``abandoned``: on_cancel, lease
   released) and exits.
@@ -129,7 +128,7 @@ class Guardian:
     ``done()``. ``start()`` forks it (twice, so that it is nobody's zombie) in a new session, with stdin, stdout and
     stderr on /dev/null (Ansible reads the module's stdout until every holder closes it)."""
 
-    def __init__(self, action, reason="the module process was killed (SIGKILL: ansible-runner and AWX cancel a job that way)"):
+    def __init__(self, action, reason="the module process was killed outright (SIGKILL)"):
         self.action = action
         self.reason = reason
         self.write_end = None

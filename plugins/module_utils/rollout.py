@@ -776,8 +776,7 @@ class Rollout:
         raise error
 
     def abandoned(self, reason):
-        """For a run whose process was killed outright (SIGKILL: ansible-runner's and AWX's cancel kill the job's whole
-        process group), called from the process that outlived it (``job_watch.Guardian``): when the VirtualService
+        """For a run whose process was killed outright (SIGKILL, the OOM killer), called from the process that outlived it (``job_watch.Guardian``): when the VirtualService
         still records this run as active and its lease as this run's, apply on_cancel and release the lease.
         Returns the phase written, or None when there was nothing of this run's to end."""
         vs = self.change.read()

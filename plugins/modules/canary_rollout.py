@@ -43,9 +43,9 @@ description:
     back on O(stable), or the weights held - with the lease released and the reason recorded. When the
     C(ansible-playbook) that runs the task dies (C(kill -9)), the module notices within a second (the chain of
     processes that started it, up to C(ansible-playbook) or the C(sshd) session) and does the same: no traffic shift
-    happens without a living job. When the module process itself is killed outright (ansible-runner, and so AWX's
-    cancel button, send SIGKILL to the job's whole process group), a small guardian process the module started in a
-    session of its own does it. Only a kill of everything at once (a deleted execution environment pod, a lost
+    happens without a living job. ansible-runner's cancel (what AWX's cancel button leads to) kills
+    C(ansible-playbook)'s process group with SIGKILL, which is such a death. When the module process itself is killed
+    outright (SIGKILL, the OOM killer), a small guardian process the module started in a session of its own does it. Only a kill of everything at once (a deleted execution environment pod, a lost
     host) leaves the lease to expire; a rerun then resumes at the recorded step, and M(onprem.mesh.canary_command)
     aborts or promotes it by hand."
   - Operator commands - M(onprem.mesh.canary_command) posts V(abort), V(pause), V(resume) or V(promote) to the

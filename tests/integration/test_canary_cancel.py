@@ -198,41 +198,42 @@ def report(name, seconds, count):
 
 # -- cancel and kill -----------------------------------------------------------------------------------------------
 
-def test_ctrl_c_rolls_back_releases_the_lease_and_leaves_no_process(cluster, api, reviews, kubeconfig, health_url, tmp_path):
-    run = Run(tmp_path, rollout_args(kubeconfig, reviews, health_url))
+def ended_by(cluster, api, ns, run, act, wait=30):
+    """Wait for the first step, ``act(run, procs)``; then the seconds until the rollout's last write, the VirtualService
+    and the module's writes since ``act`` - once every process of the run is gone."""
     try:
-        procs = started(api, reviews, run)
+        procs = started(api, ns, run)
         mark = cluster.audit.mark()
-        os.killpg(run.proc.pid, signal.SIGINT)   # what a terminal sends on Ctrl-C
-        seconds, obj = settled(api, reviews)
-        run.wait(30)
+        act(run, procs)
+        seconds, obj = settled(api, ns)
+        if wait:
+            run.wait(wait)
     finally:
         run.stop()
+    assert gone(procs), module_processes()
+    return seconds, obj, len(writes(cluster, ns, mark))
+
+
+def test_ctrl_c_rolls_back_releases_the_lease_and_leaves_no_process(cluster, api, reviews, kubeconfig, health_url, tmp_path):
+    run = Run(tmp_path, rollout_args(kubeconfig, reviews, health_url))
+    seconds, obj, count = ended_by(cluster, api, reviews, run, lambda r, _p: os.killpg(r.proc.pid, signal.SIGINT))  # a terminal's Ctrl-C
     assert weights(obj) == {"v1": 100, "v2": 0}
     state = annotation(obj, STATE)
     assert state["phase"] == "rolled_back" and state["reason"] == "cancelled (SIGINT) at step 1 (weight 10)", state
-    assert gone(procs), module_processes()
-    count = len(writes(cluster, reviews, mark))
     assert count == 1
     report("SIGINT (Ctrl-C)", seconds, count)
 
 
 def test_sigterm_with_on_cancel_hold_keeps_the_weights_and_a_rerun_resumes(cluster, api, reviews, kubeconfig, health_url, tmp_path):
     run = Run(tmp_path, rollout_args(kubeconfig, reviews, health_url, on_cancel="hold"))
-    try:
-        procs = started(api, reviews, run)
-        mark = cluster.audit.mark()
-        os.kill(run.proc.pid, signal.SIGTERM)   # to ansible-playbook only, as a supervisor stops it
-        seconds, obj = settled(api, reviews)
-        run.wait(30)
-    finally:
-        run.stop()
+    # to ansible-playbook only, as a supervisor stops it
+    seconds, obj, count = ended_by(cluster, api, reviews, run, lambda r, _p: os.kill(r.proc.pid, signal.SIGTERM))
     assert weights(obj) == {"v1": 90, "v2": 10}
     state = annotation(obj, STATE)
     assert state["phase"] == "held" and state["reason"].startswith("cancelled ("), state
-    assert gone(procs), module_processes()
-    report("SIGTERM to ansible-playbook (hold)", seconds, len(writes(cluster, reviews, mark)))
-    # the next run is not refused: it resumes the held step (and is cut short here by a pause-free abort)
+    assert count == 1
+    report("SIGTERM to ansible-playbook (hold)", seconds, count)
+    # the next run is not refused: it resumes the held step
     rc, result, out = run_playbook(os.path.join(TARGET, "canary_rollout.yml"), tmp_path, {"module_args": rollout_args(
         kubeconfig, reviews, health_url, steps=[10, 50], interval="1s", lease_holder="rerun")}, check=True)
     assert rc == 0 and result["note"] == "resuming held at step 1 (weight 10), as recorded", out
@@ -240,40 +241,25 @@ def test_sigterm_with_on_cancel_hold_keeps_the_weights_and_a_rerun_resumes(clust
 
 def test_kill_9_of_ansible_playbook_is_noticed_by_the_module_and_rolls_back(cluster, api, reviews, kubeconfig, health_url, tmp_path):
     run = Run(tmp_path, rollout_args(kubeconfig, reviews, health_url))
-    try:
-        procs = started(api, reviews, run)
-        mark = cluster.audit.mark()
-        os.kill(run.proc.pid, signal.SIGKILL)   # ansible-playbook alone: its worker and the module live on
-        seconds, obj = settled(api, reviews)
-    finally:
-        run.stop()
+    # ansible-playbook alone: its worker and the module live on
+    seconds, obj, count = ended_by(cluster, api, reviews, run, lambda r, _p: os.kill(r.proc.pid, signal.SIGKILL), wait=0)
     assert weights(obj) == {"v1": 100, "v2": 0}
     state = annotation(obj, STATE)
     assert state["phase"] == "rolled_back" and "the process that ran this job ended" in state["reason"] and "ansible-playbook" in state["reason"]
-    assert gone(procs), module_processes()
-    assert seconds < 10
-    count = len(writes(cluster, reviews, mark))
-    assert count == 1
+    assert seconds < 10 and count == 1
     report("kill -9 of ansible-playbook", seconds, count)
 
 
 def test_kill_9_of_the_module_is_undone_by_its_guardian(cluster, api, reviews, kubeconfig, health_url, tmp_path):
     run = Run(tmp_path, rollout_args(kubeconfig, reviews, health_url))
-    try:
-        procs = started(api, reviews, run)
-        module = min(procs)   # the module forked its guardian: the guardian's pid comes after
-        mark = cluster.audit.mark()
-        os.kill(module, signal.SIGKILL)
-        seconds, obj = settled(api, reviews)
-        run.wait(60)
-    finally:
-        run.stop()
+    # the module forked its guardian: the guardian's pid comes after
+    seconds, obj, count = ended_by(cluster, api, reviews, run, lambda _r, procs: os.kill(min(procs), signal.SIGKILL), wait=60)
     assert weights(obj) == {"v1": 100, "v2": 0}
     state = annotation(obj, STATE)
     assert state["phase"] == "rolled_back" and state["reason"] == (
-        "cancelled (the module process was killed (SIGKILL: ansible-runner and AWX cancel a job that way)) at step 1 (weight 10)")
-    assert gone(procs), module_processes()
-    report("kill -9 of the module", seconds, len(writes(cluster, reviews, mark)))
+        "cancelled (the module process was killed outright (SIGKILL)) at step 1 (weight 10)")
+    assert count == 1
+    report("kill -9 of the module", seconds, count)
 
 
 def test_ansible_runner_cancel_as_awx_does_rolls_back(cluster, api, reviews, kubeconfig, health_url, tmp_path):
