@@ -619,12 +619,18 @@ def _prom_error_outcome(check, params, err, query, threshold):
     return _by_policy(check, params, "on_error", to_native(err), query=query, threshold=threshold)
 
 
-def _check_traffic(ctx, check, threshold):
-    """None when there is enough traffic, else the outcome (low traffic or an error)."""
-    params = ctx.params
+def _min_requests(params, check):
+    """The traffic guard's minimum: the check's min_requests, else the global one for success_rate and latency, else 0."""
     minimum = check.get("min_requests")
     if minimum is None:
         minimum = params["min_requests"] if check["type"] in ("success_rate", "latency") else 0
+    return minimum
+
+
+def _check_traffic(ctx, check, threshold):
+    """None when there is enough traffic, else the outcome (low traffic or an error)."""
+    params = ctx.params
+    minimum = _min_requests(params, check)
     if not minimum:
         return None, None
     query = request_count_query(ctx.target, ctx.window, check.get("reporter") or "destination")
@@ -642,20 +648,32 @@ def _check_traffic(ctx, check, threshold):
     return None, requests
 
 
-def _check_prometheus(ctx, check):
-    params = ctx.params
+def _prometheus_query(ctx, check):
+    """``(query, min, max, unit)`` of a success_rate, latency or promql check, aimed at ctx.target over ctx.window."""
     ctype = check["type"]
     reporter = check.get("reporter") or "destination"
     if ctype == "success_rate":
-        query = success_rate_query(ctx.target, ctx.window, reporter)
-        vmin, vmax, unit = check["min"], None, " %"
-    elif ctype == "latency":
+        return success_rate_query(ctx.target, ctx.window, reporter), check["min"], None, " %"
+    if ctype == "latency":
         quantile = check.get("quantile") if check.get("quantile") is not None else 0.99
-        query = latency_query(ctx.target, ctx.window, quantile, reporter)
-        vmin, vmax, unit = None, check["max"], " ms"
-    else:
-        query = render_query(check["query"], ctx.target, ctx.window)
-        vmin, vmax, unit = check.get("min"), check.get("max"), ""
+        return latency_query(ctx.target, ctx.window, quantile, reporter), None, check["max"], " ms"
+    return render_query(check["query"], ctx.target, ctx.window), check.get("min"), check.get("max"), ""
+
+
+def _worst(samples, vmin, vmax):
+    """Of several series, the one reported: the lowest below min, else the highest above max, else the one nearest the
+    threshold's side (samples: [(labels, value)], none NaN)."""
+    values = sorted(samples, key=lambda s: s[1])
+    if vmin is not None and values[0][1] < vmin:
+        return values[0]
+    if vmax is not None and values[-1][1] > vmax:
+        return values[-1]
+    return values[0] if vmin is not None else values[-1]
+
+
+def _check_prometheus(ctx, check):
+    params = ctx.params
+    query, vmin, vmax, unit = _prometheus_query(ctx, check)
     threshold = _threshold_text(vmin, vmax, unit)
 
     low, requests = _check_traffic(ctx, check, threshold)
@@ -674,13 +692,7 @@ def _check_prometheus(ctx, check):
         return _by_policy(check, params, "on_nan", "the query returned NaN for %d of %d series (no requests in the window, "
                           "or 0/0)" % (len(nan), len(samples)), query=query, threshold=threshold, requests=requests)
     # Several series: every one must meet the threshold; the value reported is the worst one.
-    values = sorted(samples, key=lambda s: s[1])
-    if vmin is not None and values[0][1] < vmin:
-        worst = values[0]
-    elif vmax is not None and values[-1][1] > vmax:
-        worst = values[-1]
-    else:
-        worst = values[0] if vmin is not None else values[-1]
+    worst = _worst(samples, vmin, vmax)
     value = worst[1]
     series = ""
     if len(samples) > 1:
@@ -710,6 +722,13 @@ def _check_workload_ready(ctx, check):
         dep = ctx.reader.read_deployment(tgt.namespace, tgt.workload)
     except K8sReadError as e:
         return _k8s_error_outcome(check, ctx.params, e, threshold)
+    return _deployment_ready(dep, tgt, minimum)
+
+
+def _deployment_ready(dep, tgt, minimum):
+    """The workload_ready verdict on a Deployment as read: ``minimum`` available replicas, or (None) all of spec.replicas
+    available and updated, with the controller's observedGeneration current."""
+    threshold = ">= %s available" % minimum
     spec, status, meta = dep.get("spec") or {}, dep.get("status") or {}, dep.get("metadata") or {}
     replicas = spec.get("replicas", 1)
     replicas = 1 if replicas is None else int(replicas)
