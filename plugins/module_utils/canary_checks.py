@@ -177,6 +177,18 @@ def window_seconds(window):
     return sum(int(n) * _WINDOW_UNITS[u] for n, u in _WINDOW_PART_RE.findall(window))
 
 
+def step_window(window, elapsed):
+    """The PromQL range of an analysis whose traffic began ``elapsed`` seconds ago (a canary step's weight took effect
+    then): ``window`` (analysis_window) when that is not longer, else the time passed rounded down, so the range never
+    reaches back before the start - whole seconds (``'29s'``), or milliseconds under one second (``'950ms'``, at least
+    ``'1ms'``)."""
+    if elapsed >= window_seconds(window):
+        return window
+    if elapsed >= 1:
+        return "%ds" % int(elapsed)
+    return "%dms" % max(1, int(elapsed * 1000))
+
+
 def duration_seconds(text):
     """Seconds of a PromQL-style duration ('30s', '2m', '1m30s'), or None when the text is not one."""
     text = str(text).strip()
@@ -898,7 +910,9 @@ def evaluate_gate(params, target, k8s=None, http=None, clock=time.monotonic, sle
     """Run every check; retry the inconclusive ones for at most retry_inconclusive_for seconds.
 
     window_start: the dict take_baseline() returned at the start of the window (restart counts compared to it),
-    or an epoch timestamp, or None (the window is the last analysis_window before now).
+    or an epoch timestamp, or None (the window is the last analysis_window before now). With a start, the PromQL
+    range ({{ window }} too) is analysis_window or the time since that start when it is shorter (step_window), taken
+    anew for every round: a query never sees requests from before the start (a canary step's previous weight).
     Raises CanaryCheckError for a wrong specification. Returns
     {"verdict", "checks": [{"name", "type", "query", "value", "threshold", "verdict", "reason", "attempts"}],
      "started", "ended", "duration", "attempts"}.
@@ -928,8 +942,11 @@ def evaluate_gate(params, target, k8s=None, http=None, clock=time.monotonic, sle
     deadline = started + retry_for
     max_rounds = int(retry_for // interval) + 1
     rounds = 0
+    since = (window_start or {}).get("epoch")
     while pending and rounds < max_rounds:
         rounds += 1
+        if since is not None:
+            ctx.window = step_window(params["analysis_window"], wall_clock() - since)
         for check in pending:
             attempts[check["name"]] += 1
             if reader_error and check["type"] in K8S_TYPES:
@@ -994,6 +1011,7 @@ class CanaryGate:
     gate = CanaryGate(params, target, k8s=api_client)
     token = gate.start_window()        # take_baseline(): restart counts, the window's start time
     result = gate.evaluate(token)      # evaluate_gate(..., window_start=token)
+    result = gate.evaluate()           # the same window: since this gate's last start_window() (a step's probes)
     """
 
     def __init__(self, params, target, k8s=None, http=None, prometheus=None, clock=time.monotonic, sleep=time.sleep,
@@ -1006,6 +1024,7 @@ class CanaryGate:
         self.clock = clock
         self.sleep = sleep
         self.wall_clock = wall_clock
+        self.window_start = None
         self.reader = None
         if any(c["type"] in K8S_TYPES for c in self.params["checks"]):
             try:
@@ -1014,9 +1033,14 @@ class CanaryGate:
                 self.reader = None  # evaluate_gate reports it through on_error
 
     def start_window(self):
-        return take_baseline(self.params, self.target, k8s=self.reader, wall_clock=self.wall_clock)
+        """The window starts now: the baseline, also kept for evaluate() without a token."""
+        self.window_start = take_baseline(self.params, self.target, k8s=self.reader, wall_clock=self.wall_clock)
+        return self.window_start
 
     def evaluate(self, token=None):
+        """The gate over the window that ``token`` started, or (None) the last start_window()'s; never started: the
+        last analysis_window."""
         return evaluate_gate(self.params, self.target, k8s=self.reader if self.reader is not None else self.k8s, http=self.http,
-                             clock=self.clock, sleep=self.sleep, window_start=token, prometheus=self.prometheus,
-                             wall_clock=self.wall_clock)
+                             clock=self.clock, sleep=self.sleep, window_start=self.window_start if token is None else token,
+                             prometheus=self.prometheus, wall_clock=self.wall_clock)
+

@@ -492,6 +492,14 @@ class Rollout:
         error.result = dict(base, changed=True, result="stopped", reason=reason, weights_after=weights, timeline=self.timeline, failures=failures)
         return error
 
+    def _start_window(self):
+        """A step's analysis window starts now, after its write (and wait_for_mesh): the gate's token; the probe's window
+        starts with it, so neither looks back at the previous weight's traffic."""
+        token = self.gate.start_window()
+        if self.probe is not None:
+            self.probe.start_window()
+        return token
+
     def _steps(self, base, schedule, index, failures):
         self._step_index = index
         while index < len(self.steps):
@@ -516,7 +524,7 @@ class Rollout:
                     self.timeline.append(entry)
                     return self._fail(base, index, failures + 1, entry["reason"], step["interval"])
                 entry["mesh_ready"] = iso(self.now())
-            token = self.gate.start_window()
+            token = self._start_window()
             gate = self._watch(started + step["interval"])
             if gate is None:
                 gate = self.gate.evaluate(token)

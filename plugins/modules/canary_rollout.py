@@ -39,6 +39,9 @@ description:
     a rollback.
   - Every failure returns RV(result), RV(timeline) and RV(weights_after) (the weights in force), and its message says
     where the traffic is now.
+  - Each step is judged on its own traffic only. Its queries look back no further than the moment its weight took
+    effect (after the write, and after O(wait_for_mesh) when set). The step's probes and retries do the same. The
+    range is O(analysis_window) or the time since that moment, whichever is shorter.
 author:
   - onprem.mesh contributors (@onprem-mesh)
 extends_documentation_fragment:

@@ -507,6 +507,10 @@ class Probe:
         self.clock = clock
         self.verdicts = list(verdicts)
         self.asked = []
+        self.windows = []   # when each step's window started for the probe
+
+    def start_window(self):
+        self.windows.append(self.clock.t)
 
     def evaluate(self, token):
         self.asked.append(self.clock.t)
