@@ -381,8 +381,9 @@ def istio_selector(target, reporter="destination", extra=None):
     """The label matchers that select the canary's Istio telemetry."""
     tgt = CanaryTarget.from_any(target)
     parts = ['reporter="%s"' % promql_escape(reporter),
-             'destination_workload_namespace="%s"' % promql_escape(tgt.namespace),
-             'destination_workload="%s"' % promql_escape(tgt.workload)]
+             'destination_workload_namespace="%s"' % promql_escape(tgt.namespace)]
+    if tgt.workload:  # always for the canary (validate() requires it); the stable's may be unknown (preflight)
+        parts.append('destination_workload="%s"' % promql_escape(tgt.workload))
     if tgt.version:
         parts.append('destination_version="%s"' % promql_escape(tgt.version))
     if extra:
@@ -1005,6 +1006,173 @@ def summarize(gate):
     return "; ".join("%s (%s): %s - %s" % (c["name"], c["type"], c["verdict"], c["reason"]) for c in bad)
 
 
+# --------------------------------------------------------------------------------------------
+# Preflight: before a rollout's first shift
+# --------------------------------------------------------------------------------------------
+
+SKIPPED = "skipped"
+PREFLIGHT_LOW_TRAFFIC = (FAIL, "skip")
+
+
+def stable_workload_name(canary_workload, canary_version, stable_version):
+    """The stable's Deployment by the usual naming ``<app>-<version>``: ``payment-v2`` (version v2) gives ``payment-v1``
+    (stable v1). None when the canary's name does not end with its version after a prefix."""
+    if canary_workload and canary_version and stable_version and len(canary_workload) > len(canary_version) \
+            and canary_workload.endswith(canary_version):
+        return canary_workload[:-len(canary_version)] + stable_version
+    return None
+
+
+def _describe(tgt):
+    """``shop/payment-v1 (version v1)``: what a query aimed at ``tgt`` selects."""
+    what = "%s/%s" % (tgt.namespace, tgt.workload) if tgt.workload else "namespace %s" % tgt.namespace
+    return what + (" (version %s)" % tgt.version if tgt.version else "")
+
+
+def _item(name, ctype, aimed, verdict, reason, fix=None, **extra):
+    item = dict(name=name, type=ctype, target=aimed, verdict=verdict, reason=reason)
+    if fix:
+        item["fix"] = fix
+    item.update(extra)
+    return item
+
+
+def _preflight_prometheus(ctx):
+    """Prometheus answers an instant query at all (``1``, a scalar)."""
+    url = ctx.params["prometheus_url"]
+    try:
+        ctx.prometheus.query("1")
+    except PrometheusError as e:
+        return _item("prometheus", "prometheus", url, FAIL, to_native(e), query="1",
+                     fix="start Prometheus or correct prometheus_url (and prometheus_headers, prometheus_validate_certs), then rerun")
+    return _item("prometheus", "prometheus", url, PASS, "Prometheus at %s answers queries" % url, query="1")
+
+
+def _preflight_error(check, err, query, requests=None):
+    """A query of the stable that Prometheus did not answer with data."""
+    if err.kind == "bad_query":
+        fix = "correct the PromQL of check %s (the query as sent is in this item's query)" % check["name"]
+    elif err.kind in ("unreachable", "bad_response"):
+        fix = "make Prometheus answer at prometheus_url, then rerun"
+    else:
+        fix = "see Prometheus's answer; correct the query of check %s or the load on Prometheus, then rerun" % check["name"]
+    return _item(check["name"], check["type"], "stable", FAIL, to_native(err), fix, query=query, requests=requests)
+
+
+def _preflight_quiet(check, low_traffic, reason, query, requests=None, stable_name="the stable"):
+    """No usable value for the stable (no series, NaN, too few requests): low_traffic decides."""
+    if low_traffic == FAIL:
+        return _item(check["name"], check["type"], "stable", FAIL,
+                     "%s; the gate could not judge the canary on this traffic either (preflight_low_traffic: fail)" % reason,
+                     "send traffic to %s, or check the metric and label names of the query; preflight_low_traffic: skip starts"
+                     " without this evidence" % stable_name, query=query, requests=requests)
+    return _item(check["name"], check["type"], "stable", SKIPPED, "%s (preflight_low_traffic: skip)" % reason, query=query,
+                 requests=requests)
+
+
+def _preflight_query(ctx, check, low_traffic):
+    """One Prometheus check's query aimed at the stable: valid, answered, with enough traffic. Its value is reported,
+    not judged (the threshold is the canary's)."""
+    tgt = ctx.target
+    stable_name = "the stable %s" % _describe(tgt)
+    try:
+        query, vmin, vmax, unit = _prometheus_query(ctx, check)
+    except CanaryCheckError as e:
+        return _item(check["name"], check["type"], "stable", FAIL, "the query cannot be aimed at the stable: %s" % to_native(e),
+                     "set stable_workload (the stable's Deployment, Istio's destination_workload)")
+    requests = None
+    minimum = _min_requests(ctx.params, check)
+    if minimum:
+        count_query = request_count_query(tgt, ctx.window, check.get("reporter") or "destination")
+        try:
+            samples = ctx.prometheus.query(count_query)
+        except PrometheusError as e:
+            return _preflight_error(check, e, count_query)
+        values = [v for dummy, v in samples if not math.isnan(v)]
+        requests = sum(values) if values else 0.0
+        if requests < minimum:
+            return _preflight_quiet(check, low_traffic, "low traffic on %s: %s requests in %s, min_requests is %s"
+                                    % (stable_name, _fmt_number(round(requests, 2)), ctx.window, minimum), count_query, requests,
+                                    stable_name)
+    try:
+        samples = ctx.prometheus.query(query)
+    except PrometheusError as e:
+        return _preflight_error(check, e, query, requests)
+    if not samples:
+        return _preflight_quiet(check, low_traffic, "the query returned no series for %s (a misspelled metric or label name,"
+                                " or no traffic)" % stable_name, query, requests, stable_name)
+    if any(math.isnan(value) for dummy, value in samples):
+        return _preflight_quiet(check, low_traffic, "the query returned NaN for %s (no requests in %s, or 0/0)"
+                                % (stable_name, ctx.window), query, requests, stable_name)
+    value = _worst(samples, vmin, vmax)[1]
+    return _item(check["name"], check["type"], "stable", PASS, "answers for %s: %s%s (the canary's threshold, %s, is not"
+                 " applied to the stable)" % (stable_name, _fmt_number(value), unit, _threshold_text(vmin, vmax, unit)),
+                 query=query, value=value, requests=requests)
+
+
+def _preflight_canary_pods(params, tgt, k8s):
+    """The canary's Deployment has ready pods: workload_ready's semantics (its min_available when the checks have such a
+    check, else all of spec.replicas available and updated), and at least one pod available."""
+    if not tgt.workload:
+        return _item("canary-pods", "workload_ready", "canary", SKIPPED,
+                     "no canary_workload was given, so the canary's pods were not checked; set it to have them checked")
+    check = next((c for c in params["checks"] if c["type"] == "workload_ready"), {})
+    minimum = check.get("min_available")
+    name = "Deployment %s/%s" % (tgt.namespace, tgt.workload)
+    fix = "check the Kubernetes connection and that it may get deployments.apps in namespace %s (README: RBAC)" % tgt.namespace
+    try:
+        reader = as_reader(k8s)
+        if reader is None:
+            raise K8sReadError("no Kubernetes connection was given to read %s" % name)
+        dep = reader.read_deployment(tgt.namespace, tgt.workload)
+    except K8sReadError as e:
+        if e.status == 404:
+            fix = "correct canary_workload, or create the canary's Deployment first"
+        return _item("canary-pods", "workload_ready", "canary", FAIL, to_native(e), fix)
+    outcome = _deployment_ready(dep, tgt, None if minimum is None else max(1, minimum))
+    verdict = outcome.verdict   # pass or fail: the Deployment was read
+    fix = None if verdict == PASS else "wait until the canary's pods are ready (kubectl -n %s rollout status deployment/%s), then rerun" % (
+        tgt.namespace, tgt.workload)
+    return _item("canary-pods", "workload_ready", "canary", verdict, outcome.reason, fix, value=outcome.value,
+                 threshold=outcome.threshold)
+
+
+def preflight(params, target, stable, k8s=None, http=None, prometheus=None, low_traffic=FAIL):
+    """Before a rollout's first shift, whether the gate could judge the canary at all; reads only.
+
+    - ``prometheus``: Prometheus answers (when a success_rate, latency or promql check needs it); if not, its checks are
+      not tried.
+    - each of those checks, its query aimed at ``stable`` (a CanaryTarget or dict: the stable's namespace, workload,
+      version) over analysis_window: valid PromQL (no HTTP 400), answered, with a value; the stable's request count
+      at least the check's min_requests. No series, NaN or too few requests fail when ``low_traffic`` is ``fail``, are
+      ``skipped`` when it is ``skip``. The stable's value is reported, not compared with the canary's threshold.
+    - ``canary-pods``: the canary's Deployment (target's workload) has ready pods, as _preflight_canary_pods says;
+      skipped without a workload.
+
+    Returns {"verdict": "pass" or "fail", "checks": [{"name", "type", "target", "verdict" (pass, fail, skipped),
+    "reason", "fix" (when not passed), "query", "value", "requests", ...}], "reason": the failed ones with their fix}.
+    """
+    if low_traffic not in PREFLIGHT_LOW_TRAFFIC:
+        raise CanaryCheckError("preflight_low_traffic: %r is not one of %s" % (low_traffic, ", ".join(PREFLIGHT_LOW_TRAFFIC)))
+    params = normalize_params(params)
+    stable = CanaryTarget.from_any(stable)
+    ctx = _Context(params, stable, None, http or urls_transport, prometheus, None, time.time)
+    items = []
+    queries = [c for c in params["checks"] if c["type"] in PROMETHEUS_TYPES]
+    if queries:
+        items.append(_preflight_prometheus(ctx))
+        if items[0]["verdict"] == PASS:
+            items.extend(_preflight_query(ctx, check, low_traffic) for check in queries)
+    items.append(_preflight_canary_pods(params, CanaryTarget.from_any(target), k8s))
+    failed = [i for i in items if i["verdict"] == FAIL]
+    if failed:
+        reason = "; ".join("%s (%s, %s): %s; fix: %s" % (i["name"], i["type"], i["target"], i["reason"], i["fix"]) for i in failed)
+    else:
+        skipped = [i["name"] for i in items if i["verdict"] == SKIPPED]
+        reason = "%d passed, %d skipped%s" % (len(items) - len(skipped), len(skipped), " (%s)" % ", ".join(skipped) if skipped else "")
+    return {"verdict": FAIL if failed else PASS, "checks": items, "reason": reason}
+
+
 class CanaryGate:
     """The gate object canary_rollout drives: start_window() at the start of a step, evaluate(token) at its end.
 
@@ -1012,6 +1180,7 @@ class CanaryGate:
     token = gate.start_window()        # take_baseline(): restart counts, the window's start time
     result = gate.evaluate(token)      # evaluate_gate(..., window_start=token)
     result = gate.evaluate()           # the same window: since this gate's last start_window() (a step's probes)
+    report = gate.preflight(stable)    # before the first shift: can this gate judge the canary at all?
     """
 
     def __init__(self, params, target, k8s=None, http=None, prometheus=None, clock=time.monotonic, sleep=time.sleep,
@@ -1044,3 +1213,7 @@ class CanaryGate:
                              clock=self.clock, sleep=self.sleep, window_start=self.window_start if token is None else token,
                              prometheus=self.prometheus, wall_clock=self.wall_clock)
 
+    def preflight(self, stable, low_traffic=FAIL):
+        """Before a rollout's first shift: could this gate judge the canary at all? Nothing is written; see preflight()."""
+        return preflight(self.params, self.target, stable, k8s=self.reader if self.reader is not None else self.k8s, http=self.http,
+                         prometheus=self.prometheus, low_traffic=low_traffic)

@@ -218,7 +218,8 @@ class Rollout:
 
     def __init__(self, change, gate, stable, canary, steps, on_failure="rollback", failure_limit=0,
                  wait_for_mesh=False, mesh_timeout=60.0, lease_seconds=None, force=False, restart=False,
-                 holder=None, now=time.time, sleep=time.sleep, poll_interval=0.5, log=None, probe=None, probe_every=0):
+                 holder=None, now=time.time, sleep=time.sleep, poll_interval=0.5, log=None, probe=None, probe_every=0,
+                 preflight=None):
         if stable == canary:
             raise RolloutError("stable and canary name the same subset %r; the canary must be another subset" % stable)
         if on_failure not in ("rollback", "hold"):
@@ -244,6 +245,7 @@ class Rollout:
         self.log = log or (lambda message: None)
         self.probe = probe
         self.probe_every = probe_every
+        self.preflight = preflight
         self.timeline = []
         self._started = False   # this run has written
         self._expected = None   # what the rollout expects of its own fields at the next write (see _remember)
@@ -409,6 +411,8 @@ class Rollout:
             base["weights_before"] = before
             check_stable_and_canary(self.change, vs, self.stable, self.canary)
             index, failures, note = self.starting_point(vs)
+            if index is not None:
+                self._preflight(base, before)
         except Exception as exc:
             self._not_started(exc, dict(base, timeline=[]))
             raise
@@ -491,6 +495,23 @@ class Rollout:
                              % (self.canary, weights.get(self.canary, 0), how, format_weights(weights), reason, self.on_failure, detail, advice))
         error.result = dict(base, changed=True, result="stopped", reason=reason, weights_after=weights, timeline=self.timeline, failures=failures)
         return error
+
+    def _preflight(self, base, before):
+        """Before the canary's first traffic, ``preflight()`` (a dict with ``verdict``, ``checks``, ``reason``, as
+        CanaryGate.preflight returns it) says whether the gate could judge the canary at all; ``base["preflight"]`` gets
+        the report. A verdict other than pass raises a RolloutError before any write: the run ends not_started and
+        the canary gets nothing. Not asked when the canary already has a share of the route as read (a resumed run):
+        its step's analysis judges it, and on_failure applies. No ``preflight``: nothing checked, nothing reported."""
+        if self.preflight is None:
+            return
+        share = before.get(self.canary, 0)
+        if share:
+            base["preflight"] = dict(verdict="skipped", checks=[], reason="canary %s already gets %s %% of the traffic: the analysis of"
+                                     " its step judges it" % (self.canary, share))
+            return
+        report = base["preflight"] = self.preflight()
+        if report.get("verdict") != "pass":
+            raise RolloutError("preflight failed, so canary %s gets no traffic: %s" % (self.canary, report.get("reason")))
 
     def _start_window(self):
         """A step's analysis window starts now, after its write (and wait_for_mesh): the gate's token; the probe's window
