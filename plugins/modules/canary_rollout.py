@@ -184,7 +184,8 @@ options:
     default: true
 notes:
   - "RBAC: C(get) and C(patch) on C(virtualservices.networking.istio.io), C(list) on C(destinationrules.networking.istio.io);
-    for workload checks C(get) on C(deployments.apps) and C(list) on C(pods), in the namespace."
+    for workload checks C(get) on C(deployments.apps) and C(list) on C(pods), and for the preflight with O(canary_workload)
+    C(get) on C(deployments.apps), in the namespace."
 seealso:
   - module: onprem.mesh.traffic_split
   - module: onprem.mesh.canary_gate
