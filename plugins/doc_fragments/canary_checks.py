@@ -161,7 +161,7 @@ options:
       - The PromQL range the metrics are computed over, for example V(1m), V(30s), V(2m30s).
       - The queries look back from the moment they run. M(onprem.mesh.canary_gate) always looks back the whole window.
         M(onprem.mesh.canary_rollout) looks back no further than the moment the step's weight took effect (after its write,
-        and after O(wait_for_mesh) when set). The range is O(analysis_window) or the time since then, rounded down to
+        and after C(wait_for_mesh) when set). The range is O(analysis_window) or the time since then, rounded down to
         whole seconds (milliseconds under one second), whichever is shorter. This applies to the step's analysis, to its
         retries and to its probes, so a step is judged only on its own traffic. Make a step's interval several of
         Prometheus's scrape intervals long, or its queries find no data.

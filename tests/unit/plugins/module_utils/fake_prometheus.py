@@ -5,7 +5,8 @@
 The test stores series (``add``), each with its labels and its value: for a counter or a histogram
 bucket the increase over the query's window (``rate(x[1m])`` is that divided by 60), for a gauge its
 value. Or, when the range matters, a counter's increases in time (``count``): then ``increase(x[30s])``
-sums what was counted in the 30 s up to the evaluation time (``now``), and ``x`` alone is the counter's value. Queries are parsed and evaluated as Prometheus would, on that subset of PromQL: selectors
+sums what was counted in the 30 s up to the evaluation time (``now``), and ``x`` alone is the counter's
+value. Queries are parsed and evaluated as Prometheus would, on that subset of PromQL: selectors
 with ``=``, ``!=``, ``=~`` and ``!~`` matchers (exact, regexes anchored; a missing label is ""),
 ``rate``, ``increase``, ``sum`` and ``sum by (...)``, ``histogram_quantile``, ``scalar``, ``or``
 and ``+ - * /`` on vectors and scalars (one-to-one on equal label sets). A query it cannot parse is

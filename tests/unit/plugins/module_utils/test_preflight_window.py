@@ -43,8 +43,9 @@ def test_step_window_never_reaches_back_before_the_start(window, elapsed, expect
     assert cc.step_window(window, elapsed) == expected
 
 
-def traffic(prom, start, before=(100, 0), after=(80, 20), labels=CANARY, span=120):
-    """Requests per second to ``labels`` (non-5xx, 5xx): ``before`` until ``start``, ``after`` from then on."""
+def traffic(prom, start, before=(100, 0), after=(80, 20), labels=None, span=120):
+    """Requests per second to ``labels`` (the canary's; non-5xx, 5xx): ``before`` until ``start``, ``after`` from then on."""
+    labels = labels or CANARY
     for t in range(int(start) - span, int(start) + span):
         good, bad = before if t < start else after
         prom.count("istio_requests_total", t + 0.5, good, response_code="200", reporter="destination", **labels)
@@ -88,7 +89,10 @@ def test_a_baseline_token_starts_the_window_too_and_low_traffic_names_it():
 
 def test_each_retry_round_takes_the_window_anew():
     clock = FakeClock()
-    wall = lambda: NOW + clock.now   # noqa: E731  the wall clock moves with the retries' sleeps
+
+    def wall():   # the wall clock moves with the retries' sleeps
+        return NOW + clock.now
+
     prom = FakePrometheus(now=wall)
     run(params(SR, retry_inconclusive_for=10, retry_interval=10), prom, clock=clock, window_start=wall() - 20, wall=wall)
     assert prom.queries == [cc.request_count_query(TARGET, "20s"), cc.request_count_query(TARGET, "30s")]
@@ -474,7 +478,11 @@ def test_no_preflight_nothing_reported_and_a_promoted_rollout_is_not_preflighted
 def test_a_held_lease_is_refused_before_the_preflight():
     store = FakeIstio(objects())
     first = make(store=store, lease_seconds=600)[3]
-    first.gate.evaluate = lambda token: (_ for _ in ()).throw(KeyboardInterrupt())
+
+    def killed(token):   # like Ctrl-C in the first window: the lease stays
+        raise KeyboardInterrupt()
+
+    first.gate.evaluate = killed
     with pytest.raises(KeyboardInterrupt):
         first.run()
     store.objects[("virtualservices", "shop", "payment")]["spec"]["http"][1]["route"][1]["weight"] = 0
