@@ -218,8 +218,7 @@ class Rollout:
 
     def __init__(self, change, gate, stable, canary, steps, on_failure="rollback", failure_limit=0,
                  wait_for_mesh=False, mesh_timeout=60.0, lease_seconds=None, force=False, restart=False,
-                 holder=None, now=time.time, sleep=time.sleep, poll_interval=0.5, log=None, probe=None, probe_every=0,
-                 preflight=None):
+                 holder=None, now=time.time, sleep=time.sleep, poll_interval=0.5, log=None, probe=None, probe_every=0):
         if stable == canary:
             raise RolloutError("stable and canary name the same subset %r; the canary must be another subset" % stable)
         if on_failure not in ("rollback", "hold"):
@@ -245,7 +244,6 @@ class Rollout:
         self.log = log or (lambda message: None)
         self.probe = probe
         self.probe_every = probe_every
-        self.preflight = preflight
         self.timeline = []
         self._started = False   # this run has written
         self._expected = None   # what the rollout expects of its own fields at the next write (see _remember)
@@ -397,8 +395,9 @@ class Rollout:
         return 0, 0, "starting"
 
     # -- run -------------------------------------------------------------------------------------
-    def run(self, check_mode=False):
+    def run(self, check_mode=False, preflight=None):
         """Run (or plan) the rollout. Returns the result dict when it ends promoted, rolled back or held.
+        ``preflight``: see _preflight; asked before the first write, in check mode too.
 
         Raises when it stops otherwise; the exception then carries ``result`` (a dict like the returned one:
         ``result`` ``not_started`` before this run wrote anything, ``stopped`` after, with the timeline and the
@@ -412,7 +411,7 @@ class Rollout:
             check_stable_and_canary(self.change, vs, self.stable, self.canary)
             index, failures, note = self.starting_point(vs)
             if index is not None:
-                self._preflight(base, before)
+                self._preflight(base, before, preflight)
         except Exception as exc:
             self._not_started(exc, dict(base, timeline=[]))
             raise
@@ -496,20 +495,20 @@ class Rollout:
         error.result = dict(base, changed=True, result="stopped", reason=reason, weights_after=weights, timeline=self.timeline, failures=failures)
         return error
 
-    def _preflight(self, base, before):
+    def _preflight(self, base, before, preflight):
         """Before the canary's first traffic, ``preflight()`` (a dict with ``verdict``, ``checks``, ``reason``, as
         CanaryGate.preflight returns it) says whether the gate could judge the canary at all; ``base["preflight"]`` gets
         the report. A verdict other than pass raises a RolloutError before any write: the run ends not_started and
         the canary gets nothing. Not asked when the canary already has a share of the route as read (a resumed run):
         its step's analysis judges it, and on_failure applies. No ``preflight``: nothing checked, nothing reported."""
-        if self.preflight is None:
+        if preflight is None:
             return
         share = before.get(self.canary, 0)
         if share:
             base["preflight"] = dict(verdict="skipped", checks=[], reason="canary %s already gets %s %% of the traffic: the analysis of"
                                      " its step judges it" % (self.canary, share))
             return
-        report = base["preflight"] = self.preflight()
+        report = base["preflight"] = preflight()
         if report.get("verdict") != "pass":
             raise RolloutError("preflight failed, so canary %s gets no traffic: %s" % (self.canary, report.get("reason")))
 

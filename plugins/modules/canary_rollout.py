@@ -418,8 +418,8 @@ def main():
         rollout = Rollout(change, gate, p["stable"], p["canary"], plan, on_failure=p["on_failure"], failure_limit=p["failure_limit"],
                           wait_for_mesh=p["wait_for_mesh"], mesh_timeout=p["mesh_timeout"], lease_seconds=p["lease_seconds"],
                           force=p["force"], restart=p["restart"], holder=p["lease_holder"], log=module.log,
-                          probe=probe, probe_every=p["probe_interval"], preflight=preflight)
-        result = rollout.run(check_mode=module.check_mode)
+                          probe=probe, probe_every=p["probe_interval"])
+        result = rollout.run(check_mode=module.check_mode, preflight=preflight)
     except CanaryCheckError as exc:
         module.fail_json(msg="invalid canary checks: %s" % exc)
     except (TrafficError, K8sError) as exc:

@@ -411,13 +411,13 @@ class Preflight:
 def with_preflight(verdict="pass", store=None, **kwargs):
     store = store or FakeIstio(objects())
     check = Preflight(store, verdict)
-    store, gate, clock, rollout = make(store=store, preflight=check, **kwargs)
+    store, gate, clock, rollout = make(store=store, **kwargs)
     return store, gate, check, rollout
 
 
 def test_the_preflight_runs_once_before_the_first_write_and_is_reported():
     store, gate, check, rollout = with_preflight()
-    result = rollout.run()
+    result = rollout.run(preflight=check)
     assert result["result"] == "promoted" and check.asked == [{"read": 2, "write": 0}]   # the VirtualService and its DestinationRules
     assert result["preflight"] == {"verdict": "pass", "checks": [{"name": "prometheus", "verdict": "pass"}], "reason": "1 passed, 0 skipped"}
     assert store.calls["write"] == 5 and gate.seen == [5, 10, 25, 50]
@@ -426,7 +426,7 @@ def test_the_preflight_runs_once_before_the_first_write_and_is_reported():
 def test_a_failed_preflight_writes_nothing_and_names_the_check():
     store, gate, check, rollout = with_preflight("fail")
     with pytest.raises(ro.RolloutError) as caught:
-        rollout.run()
+        rollout.run(preflight=check)
     assert str(caught.value) == ("preflight failed, so canary v2 gets no traffic: prometheus (prometheus, http://p:9090): down; fix: start it;"
                                  " this run wrote nothing: traffic stays v1=100, v2=0 (canary v2 gets 0 % of it)")
     assert caught.value.result == dict(canary="v2", stable="v1", holder=rollout.holder, weights_before={"v1": 100, "v2": 0}, changed=False,
@@ -437,17 +437,17 @@ def test_a_failed_preflight_writes_nothing_and_names_the_check():
 
 def test_check_mode_runs_the_preflight_and_reports_it():
     store, _gate, check, rollout = with_preflight()
-    result = rollout.run(check_mode=True)
+    result = rollout.run(check_mode=True, preflight=check)
     assert result["result"] == "planned" and result["preflight"]["verdict"] == "pass" and len(check.asked) == 1
     store, _gate, check, rollout = with_preflight("fail")
     with pytest.raises(ro.RolloutError, match="^preflight failed, so canary v2 gets no traffic") as caught:
-        rollout.run(check_mode=True)
+        rollout.run(check_mode=True, preflight=check)
     assert caught.value.result["result"] == "not_started" and store.calls["write"] == 0
 
 
 def test_a_canary_that_already_has_traffic_is_not_preflighted():
     store, _gate, check, rollout = with_preflight("fail", store=FakeIstio(objects(stable=75, canary=25)))
-    result = rollout.run()
+    result = rollout.run(preflight=check)
     assert result["result"] == "promoted" and check.asked == []
     assert result["preflight"] == {"verdict": "skipped", "checks": [],
                                    "reason": "canary v2 already gets 25 % of the traffic: the analysis of its step judges it"}
@@ -461,7 +461,7 @@ def test_a_resumed_run_at_zero_weight_is_preflighted():
     writes = store.calls["write"]
     _store, _gate, check, rerun = with_preflight("fail", store=store, on_failure="hold")
     with pytest.raises(ro.RolloutError, match="^preflight failed"):
-        rerun.run()
+        rerun.run(preflight=check)
     assert len(check.asked) == 1 and store.calls["write"] == writes and state(store)["phase"] == "held"
 
 
@@ -471,7 +471,7 @@ def test_no_preflight_nothing_reported_and_a_promoted_rollout_is_not_preflighted
     store = FakeIstio(objects())
     make(store=store)[3].run()
     _store, _gate, check, again = with_preflight("fail", store=store)
-    result = again.run()
+    result = again.run(preflight=check)
     assert result["result"] == "promoted" and result["note"].startswith("already promoted") and check.asked == [] and "preflight" not in result
 
 
@@ -489,7 +489,7 @@ def test_a_held_lease_is_refused_before_the_preflight():
     store.objects[("virtualservices", "shop", "payment")]["spec"]["http"][1]["route"][0]["weight"] = 100
     _store, _gate, check, second = with_preflight(store=store)
     with pytest.raises(ro.LeaseHeld):
-        second.run()
+        second.run(preflight=check)
     assert check.asked == []
 
 
