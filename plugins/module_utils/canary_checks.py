@@ -1160,8 +1160,9 @@ def preflight(params, target, stable, k8s=None, http=None, prometheus=None, low_
     items = []
     queries = [c for c in params["checks"] if c["type"] in PROMETHEUS_TYPES]
     if queries:
-        items.append(_preflight_prometheus(ctx))
-        if items[0]["verdict"] == PASS:
+        reached = _preflight_prometheus(ctx)
+        items.append(reached)
+        if reached["verdict"] == PASS:
             items.extend(_preflight_query(ctx, check, low_traffic) for check in queries)
     items.append(_preflight_canary_pods(params, CanaryTarget.from_any(target), k8s))
     failed = [i for i in items if i["verdict"] == FAIL]

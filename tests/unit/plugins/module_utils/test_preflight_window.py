@@ -274,6 +274,14 @@ def test_low_traffic_on_the_stable_follows_preflight_low_traffic(low_traffic, ve
         assert report["reason"] == "2 passed, 1 skipped (errors)"
 
 
+def test_low_traffic_counts_what_the_stable_answered_to_the_hundredth():
+    item = by_name(preflight([SR], stable_prom(good=9.4567, p99=None), ready()))["errors"]
+    assert item["requests"] == 9.4567 and "9.46 requests in 1m, min_requests is 10" in item["reason"]
+    item = by_name(preflight([dict(SR, min_requests=1)], stable_prom(good=None, p99=None), ready()))["errors"]
+    assert item["verdict"] == "fail" and item["requests"] == 0.0    # no series at all: no requests
+    assert item["reason"].startswith("low traffic on the stable shop/reviews-v1 (version v1): 0 requests in 1m, min_requests is 1;")
+
+
 def test_low_traffic_boundary_and_the_checks_own_minimum():
     assert preflight([SR], stable_prom(good=10), ready())["verdict"] == "pass"               # min_requests 10: 10 is enough
     assert preflight([dict(SR, min_requests=11)], stable_prom(good=10), ready())["verdict"] == "fail"
@@ -522,3 +530,13 @@ def test_a_step_and_its_probes_are_judged_on_the_steps_own_traffic():
     assert current_weights(store.route("payment", "shop", 1)) == {"v1": 100, "v2": 0}
     # the whole minute before that probe would have measured 100 % for 55 s and 80 % for 5 s
     assert cc.evaluate_gate(check_params, TARGET, http=prom.transport, wall_clock=clock.now)["checks"][0]["value"] == pytest.approx(98.333, abs=0.001)
+
+
+def test_a_route_without_the_canary_yet_is_preflighted():
+    store = FakeIstio(objects())
+    store.objects[("virtualservices", "shop", "payment")]["spec"]["http"][1]["route"] = [
+        {"destination": {"host": "payment", "subset": "v1"}, "weight": 100}]
+    _store, _gate, check, rollout = with_preflight("fail", store=store)
+    with pytest.raises(ro.RolloutError, match="^preflight failed, so canary v2 gets no traffic") as caught:
+        rollout.run(preflight=check)
+    assert len(check.asked) == 1 and store.calls["write"] == 0 and caught.value.result["weights_before"] == {"v1": 100}
