@@ -81,7 +81,8 @@ options:
         description:
           - For V(promql), the PromQL instant query. Placeholders C({{ namespace }}), C({{ workload }}),
             C({{ version }}), C({{ window }}), C({{ stable_version }}) and C({{ host }}) are replaced by the target's
-            values (escaped for a double-quoted label matcher) and O(analysis_window).
+            values (escaped for a double-quoted label matcher) and the analysis window (O(analysis_window), or the
+            shorter range since the step began in M(onprem.mesh.canary_rollout)).
           - In a playbook, mark the query C(!unsafe) so that Ansible does not template the placeholders itself.
         type: str
       quantile:
@@ -158,8 +159,12 @@ options:
   analysis_window:
     description:
       - The PromQL range the metrics are computed over, for example V(1m), V(30s), V(2m30s).
-      - The queries look back from the moment they run. Between the steps of M(onprem.mesh.canary_rollout), keep it no
-        longer than a step's interval, or the window also covers traffic from the previous weight.
+      - The queries look back from the moment they run. M(onprem.mesh.canary_gate) always looks back the whole window.
+        M(onprem.mesh.canary_rollout) looks back no further than the moment the step's weight took effect (after its write,
+        and after C(wait_for_mesh) when set). The range is O(analysis_window) or the time since then, rounded down to
+        whole seconds (milliseconds under one second), whichever is shorter. This applies to the step's analysis, to its
+        retries and to its probes, so a step is judged only on its own traffic. Make a step's interval several of
+        Prometheus's scrape intervals long, or its queries find no data.
       - For V(no_restarts) without a baseline, restarts during the last O(analysis_window) count.
     type: str
     default: 1m

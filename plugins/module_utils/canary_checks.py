@@ -177,6 +177,18 @@ def window_seconds(window):
     return sum(int(n) * _WINDOW_UNITS[u] for n, u in _WINDOW_PART_RE.findall(window))
 
 
+def step_window(window, elapsed):
+    """The PromQL range of an analysis whose traffic began ``elapsed`` seconds ago (a canary step's weight took effect
+    then): ``window`` (analysis_window) when that is not longer, else the time passed rounded down, so the range never
+    reaches back before the start - whole seconds (``'29s'``), or milliseconds under one second (``'950ms'``, at least
+    ``'1ms'``)."""
+    if elapsed >= window_seconds(window):
+        return window
+    if elapsed >= 1:
+        return "%ds" % int(elapsed)
+    return "%dms" % max(1, int(elapsed * 1000))
+
+
 def duration_seconds(text):
     """Seconds of a PromQL-style duration ('30s', '2m', '1m30s'), or None when the text is not one."""
     text = str(text).strip()
@@ -369,8 +381,9 @@ def istio_selector(target, reporter="destination", extra=None):
     """The label matchers that select the canary's Istio telemetry."""
     tgt = CanaryTarget.from_any(target)
     parts = ['reporter="%s"' % promql_escape(reporter),
-             'destination_workload_namespace="%s"' % promql_escape(tgt.namespace),
-             'destination_workload="%s"' % promql_escape(tgt.workload)]
+             'destination_workload_namespace="%s"' % promql_escape(tgt.namespace)]
+    if tgt.workload:  # always for the canary (validate() requires it); the stable's may be unknown (preflight)
+        parts.append('destination_workload="%s"' % promql_escape(tgt.workload))
     if tgt.version:
         parts.append('destination_version="%s"' % promql_escape(tgt.version))
     if extra:
@@ -619,12 +632,18 @@ def _prom_error_outcome(check, params, err, query, threshold):
     return _by_policy(check, params, "on_error", to_native(err), query=query, threshold=threshold)
 
 
-def _check_traffic(ctx, check, threshold):
-    """None when there is enough traffic, else the outcome (low traffic or an error)."""
-    params = ctx.params
+def _min_requests(params, check):
+    """The traffic guard's minimum: the check's min_requests, else the global one for success_rate and latency, else 0."""
     minimum = check.get("min_requests")
     if minimum is None:
         minimum = params["min_requests"] if check["type"] in ("success_rate", "latency") else 0
+    return minimum
+
+
+def _check_traffic(ctx, check, threshold):
+    """None when there is enough traffic, else the outcome (low traffic or an error)."""
+    params = ctx.params
+    minimum = _min_requests(params, check)
     if not minimum:
         return None, None
     query = request_count_query(ctx.target, ctx.window, check.get("reporter") or "destination")
@@ -642,20 +661,32 @@ def _check_traffic(ctx, check, threshold):
     return None, requests
 
 
-def _check_prometheus(ctx, check):
-    params = ctx.params
+def _prometheus_query(ctx, check):
+    """``(query, min, max, unit)`` of a success_rate, latency or promql check, aimed at ctx.target over ctx.window."""
     ctype = check["type"]
     reporter = check.get("reporter") or "destination"
     if ctype == "success_rate":
-        query = success_rate_query(ctx.target, ctx.window, reporter)
-        vmin, vmax, unit = check["min"], None, " %"
-    elif ctype == "latency":
+        return success_rate_query(ctx.target, ctx.window, reporter), check["min"], None, " %"
+    if ctype == "latency":
         quantile = check.get("quantile") if check.get("quantile") is not None else 0.99
-        query = latency_query(ctx.target, ctx.window, quantile, reporter)
-        vmin, vmax, unit = None, check["max"], " ms"
-    else:
-        query = render_query(check["query"], ctx.target, ctx.window)
-        vmin, vmax, unit = check.get("min"), check.get("max"), ""
+        return latency_query(ctx.target, ctx.window, quantile, reporter), None, check["max"], " ms"
+    return render_query(check["query"], ctx.target, ctx.window), check.get("min"), check.get("max"), ""
+
+
+def _worst(samples, vmin, vmax):
+    """Of several series, the one reported: the lowest below min, else the highest above max, else the one nearest the
+    threshold's side (samples: [(labels, value)], none NaN)."""
+    values = sorted(samples, key=lambda s: s[1])
+    if vmin is not None and values[0][1] < vmin:
+        return values[0]
+    if vmax is not None and values[-1][1] > vmax:
+        return values[-1]
+    return values[0] if vmin is not None else values[-1]
+
+
+def _check_prometheus(ctx, check):
+    params = ctx.params
+    query, vmin, vmax, unit = _prometheus_query(ctx, check)
     threshold = _threshold_text(vmin, vmax, unit)
 
     low, requests = _check_traffic(ctx, check, threshold)
@@ -674,13 +705,7 @@ def _check_prometheus(ctx, check):
         return _by_policy(check, params, "on_nan", "the query returned NaN for %d of %d series (no requests in the window, "
                           "or 0/0)" % (len(nan), len(samples)), query=query, threshold=threshold, requests=requests)
     # Several series: every one must meet the threshold; the value reported is the worst one.
-    values = sorted(samples, key=lambda s: s[1])
-    if vmin is not None and values[0][1] < vmin:
-        worst = values[0]
-    elif vmax is not None and values[-1][1] > vmax:
-        worst = values[-1]
-    else:
-        worst = values[0] if vmin is not None else values[-1]
+    worst = _worst(samples, vmin, vmax)
     value = worst[1]
     series = ""
     if len(samples) > 1:
@@ -710,6 +735,13 @@ def _check_workload_ready(ctx, check):
         dep = ctx.reader.read_deployment(tgt.namespace, tgt.workload)
     except K8sReadError as e:
         return _k8s_error_outcome(check, ctx.params, e, threshold)
+    return _deployment_ready(dep, tgt, minimum)
+
+
+def _deployment_ready(dep, tgt, minimum):
+    """The workload_ready verdict on a Deployment as read: ``minimum`` available replicas, or (None) all of spec.replicas
+    available and updated, with the controller's observedGeneration current."""
+    threshold = ">= %s available" % minimum
     spec, status, meta = dep.get("spec") or {}, dep.get("status") or {}, dep.get("metadata") or {}
     replicas = spec.get("replicas", 1)
     replicas = 1 if replicas is None else int(replicas)
@@ -879,7 +911,9 @@ def evaluate_gate(params, target, k8s=None, http=None, clock=time.monotonic, sle
     """Run every check; retry the inconclusive ones for at most retry_inconclusive_for seconds.
 
     window_start: the dict take_baseline() returned at the start of the window (restart counts compared to it),
-    or an epoch timestamp, or None (the window is the last analysis_window before now).
+    or an epoch timestamp, or None (the window is the last analysis_window before now). With a start, the PromQL
+    range ({{ window }} too) is analysis_window or the time since that start when it is shorter (step_window), taken
+    anew for every round: a query never sees requests from before the start (a canary step's previous weight).
     Raises CanaryCheckError for a wrong specification. Returns
     {"verdict", "checks": [{"name", "type", "query", "value", "threshold", "verdict", "reason", "attempts"}],
      "started", "ended", "duration", "attempts"}.
@@ -909,8 +943,11 @@ def evaluate_gate(params, target, k8s=None, http=None, clock=time.monotonic, sle
     deadline = started + retry_for
     max_rounds = int(retry_for // interval) + 1
     rounds = 0
+    since = (window_start or {}).get("epoch")
     while pending and rounds < max_rounds:
         rounds += 1
+        if since is not None:
+            ctx.window = step_window(params["analysis_window"], wall_clock() - since)
         for check in pending:
             attempts[check["name"]] += 1
             if reader_error and check["type"] in K8S_TYPES:
@@ -969,12 +1006,182 @@ def summarize(gate):
     return "; ".join("%s (%s): %s - %s" % (c["name"], c["type"], c["verdict"], c["reason"]) for c in bad)
 
 
+# --------------------------------------------------------------------------------------------
+# Preflight: before a rollout's first shift
+# --------------------------------------------------------------------------------------------
+
+SKIPPED = "skipped"
+PREFLIGHT_LOW_TRAFFIC = (FAIL, "skip")
+
+
+def stable_workload_name(canary_workload, canary_version, stable_version):
+    """The stable's Deployment by the usual naming ``<app>-<version>``: ``payment-v2`` (version v2) gives ``payment-v1``
+    (stable v1). None when the canary's name does not end with its version after a prefix."""
+    if canary_workload and canary_version and stable_version and len(canary_workload) > len(canary_version) \
+            and canary_workload.endswith(canary_version):
+        return canary_workload[:-len(canary_version)] + stable_version
+    return None
+
+
+def _describe(tgt):
+    """``shop/payment-v1 (version v1)``: what a query aimed at ``tgt`` selects."""
+    what = "%s/%s" % (tgt.namespace, tgt.workload) if tgt.workload else "namespace %s" % tgt.namespace
+    return what + (" (version %s)" % tgt.version if tgt.version else "")
+
+
+def _item(name, ctype, aimed, verdict, reason, fix=None, **extra):
+    item = dict(name=name, type=ctype, target=aimed, verdict=verdict, reason=reason)
+    if fix:
+        item["fix"] = fix
+    item.update(extra)
+    return item
+
+
+def _preflight_prometheus(ctx):
+    """Prometheus answers an instant query at all (``1``, a scalar)."""
+    url = ctx.params["prometheus_url"]
+    try:
+        ctx.prometheus.query("1")
+    except PrometheusError as e:
+        return _item("prometheus", "prometheus", url, FAIL, to_native(e), query="1",
+                     fix="start Prometheus or correct prometheus_url (and prometheus_headers, prometheus_validate_certs), then rerun")
+    return _item("prometheus", "prometheus", url, PASS, "Prometheus at %s answers queries" % url, query="1")
+
+
+def _preflight_error(check, err, query, requests=None):
+    """A query of the stable that Prometheus did not answer with data."""
+    if err.kind == "bad_query":
+        fix = "correct the PromQL of check %s (the query as sent is in this item's query)" % check["name"]
+    elif err.kind in ("unreachable", "bad_response"):
+        fix = "make Prometheus answer at prometheus_url, then rerun"
+    else:
+        fix = "see Prometheus's answer; correct the query of check %s or the load on Prometheus, then rerun" % check["name"]
+    return _item(check["name"], check["type"], "stable", FAIL, to_native(err), fix, query=query, requests=requests)
+
+
+def _preflight_quiet(check, low_traffic, reason, query, requests=None, stable_name="the stable"):
+    """No usable value for the stable (no series, NaN, too few requests): low_traffic decides."""
+    if low_traffic == FAIL:
+        return _item(check["name"], check["type"], "stable", FAIL,
+                     "%s; the gate could not judge the canary on this traffic either (preflight_low_traffic: fail)" % reason,
+                     "send traffic to %s, or check the metric and label names of the query; preflight_low_traffic: skip starts"
+                     " without this evidence" % stable_name, query=query, requests=requests)
+    return _item(check["name"], check["type"], "stable", SKIPPED, "%s (preflight_low_traffic: skip)" % reason, query=query,
+                 requests=requests)
+
+
+def _preflight_query(ctx, check, low_traffic):
+    """One Prometheus check's query aimed at the stable: valid, answered, with enough traffic. Its value is reported,
+    not judged (the threshold is the canary's)."""
+    tgt = ctx.target
+    stable_name = "the stable %s" % _describe(tgt)
+    try:
+        query, vmin, vmax, unit = _prometheus_query(ctx, check)
+    except CanaryCheckError as e:
+        return _item(check["name"], check["type"], "stable", FAIL, "the query cannot be aimed at the stable: %s" % to_native(e),
+                     "set stable_workload (the stable's Deployment, Istio's destination_workload)")
+    requests = None
+    minimum = _min_requests(ctx.params, check)
+    if minimum:
+        count_query = request_count_query(tgt, ctx.window, check.get("reporter") or "destination")
+        try:
+            samples = ctx.prometheus.query(count_query)
+        except PrometheusError as e:
+            return _preflight_error(check, e, count_query)
+        values = [v for dummy, v in samples if not math.isnan(v)]
+        requests = sum(values) if values else 0.0
+        if requests < minimum:
+            return _preflight_quiet(check, low_traffic, "low traffic on %s: %s requests in %s, min_requests is %s"
+                                    % (stable_name, _fmt_number(round(requests, 2)), ctx.window, minimum), count_query, requests,
+                                    stable_name)
+    try:
+        samples = ctx.prometheus.query(query)
+    except PrometheusError as e:
+        return _preflight_error(check, e, query, requests)
+    if not samples:
+        return _preflight_quiet(check, low_traffic, "the query returned no series for %s (a misspelled metric or label name,"
+                                " or no traffic)" % stable_name, query, requests, stable_name)
+    if any(math.isnan(value) for dummy, value in samples):
+        return _preflight_quiet(check, low_traffic, "the query returned NaN for %s (no requests in %s, or 0/0)"
+                                % (stable_name, ctx.window), query, requests, stable_name)
+    value = _worst(samples, vmin, vmax)[1]
+    return _item(check["name"], check["type"], "stable", PASS, "answers for %s: %s%s (the canary's threshold, %s, is not"
+                 " applied to the stable)" % (stable_name, _fmt_number(value), unit, _threshold_text(vmin, vmax, unit)),
+                 query=query, value=value, requests=requests)
+
+
+def _preflight_canary_pods(params, tgt, k8s):
+    """The canary's Deployment has ready pods: workload_ready's semantics (its min_available when the checks have such a
+    check, else all of spec.replicas available and updated), and at least one pod available."""
+    if not tgt.workload:
+        return _item("canary-pods", "workload_ready", "canary", SKIPPED,
+                     "no canary_workload was given, so the canary's pods were not checked; set it to have them checked")
+    check = next((c for c in params["checks"] if c["type"] == "workload_ready"), {})
+    minimum = check.get("min_available")
+    name = "Deployment %s/%s" % (tgt.namespace, tgt.workload)
+    fix = "check the Kubernetes connection and that it may get deployments.apps in namespace %s (README: RBAC)" % tgt.namespace
+    try:
+        reader = as_reader(k8s)
+        if reader is None:
+            raise K8sReadError("no Kubernetes connection was given to read %s" % name)
+        dep = reader.read_deployment(tgt.namespace, tgt.workload)
+    except K8sReadError as e:
+        if e.status == 404:
+            fix = "correct canary_workload, or create the canary's Deployment first"
+        return _item("canary-pods", "workload_ready", "canary", FAIL, to_native(e), fix)
+    outcome = _deployment_ready(dep, tgt, None if minimum is None else max(1, minimum))
+    verdict = outcome.verdict   # pass or fail: the Deployment was read
+    fix = None if verdict == PASS else "wait until the canary's pods are ready (kubectl -n %s rollout status deployment/%s), then rerun" % (
+        tgt.namespace, tgt.workload)
+    return _item("canary-pods", "workload_ready", "canary", verdict, outcome.reason, fix, value=outcome.value,
+                 threshold=outcome.threshold)
+
+
+def preflight(params, target, stable, k8s=None, http=None, prometheus=None, low_traffic=FAIL):
+    """Before a rollout's first shift, whether the gate could judge the canary at all; reads only.
+
+    - ``prometheus``: Prometheus answers (when a success_rate, latency or promql check needs it); if not, its checks are
+      not tried.
+    - each of those checks, its query aimed at ``stable`` (a CanaryTarget or dict: the stable's namespace, workload,
+      version) over analysis_window: valid PromQL (no HTTP 400), answered, with a value; the stable's request count
+      at least the check's min_requests. No series, NaN or too few requests fail when ``low_traffic`` is ``fail``, are
+      ``skipped`` when it is ``skip``. The stable's value is reported, not compared with the canary's threshold.
+    - ``canary-pods``: the canary's Deployment (target's workload) has ready pods, as _preflight_canary_pods says;
+      skipped without a workload.
+
+    Returns {"verdict": "pass" or "fail", "checks": [{"name", "type", "target", "verdict" (pass, fail, skipped),
+    "reason", "fix" (when not passed), "query", "value", "requests", ...}], "reason": the failed ones with their fix}.
+    """
+    if low_traffic not in PREFLIGHT_LOW_TRAFFIC:
+        raise CanaryCheckError("preflight_low_traffic: %r is not one of %s" % (low_traffic, ", ".join(PREFLIGHT_LOW_TRAFFIC)))
+    params = normalize_params(params)
+    stable = CanaryTarget.from_any(stable)
+    ctx = _Context(params, stable, None, http or urls_transport, prometheus, None, time.time)
+    items = []
+    queries = [c for c in params["checks"] if c["type"] in PROMETHEUS_TYPES]
+    if queries:
+        reached = _preflight_prometheus(ctx)
+        items.append(reached)
+        if reached["verdict"] == PASS:
+            items.extend(_preflight_query(ctx, check, low_traffic) for check in queries)
+    items.append(_preflight_canary_pods(params, CanaryTarget.from_any(target), k8s))
+    failed = [i for i in items if i["verdict"] == FAIL]
+    if failed:
+        reason = "; ".join("%s (%s, %s): %s; fix: %s" % (i["name"], i["type"], i["target"], i["reason"], i["fix"]) for i in failed)
+    else:
+        skipped = [i["name"] for i in items if i["verdict"] == SKIPPED]
+        reason = "%d passed, %d skipped%s" % (len(items) - len(skipped), len(skipped), " (%s)" % ", ".join(skipped) if skipped else "")
+    return {"verdict": FAIL if failed else PASS, "checks": items, "reason": reason}
+
+
 class CanaryGate:
     """The gate object canary_rollout drives: start_window() at the start of a step, evaluate(token) at its end.
 
     gate = CanaryGate(params, target, k8s=api_client)
     token = gate.start_window()        # take_baseline(): restart counts, the window's start time
     result = gate.evaluate(token)      # evaluate_gate(..., window_start=token)
+    result = gate.evaluate()           # the same window: since this gate's last start_window() (a step's probes)
+    report = gate.preflight(stable)    # before the first shift: can this gate judge the canary at all?
     """
 
     def __init__(self, params, target, k8s=None, http=None, prometheus=None, clock=time.monotonic, sleep=time.sleep,
@@ -987,6 +1194,7 @@ class CanaryGate:
         self.clock = clock
         self.sleep = sleep
         self.wall_clock = wall_clock
+        self.window_start = None
         self.reader = None
         if any(c["type"] in K8S_TYPES for c in self.params["checks"]):
             try:
@@ -995,9 +1203,18 @@ class CanaryGate:
                 self.reader = None  # evaluate_gate reports it through on_error
 
     def start_window(self):
-        return take_baseline(self.params, self.target, k8s=self.reader, wall_clock=self.wall_clock)
+        """The window starts now: the baseline, also kept for evaluate() without a token."""
+        self.window_start = take_baseline(self.params, self.target, k8s=self.reader, wall_clock=self.wall_clock)
+        return self.window_start
 
     def evaluate(self, token=None):
+        """The gate over the window that ``token`` started, or (None) the last start_window()'s; never started: the
+        last analysis_window."""
         return evaluate_gate(self.params, self.target, k8s=self.reader if self.reader is not None else self.k8s, http=self.http,
-                             clock=self.clock, sleep=self.sleep, window_start=token, prometheus=self.prometheus,
-                             wall_clock=self.wall_clock)
+                             clock=self.clock, sleep=self.sleep, window_start=self.window_start if token is None else token,
+                             prometheus=self.prometheus, wall_clock=self.wall_clock)
+
+    def preflight(self, stable, low_traffic=FAIL):
+        """Before a rollout's first shift: could this gate judge the canary at all? Nothing is written; see preflight()."""
+        return preflight(self.params, self.target, stable, k8s=self.reader if self.reader is not None else self.k8s, http=self.http,
+                         prometheus=self.prometheus, low_traffic=low_traffic)

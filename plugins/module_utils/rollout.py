@@ -437,8 +437,9 @@ class Rollout:
         return 0, 0, "starting"
 
     # -- run -------------------------------------------------------------------------------------
-    def run(self, check_mode=False):
+    def run(self, check_mode=False, preflight=None):
         """Run (or plan) the rollout. Returns the result dict when it ends promoted, rolled back or held.
+        ``preflight``: see _preflight; asked before the first write, in check mode too.
 
         Raises when it stops otherwise; the exception then carries ``result`` (a dict like the returned one:
         ``result`` ``not_started`` before this run wrote anything, ``stopped`` after, with the timeline and the
@@ -451,6 +452,8 @@ class Rollout:
             base["weights_before"] = before
             check_stable_and_canary(self.change, vs, self.stable, self.canary)
             index, failures, note = self.starting_point(vs)
+            if index is not None:
+                self._preflight(base, before, preflight)
         except Exception as exc:
             self._not_started(exc, dict(base, timeline=[]))
             raise
@@ -537,6 +540,31 @@ class Rollout:
         error.result = dict(base, changed=True, result="stopped", reason=reason, weights_after=weights, timeline=self.timeline, failures=failures)
         return error
 
+    def _preflight(self, base, before, preflight):
+        """Before the canary's first traffic, ``preflight()`` (a dict with ``verdict``, ``checks``, ``reason``, as
+        CanaryGate.preflight returns it) says whether the gate could judge the canary at all; ``base["preflight"]`` gets
+        the report. A verdict other than pass raises a RolloutError before any write: the run ends not_started and
+        the canary gets nothing. Not asked when the canary already has a share of the route as read (a resumed run):
+        its step's analysis judges it, and on_failure applies. No ``preflight``: nothing checked, nothing reported."""
+        if preflight is None:
+            return
+        share = before.get(self.canary, 0)
+        if share:
+            base["preflight"] = dict(verdict="skipped", checks=[], reason="canary %s already gets %s %% of the traffic: the analysis of"
+                                     " its step judges it" % (self.canary, share))
+            return
+        report = base["preflight"] = preflight()
+        if report.get("verdict") != "pass":
+            raise RolloutError("preflight failed, so canary %s gets no traffic: %s" % (self.canary, report.get("reason")))
+
+    def _start_window(self):
+        """A step's analysis window starts now, after its write (and wait_for_mesh): the gate's token; the probe's window
+        starts with it, so neither looks back at the previous weight's traffic."""
+        token = self.gate.start_window()
+        if self.probe is not None:
+            self.probe.start_window()
+        return token
+
     def _steps(self, base, schedule, index, failures):
         self._step_index = index
         while index < len(self.steps):
@@ -562,7 +590,7 @@ class Rollout:
                     self.timeline.append(entry)
                     return self._fail(base, index, failures + 1, entry["reason"], step["interval"])
                 entry["mesh_ready"] = iso(self.now())
-            token = self.gate.start_window()
+            token = self._start_window()
             gate = self._watch(started + step["interval"])
             if gate is not None and gate.get("command"):
                 outcome = self._on_command(base, gate, index, failures, entry)

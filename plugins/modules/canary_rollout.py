@@ -45,14 +45,26 @@ description:
     processes that started it, up to C(ansible-playbook) or the C(sshd) session) and does the same: no traffic shift
     happens without a living job. ansible-runner's cancel (what AWX's cancel button leads to) kills
     C(ansible-playbook)'s process group with SIGKILL, which is such a death. When the module process itself is killed
-    outright (SIGKILL, the OOM killer), a small guardian process the module started in a session of its own does it. Only a kill of everything at once (a deleted execution environment pod, a lost
-    host) leaves the lease to expire; a rerun then resumes at the recorded step, and M(onprem.mesh.canary_command)
+    outright (SIGKILL, the OOM killer), a small guardian process the module started in a session of its own does it.
+    Only a kill of everything at once (a deleted execution environment pod, a lost host) leaves the lease to expire; a rerun then resumes at the recorded step, and M(onprem.mesh.canary_command)
     aborts or promotes it by hand."
   - Operator commands - M(onprem.mesh.canary_command) posts V(abort), V(pause), V(resume) or V(promote) to the
     running rollout in the annotation C(mesh.onprem.io/canary-command); the rollout looks for it every
     O(command_interval) seconds. V(abort) puts all traffic on O(stable) (RV(result=aborted)), V(promote) gives the
     canary 100 % now (recorded as a manual promotion), V(pause) keeps the current step's weights until V(resume)
     (the step then starts again, with a fresh analysis window) or O(pause_timeout) (then a hold).
+  - Before the canary gets its first traffic, a preflight (O(preflight)) checks that the checks could judge it at all.
+    Prometheus must answer. Every V(success_rate), V(latency) and V(promql) query, aimed at the stable (O(stable_workload)
+    and the stable's C(version) label), must be valid PromQL and return a value over O(analysis_window) with at least
+    the check's minimum requests. The canary's Deployment (O(canary_workload)) must have ready pods, as a
+    V(workload_ready) check sees them. The O(canary) subset must be in the DestinationRule, which is checked on every
+    run. If anything fails, the run writes nothing at all. The canary keeps 0 %, RV(result) is V(not_started), and
+    the message names the failed check, why it failed and how to fix it. A run that finds the canary already
+    carrying traffic (resuming a killed or held run) skips the preflight. The analysis of its step judges the canary,
+    and O(on_failure) applies.
+  - Each step is judged on its own traffic only. Its queries look back no further than the moment its weight took
+    effect (after the write, and after O(wait_for_mesh) when set). The step's probes and retries do the same. The
+    range is O(analysis_window) or the time since that moment, whichever is shorter.
 author:
   - onprem.mesh contributors (@onprem-mesh)
 extends_documentation_fragment:
@@ -62,7 +74,10 @@ extends_documentation_fragment:
 attributes:
   check_mode:
     support: full
-    description: Validates the objects and the schedule and returns the planned schedule; writes nothing and runs no check.
+    description:
+      - Validates the objects and the schedule, runs the preflight (it only reads), and returns the planned schedule
+        with the preflight's report in RV(preflight). Writes nothing and runs no step's analysis.
+      - A failed preflight fails the task as the real run would, with RV(result=not_started).
   diff_mode:
     support: full
     description: Shows the weights of the route before and after the rollout.
@@ -80,6 +95,34 @@ options:
       - Name of the canary Deployment (Istio's C(destination_workload) label). Needed by the built-in
         V(success_rate), V(latency), V(workload_ready) and V(no_restarts) checks.
     type: str
+  stable_workload:
+    description:
+      - Name of the stable Deployment (Istio's C(destination_workload) for the O(stable) subset). The preflight
+        aims the checks' queries at it, and C({{ workload }}) in a V(promql) query stands for it there.
+      - Defaults to O(canary_workload) with its version suffix replaced by the stable's version. For example,
+        C(payment-v2) with version C(v2) and a stable C(v1) gives C(payment-v1). When O(canary_workload) does not end
+        with its version, the stable's queries select the namespace and the stable's version label only.
+    type: str
+  preflight:
+    description:
+      - Check, before the canary's first traffic, that the health checks could judge it (see the description).
+        A failure ends the run with RV(result=not_started) and nothing written.
+      - V(false) skips the preflight. The first step then starts even when Prometheus is down. The step's analysis
+        finds that out only after the canary has had its share for O(interval), and after O(retry_inconclusive_for).
+    type: bool
+    default: true
+  preflight_low_traffic:
+    description:
+      - What the preflight does when a query aimed at the stable finds too little to measure. That is fewer requests
+        than the check's minimum over O(analysis_window) (O(checks[].min_requests), else O(min_requests) for
+        V(success_rate) and V(latency)), an empty result or NaN.
+      - V(fail) refuses the rollout. If the stable, which has all the traffic, is too quiet, the canary at a step's share
+        would be quieter still and could not be judged either. V(fail) also catches a misspelled metric or label name.
+      - V(skip) reports those checks as V(skipped) (with a warning) and starts, for a service that is quiet now. An
+        invalid query (HTTP 400), an unreachable Prometheus and a canary without ready pods still refuse.
+    type: str
+    choices: [fail, skip]
+    default: fail
   canary_version:
     description:
       - The canary's C(version) label (Istio's C(destination_version)). Defaults to the C(version) label of the
@@ -172,7 +215,8 @@ options:
     default: 3600
 notes:
   - "RBAC: C(get) and C(patch) on C(virtualservices.networking.istio.io), C(list) on C(destinationrules.networking.istio.io);
-    for workload checks C(get) on C(deployments.apps) and C(list) on C(pods), in the namespace."
+    for workload checks C(get) on C(deployments.apps) and C(list) on C(pods), and for the preflight with O(canary_workload)
+    C(get) on C(deployments.apps), in the namespace."
 seealso:
   - module: onprem.mesh.traffic_split
   - module: onprem.mesh.canary_gate
@@ -234,8 +278,9 @@ result:
     - V(aborted) after an operator's abort (M(onprem.mesh.canary_command)); V(cancelled) after a cancel or the death of the
       job (RV(on_cancel) says whether it rolled back or held).
     - On a failure that is no rollback or hold - V(not_started) when this run wrote nothing (the lease held by another
-      run, an unknown subset, a refused first write), V(stopped) when it stopped after writing without a rollback or
-      hold (the rollback could not be written, for example after a permission was revoked, or another run took over).
+      run, an unknown subset, a failed preflight, a refused first write), V(stopped) when it stopped after writing
+      without a rollback or hold (the rollback could not be written, for example after a permission was revoked, or
+      another run took over).
   returned: always, once the VirtualService was read
   type: str
   sample: promoted
@@ -292,6 +337,42 @@ promoted_by:
   description: After an operator's promote command, its id, who sent it (C(by)), when (C(at)) and why (C(reason)).
   returned: when promoted by hand
   type: dict
+preflight:
+  description:
+    - What the preflight found before the canary's first traffic (also in check mode). It is returned with
+      C(verdict=skipped) and no checks when the canary already had traffic. It is not returned with O(preflight=false)
+      or when the rollout was already promoted.
+  returned: when the preflight ran or was skipped, on success and on failure
+  type: dict
+  contains:
+    verdict:
+      description: V(pass), V(fail), or V(skipped) (the canary already had traffic).
+      type: str
+      sample: fail
+    reason:
+      description: The failed checks, each with its reason and fix; or how many passed and were skipped.
+      type: str
+      sample: >-
+        prometheus (prometheus, http://prometheus:9090): Prometheus at prometheus_url http://prometheus:9090 is unreachable:
+        [Errno 111] Connection refused; fix: start Prometheus or correct prometheus_url (and prometheus_headers,
+        prometheus_validate_certs), then rerun
+    checks:
+      description:
+        - One item per preflight check. C(prometheus) (Prometheus answers), then one per V(success_rate), V(latency) and
+          V(promql) check with the name of that check (its query aimed at the stable), then C(canary-pods).
+        - Each has C(name), C(type), C(target) (V(stable), V(canary), or the Prometheus URL), C(verdict) (V(pass),
+          V(fail) or V(skipped)) and C(reason). Failed items have C(fix). Query items have C(query), C(value) (the
+          stable's, not compared with the canary's threshold) and C(requests). C(canary-pods) has C(value)
+          (available replicas) and C(threshold).
+      type: list
+      elements: dict
+      sample:
+        - {name: prometheus, type: prometheus, target: "http://prometheus:9090", verdict: pass, query: "1",
+           reason: "Prometheus at http://prometheus:9090 answers queries"}
+        - {name: success-rate, type: success_rate, target: stable, verdict: pass, value: 99.9, requests: 5400.0,
+           query: "(sum(rate(istio_requests_total{...}[1m])) ...", reason: "answers for the stable shop/payment-v1 (version v1): 99.9 % ..."}
+        - {name: canary-pods, type: workload_ready, target: canary, verdict: pass, value: 2, threshold: "== 2 (spec.replicas)",
+           reason: "Deployment shop/payment-v2 has 2/2 replicas available and updated"}
 failures:
   description: Failed analyses during this run.
   returned: when the rollout ran
@@ -308,7 +389,8 @@ api_calls:
 """
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
-from ansible_collections.onprem.mesh.plugins.module_utils.canary_checks import CHECKS_ARGSPEC, CanaryCheckError, CanaryGate, CanaryTarget
+from ansible_collections.onprem.mesh.plugins.module_utils.canary_checks import (
+    CHECKS_ARGSPEC, PREFLIGHT_LOW_TRAFFIC, CanaryCheckError, CanaryGate, CanaryTarget, stable_workload_name)
 from ansible_collections.onprem.mesh.plugins.module_utils.k8s_client import (
     HAS_K8S, K8S_AUTH_ARGSPEC, K8S_IMP_ERR, IstioObjects, K8sError, build_api_client)
 from ansible_collections.onprem.mesh.plugins.module_utils.job_watch import Guardian, JobWatch, cancel_on_signals, restore
@@ -325,6 +407,9 @@ def argument_spec():
         stable=dict(type="str", required=True),
         canary=dict(type="str", required=True),
         canary_workload=dict(type="str"),
+        stable_workload=dict(type="str"),
+        preflight=dict(type="bool", default=True),
+        preflight_low_traffic=dict(type="str", default="fail", choices=list(PREFLIGHT_LOW_TRAFFIC)),
         canary_version=dict(type="str"),
         steps=dict(type="list", elements="raw"),
         step_weight=dict(type="int"),
@@ -379,8 +464,11 @@ def main():
         version = p["canary_version"] or subset_labels(change.destination_rules, host, p["namespace"], p["canary"]).get("version")
         stable_version = subset_labels(change.destination_rules, host, p["namespace"], p["stable"]).get("version")
         target = CanaryTarget(p["namespace"], p["canary_workload"], version=version, stable_version=stable_version, host=host)
+        stable = CanaryTarget(p["namespace"], p["stable_workload"] or stable_workload_name(p["canary_workload"], version, stable_version),
+                              version=stable_version, stable_version=stable_version, host=host)
         check_params = dict((k, p[k]) for k in CHECKS_ARGSPEC)
         gate = CanaryGate(check_params, target, k8s=api_client)
+        preflight = (lambda: gate.preflight(stable, low_traffic=p["preflight_low_traffic"])) if p["preflight"] else None
         probe_params = probe_checks(check_params)
         probe = CanaryGate(probe_params, target, k8s=api_client) if probe_params["checks"] and p["probe_interval"] > 0 else None
         rollout = Rollout(change, gate, p["stable"], p["canary"], plan, on_failure=p["on_failure"], failure_limit=p["failure_limit"],
@@ -398,7 +486,7 @@ def main():
             guardian = Guardian(abandoned)
             guardian.start()
             signals = cancel_on_signals(Cancelled)
-        result = rollout.run(check_mode=module.check_mode)
+        result = rollout.run(check_mode=module.check_mode, preflight=preflight)
         if signals is not None:
             restore(signals)
             signals = None
@@ -418,6 +506,9 @@ def main():
         if guardian is not None:
             guardian.done()
     result["api_calls"] = store.calls
+    for item in (result.get("preflight") or {}).get("checks", []):
+        if item["verdict"] == "skipped":
+            module.warn("preflight: %s skipped: %s" % (item["name"], item["reason"]))
     if module._diff and result["changed"]:
         result["diff"] = dict(before={"weights": result["weights_before"]}, after={"weights": result["weights_after"]})
     if result["result"] in ("rolled_back", "held", "aborted") and p["fail_on_rollback"]:

@@ -4,6 +4,8 @@
 
 The test stores series (``add``), each with its labels and its value: for a counter or a histogram
 bucket the increase over the query's window (``rate(x[1m])`` is that divided by 60), for a gauge its
+value. Or, when the range matters, a counter's increases in time (``count``): then ``increase(x[30s])``
+sums what was counted in the 30 s up to the evaluation time (``now``), and ``x`` alone is the counter's
 value. Queries are parsed and evaluated as Prometheus would, on that subset of PromQL: selectors
 with ``=``, ``!=``, ``=~`` and ``!~`` matchers (exact, regexes anchored; a missing label is ""),
 ``rate``, ``increase``, ``sum`` and ``sum by (...)``, ``histogram_quantile``, ``scalar``, ``or``
@@ -247,6 +249,11 @@ class _Parser:
             raise BadQuery("a range vector is not allowed here")
         found = [(dict((k, v) for k, v in labels.items() if k != "__name__") if want_range else labels, value)
                  for labels, value in self.prometheus.series if _matches(labels, matchers)]
+        for labels, counted in self.prometheus.counted:
+            if _matches(labels, matchers):
+                now = self.prometheus.now()
+                since = now - window if want_range else -math.inf
+                found.append((_unnamed(labels) if want_range else labels, sum(n for at, n in counted if since < at <= now)))
         return (found, window) if want_range else found
 
 
@@ -275,9 +282,11 @@ def _format(value):
 class FakePrometheus:
     """Series in memory; answers instant queries like Prometheus's HTTP API (see the module doc)."""
 
-    def __init__(self, url="http://127.0.0.1:9", other=None):
+    def __init__(self, url="http://127.0.0.1:9", other=None, now=None):
         self.url = url.rstrip("/")
         self.series = []
+        self.counted = []         # (labels, [(time, increase)]) of the counters given with count()
+        self.now = now            # the evaluation time (a callable) for those counters
         self.queries = []
         self.requests = []
         self.other = other        # transport for URLs that are not this Prometheus (http checks)
@@ -286,6 +295,17 @@ class FakePrometheus:
     def add(self, name, value, **labels):
         labels["__name__"] = name
         self.series.append((dict((k, str(v)) for k, v in labels.items()), float(value)))
+        return self
+
+    def count(self, name, at, increase, **labels):
+        """The counter ``name{labels}`` went up by ``increase`` at time ``at`` (on the ``now`` clock)."""
+        labels = dict((k, str(v)) for k, v in labels.items())
+        labels["__name__"] = name
+        for known, counted in self.counted:
+            if known == labels:
+                counted.append((float(at), float(increase)))
+                return self
+        self.counted.append((labels, [(float(at), float(increase))]))
         return self
 
     def evaluate(self, promql):

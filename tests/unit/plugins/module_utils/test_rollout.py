@@ -395,7 +395,8 @@ def test_a_crash_in_the_first_window_rolls_back_the_first_step():
         raise RuntimeError("prometheus client crashed")
 
     gate.evaluate = crash
-    with pytest.raises(ro.RolloutError, match=r"stopped on an error at step 1 \(weight 5\): prometheus client crashed; rolled back: traffic now v1=100, v2=0"):
+    with pytest.raises(ro.RolloutError, match=r"^the rollout stopped on an error at step 1 \(weight 5\): prometheus client crashed; rolled back:"
+                                              r" traffic now v1=100, v2=0 \(canary v2 gets 0 % of the traffic\)$"):
         rollout.run()
     assert store.calls["write"] == 2 and current_weights(store.route("payment", "shop", 1)) == {"v1": 100, "v2": 0}
     assert state(store)["phase"] == "rolled_back" and ro.LEASE_ANNOTATION not in annotations(store)
@@ -409,8 +410,9 @@ def test_a_failed_rollback_after_an_error_says_to_check_by_hand():
         raise RuntimeError("prometheus client crashed")
 
     gate.evaluate = crash_and_lose_the_api
-    with pytest.raises(ro.RolloutError, match=r"canary v2 still gets 5 % of the traffic \(weights in force: v1=95, v2=5\): .*"
-                                              r"prometheus client crashed; the rollback that should have followed was not written: .*403"):
+    with pytest.raises(ro.RolloutError, match=r"^canary v2 still gets 5 % of the traffic \(weights in force: v1=95, v2=5\): the rollout"
+                                              r" stopped on an error at step 1 \(weight 5\): prometheus client crashed; the rollback that"
+                                              r" should have followed was not written: .*HTTP 403.* Fix the cause and rerun"):
         rollout.run()
     assert current_weights(store.route("payment", "shop", 1)) == {"v1": 95, "v2": 5}
 
@@ -433,7 +435,7 @@ def killed_in_window(gate, window):
 def lease_written(store, patch=0):
     """The lease the given write set (its annotation operations)."""
     for op in store.patches[patch]:
-        if op["op"] == "test":
+        if op["op"] == "test":   # the guard's test of the annotations as read, not what the write sets
             continue
         if op["path"] == "/metadata/annotations":
             return json.loads(op["value"][ro.LEASE_ANNOTATION])
@@ -505,6 +507,10 @@ class Probe:
         self.clock = clock
         self.verdicts = list(verdicts)
         self.asked = []
+        self.windows = []   # when each step's window started for the probe
+
+    def start_window(self):
+        self.windows.append(self.clock.t)
 
     def evaluate(self, token):
         self.asked.append(self.clock.t)
