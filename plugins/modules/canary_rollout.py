@@ -46,8 +46,8 @@ description:
     happens without a living job. ansible-runner's cancel (what AWX's cancel button leads to) kills
     C(ansible-playbook)'s process group with SIGKILL, which is such a death. When the module process itself is killed
     outright (SIGKILL, the OOM killer), a small guardian process the module started in a session of its own does it.
-    Only a kill of everything at once (a deleted execution environment pod, a lost host) leaves the lease to expire; a rerun then resumes at the recorded step, and M(onprem.mesh.canary_command)
-    aborts or promotes it by hand."
+    Only a kill of everything at once (a deleted execution environment pod, a lost host) leaves the lease to expire;
+    a rerun then resumes at the recorded step, and M(onprem.mesh.canary_command) aborts or promotes it by hand."
   - Operator commands - M(onprem.mesh.canary_command) posts V(abort), V(pause), V(resume) or V(promote) to the
     running rollout in the annotation C(mesh.onprem.io/canary-command); the rollout looks for it every
     O(command_interval) seconds. V(abort) puts all traffic on O(stable) (RV(result=aborted)), V(promote) gives the
