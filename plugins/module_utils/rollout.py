@@ -805,8 +805,8 @@ class Rollout:
 
     def abandoned(self, reason):
         """For a run whose process was killed outright (SIGKILL, the OOM killer), called from the process that outlived
-        it (``job_watch.Guardian``): when the VirtualService still records this run as active and its lease as this run's, apply on_cancel and release the lease.
-        Returns the phase written, or None when there was nothing of this run's to end."""
+        it (``job_watch.Guardian``): when the VirtualService still records this run as active and its lease as this
+        run's, apply on_cancel and release the lease. Returns the phase written, or None when there was nothing of this run's to end."""
         vs = self.change.read()
         lease = parse_annotation(vs, LEASE_ANNOTATION) or {}
         state = parse_annotation(vs, STATE_ANNOTATION) or {}
