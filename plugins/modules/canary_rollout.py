@@ -271,6 +271,7 @@ from ansible_collections.onprem.mesh.plugins.module_utils.k8s_client import (
     HAS_K8S, K8S_AUTH_ARGSPEC, K8S_IMP_ERR, IstioObjects, K8sError, build_api_client)
 from ansible_collections.onprem.mesh.plugins.module_utils.rollout import Rollout, check_stable_and_canary, outcome_message, plan_steps, probe_checks
 from ansible_collections.onprem.mesh.plugins.module_utils.traffic import VS_ROUTE_ARGSPEC, TrafficError, WeightChange, default_host, subset_labels
+from ansible_collections.onprem.mesh.plugins.module_utils.rollout import check_plan
 
 
 def argument_spec():
@@ -319,6 +320,7 @@ def main():
                               route_index=p["route_index"], retries=p["conflict_retries"])
         vs = change.read()
         check_stable_and_canary(change, vs, p["stable"], p["canary"])
+        check_plan(plan, p["checks"], change, vs, p["canary"])  # match and mirror steps against the route and the checks
         host = default_host(vs, p["service_host"])
         version = p["canary_version"] or subset_labels(change.destination_rules, host, p["namespace"], p["canary"]).get("version")
         stable_version = subset_labels(change.destination_rules, host, p["namespace"], p["stable"]).get("version")
