@@ -221,6 +221,7 @@ def test_the_match_route_is_removed_guarded_by_its_whole_value():
     assert step_ops(vs(OWN, HEADER_ROUTE, TARGET), 2) == []
     assert step_ops(vs(dict(OWN, name="onprem-mesh-canary-match-other"), TARGET), 1) == []
     assert step_ops(vs(TARGET), 0) == []
+    assert step_ops(vs(TARGET, OWN), 0) == []  # a target in front has nothing in front of it (not the list's last route)
 
 
 def test_a_mirror_is_added_replaced_and_removed_field_by_field_with_tests():
