@@ -36,8 +36,8 @@ def target(stable=100, canary=0, **extra):
     return route
 
 
-def own(match=X_CANARY, **extra):
-    route = {"name": OWN_NAME, "match": [copy.deepcopy(match)], "timeout": "2s", "route": [{"destination": dict(V2)}]}
+def own(match=None, **extra):
+    route = {"name": OWN_NAME, "match": [copy.deepcopy(match or X_CANARY)], "timeout": "2s", "route": [{"destination": dict(V2)}]}
     route.update(extra)
     return route
 
@@ -65,8 +65,8 @@ class Gate:
     def evaluate(self, token):
         self.seen.append(copy.deepcopy(self.store.objects[VS]["spec"]["http"]))
         verdict = self.verdicts.pop(0) if self.verdicts else "pass"
-        return {"verdict": verdict, "checks": [{"name": "success-rate", "verdict": verdict, "value": 99.9 if verdict == "pass" else 50.0,
-                                                 "threshold": ">= 99"}]}
+        check = {"name": "success-rate", "verdict": verdict, "value": 99.9 if verdict == "pass" else 50.0, "threshold": ">= 99"}
+        return {"verdict": verdict, "checks": [check]}
 
 
 def make(steps, store=None, verdicts=None, clock=None, route_name="primary", route_index=None, **kwargs):

@@ -302,7 +302,7 @@ def test_traffic_split_changes_the_users_route_next_to_a_held_match_route():
 # -- guarded, retried --------------------------------------------------------------------------------------------------------
 
 def routes_hook(step):
-    return lambda obj, index, route: step.ops(obj, index, route)
+    return step.ops
 
 
 def test_a_route_inserted_in_front_by_another_client_makes_the_insert_retry_at_the_new_place():
