@@ -516,8 +516,8 @@ class Rollout:
             index = int(state.get("step", 0))
             if not 0 <= index < len(self.steps):
                 raise RolloutError("the recorded step %r is outside the plan; set restart: true to start over" % state.get("step"))
-            return index, int(state.get("failures", 0)), "resuming %s at step %d (weight %d), as recorded" % (
-                state.get("phase"), index + 1, self.steps[index]["weight"])
+            return index, int(state.get("failures", 0)), "resuming %s at step %d (%s), as recorded" % (
+                state.get("phase"), index + 1, describe_step(self.steps[index]))
         return 0, 0, "starting"
 
     # -- run -------------------------------------------------------------------------------------

@@ -266,7 +266,7 @@ def test_a_hold_keeps_the_match_route_and_a_rerun_resumes_with_it():
     assert http(store) == [HEADER_ROUTE, own(), target(90, 10), TAIL_ROUTE]
     _s, gate, rerun = make([{"match": X_CANARY}, 10, 100], store=store)
     result = rerun.run()
-    assert result["result"] == "promoted" and "resuming held at step 2" in result["note"]
+    assert result["result"] == "promoted" and result["note"] == "resuming held at step 2 (weight 10), as recorded"
     assert gate.seen == [[HEADER_ROUTE, own(), target(90, 10), TAIL_ROUTE]]
     assert http(store) == [HEADER_ROUTE, target(0, 100), TAIL_ROUTE]
 
@@ -295,7 +295,7 @@ def test_a_killed_mirror_step_is_undone_by_the_rerun_that_rolls_back():
     assert http(store)[1]["mirrors"][1] == {"destination": V2, "percentage": {"value": 50}}
     _s, gate, rerun = make([{"mirror": 50}, 10, 100], store=store, verdicts=["fail"], force=True)
     result = rerun.run()
-    assert result["result"] == "rolled_back" and "resuming progressing at step 1" in result["note"]
+    assert result["result"] == "rolled_back" and result["note"] == "resuming progressing at step 1 (mirror 50 %), as recorded"
     assert dumped(http(store)) == original
 
 
@@ -406,3 +406,16 @@ def test_a_conflicting_match_met_inside_a_run_stops_before_any_write():
     with pytest.raises(TrafficError, match=r"steps\[0\]\.match\.headers\.x-canary: the target route already matches") as err:
         rollout.run()
     assert err.value.result["result"] == "not_started" and store.calls["write"] == 0
+
+
+def test_a_rerun_after_a_kill_in_a_match_step_says_which_step_it_resumes_and_keeps_its_route():
+    store, gate, first = make([{"match": X_CANARY}, 10, 100])
+    killed_in_window(gate, 1)
+    with pytest.raises(Killed):
+        first.run()
+    _s, gate, rerun = make([{"match": X_CANARY}, 10, 100], store=store, force=True)
+    result = rerun.run()
+    assert result["note"] == "resuming progressing at step 1 (match headers x-canary exact true), as recorded"
+    # the resumed step's write finds its match route in place: it changes no route, only the record
+    assert [op["path"] for op in store.patches[1] if not op["path"].startswith("/metadata")] == ["/spec/http/2/route"]
+    assert gate.seen[0] == [HEADER_ROUTE, own(), target(), TAIL_ROUTE] and result["result"] == "promoted"
