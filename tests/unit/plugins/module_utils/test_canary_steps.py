@@ -419,3 +419,15 @@ def test_a_rerun_after_a_kill_in_a_match_step_says_which_step_it_resumes_and_kee
     # the resumed step's write finds its match route in place: it changes no route, only the record
     assert [op["path"] for op in store.patches[1] if not op["path"].startswith("/metadata")] == ["/spec/http/2/route"]
     assert gate.seen[0] == [HEADER_ROUTE, own(), target(), TAIL_ROUTE] and result["result"] == "promoted"
+
+
+def test_a_restart_with_a_plain_plan_after_a_killed_mirror_step_puts_the_users_mirror_back():
+    theirs = target(mirror={"host": "audit"})
+    store, gate, first = make([{"mirror": 50}, 10, 100], store=FakeIstio(objects(theirs)))
+    killed_in_window(gate, 1)
+    with pytest.raises(Killed):
+        first.run()
+    _s, gate, rerun = make([10, 100], store=store, force=True, restart=True)
+    assert rerun.run()["result"] == "promoted"
+    assert gate.seen == [[HEADER_ROUTE, target(90, 10, mirror={"host": "audit"}), TAIL_ROUTE]]
+    assert "mirror_saved" not in state(store)
