@@ -345,6 +345,10 @@ def test_a_step_that_changes_nothing_writes_nothing_and_the_routes_ops_follow_th
     store = FakeIstio([vs(HEADER_ROUTE, OWN, TARGET), DR])
     change = WeightChange(store, "shop", "payment", route_name="primary")
     assert change.apply(None, routes=routes_hook(StepRoutes("v2", match=X_CANARY)))["changed"] is False
+    # operations that only test change nothing either
+    tests_only = change.apply(None, routes=routes_hook(StepRoutes("v2", match=X_CANARY)),
+                              extra_ops=lambda obj: [{"op": "test", "path": "/metadata/name", "value": "payment"}])
+    assert tests_only["changed"] is False and tests_only["patch"] == []
     assert store.calls["write"] == 0
     result = change.apply({"v1": 90, "v2": 10}, routes=routes_hook(StepRoutes("v2")), check_mode=True)
     assert [(op["op"], op["path"]) for op in result["patch"]] == [
