@@ -317,8 +317,7 @@ def and_match(route_matches, step_match, field="match"):
         for name, wanted in sorted(step_match["headers"].items()):
             if name in headers and headers[name] != wanted:
                 raise TrafficError("%s.headers.%s: the target route already matches header %s with %s, the step with %s; no request"
-                                   " meets both: match another header" % (field, name, name, json.dumps(headers[name], sort_keys=True),
-                                                                          json.dumps(wanted, sort_keys=True)))
+                                   " meets both: match another header" % (field, name, name, json.dumps(headers[name]), json.dumps(wanted)))
             headers[name] = copy.deepcopy(wanted)
         merged["headers"] = headers
         combined.append(merged)

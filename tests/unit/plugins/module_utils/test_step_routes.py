@@ -15,8 +15,9 @@ import re
 import pytest
 
 from ansible_collections.onprem.mesh.plugins.module_utils import traffic
+from ansible_collections.onprem.mesh.plugins.module_utils.k8s_client import K8sError
 from ansible_collections.onprem.mesh.plugins.module_utils.traffic import StepRoutes, TrafficError, WeightChange, current_weights
-from ansible_collections.onprem.mesh.tests.unit.plugins.module_utils.fake_istio import FakeIstio
+from ansible_collections.onprem.mesh.tests.unit.plugins.module_utils.fake_istio import FakeIstio, server_answer
 
 V1 = {"host": "payment", "subset": "v1"}
 V2 = {"host": "payment", "subset": "v2"}
@@ -355,3 +356,17 @@ def test_a_step_that_changes_nothing_writes_nothing_and_the_routes_ops_follow_th
         ("test", "/spec/http/2/route"), ("replace", "/spec/http/2/route/0/weight"), ("replace", "/spec/http/2/route/1/weight"),
         ("test", "/spec/http/1"), ("remove", "/spec/http/1")]
     assert json.dumps(store.objects[("virtualservices", "shop", "payment")]["spec"]) == json.dumps(vs(HEADER_ROUTE, OWN, TARGET)["spec"])
+
+
+def test_a_refused_read_is_not_taken_for_a_missing_namespace():
+    # only a 404 makes WeightChange ask whether the namespace exists; a 403 is the answer as it is, whatever the namespace
+    store = FakeIstio([vs(TARGET), DR])
+
+    def forbidden(plural, namespace, name):
+        raise server_answer(403, "Forbidden", {"message": "virtualservices is forbidden", "reason": "Forbidden"},
+                            "reading VirtualService %s/%s" % (namespace, name), verb="get")
+
+    store.get = forbidden
+    with pytest.raises(K8sError, match="HTTP 403 virtualservices is forbidden") as err:
+        WeightChange(store, "nope", "payment").read()
+    assert err.value.status == 403 and store.calls["read"] == 0
