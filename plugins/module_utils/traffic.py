@@ -262,9 +262,9 @@ def validate_match(match, field):
                 raise TrafficError("%s: a header name in lower case, letters, digits and -, e.g. x-canary (Istio matches header names"
                                    " in lower case)" % where)
             condition = given[name]
-            if not isinstance(condition, dict) or len(condition) != 1 or list(condition)[0] not in STRING_MATCH_KINDS:
+            if not isinstance(condition, dict) or len(condition) != 1 or set(condition) - set(STRING_MATCH_KINDS):
                 raise TrafficError('%s: exactly one of exact, prefix or regex, e.g. {exact: "true"}; got %r' % (where, condition))
-            kind, text = list(condition.items())[0]
+            [(kind, text)] = condition.items()
             if isinstance(text, bool):
                 raise TrafficError('%s.%s: %r is a YAML boolean; quote it, e.g. %s: "%s"' % (where, kind, text, kind, str(text).lower()))
             if not isinstance(text, (str, int)):

@@ -60,6 +60,8 @@ def test_a_cookie_becomes_istios_regex_on_the_cookie_header():
     both = traffic.validate_match({"cookie": "c=1", "headers": {"x-a": {"exact": "b"}}}, "m")
     assert both == {"headers": {"x-a": {"exact": "b"}, "cookie": {"regex": r"^(.*?;\s*)?(c=1)(;.*)?$"}}}
     assert traffic.validate_match({"cookie": "c="}, "m") == {"headers": {"cookie": {"regex": r"^(.*?;\s*)?(c=)(;.*)?$"}}}
+    # a value may hold "=" (base64): the name ends at the first one
+    assert traffic.validate_match({"cookie": "t=YQ=="}, "m") == {"headers": {"cookie": {"regex": r"^(.*?;\s*)?(t=YQ==)(;.*)?$"}}}
 
 
 @pytest.mark.parametrize("match, message", [
@@ -176,6 +178,9 @@ def test_the_canary_destination_is_the_routes_own_or_a_copy_of_its_first():
     route = {"route": [{"destination": {"host": "payment", "subset": "v1", "port": {"number": 9080}}, "weight": 100}]}
     assert traffic.canary_destination(route, "v2") == {"host": "payment", "subset": "v2", "port": {"number": 9080}}
     assert route["route"][0]["destination"]["subset"] == "v1"
+    two = {"route": [{"destination": {"host": "payment", "subset": "v1", "port": {"number": 1}}, "weight": 90},
+                     {"destination": {"host": "payment", "subset": "v3", "port": {"number": 2}}, "weight": 10}]}
+    assert traffic.canary_destination(two, "v2") == {"host": "payment", "subset": "v2", "port": {"number": 1}}
     listed = {"route": [{"destination": {"host": "payment", "subset": "v1"}}, {"destination": {"host": "payment.shop", "subset": "v2"}}]}
     assert traffic.canary_destination(listed, "v2") == {"host": "payment.shop", "subset": "v2"}
 
@@ -223,6 +228,7 @@ def test_the_match_route_is_removed_guarded_by_its_whole_value():
     assert step_ops(vs(dict(OWN, name="onprem-mesh-canary-match-other"), TARGET), 1) == []
     assert step_ops(vs(TARGET), 0) == []
     assert step_ops(vs(TARGET, OWN), 0) == []  # a target in front has nothing in front of it (not the list's last route)
+    assert step_ops(vs(OWN, TARGET), 1) == [{"op": "test", "path": "/spec/http/0", "value": OWN}, {"op": "remove", "path": "/spec/http/0"}]
 
 
 def test_a_mirror_is_added_replaced_and_removed_field_by_field_with_tests():
