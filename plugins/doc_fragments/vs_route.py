@@ -33,7 +33,11 @@ options:
         if there are several, the module fails and lists them.
     type: str
   route_index:
-    description: Choose the HTTP route by its position in C(spec.http), from 0.
+    description:
+      - Choose the HTTP route by its position in C(spec.http), from 0.
+      - Routes whose name begins with C(onprem-mesh-canary-match) are the match routes of M(onprem.mesh.canary_rollout)'s
+        match steps. They are never the route to change and are not counted here, nor chosen by O(route_name) or without
+        either option.
     type: int
   conflict_retries:
     description:

@@ -49,7 +49,9 @@ import uuid
 from datetime import datetime, timezone
 
 from ansible_collections.onprem.mesh.plugins.module_utils.canary_checks import duration_seconds
-from ansible_collections.onprem.mesh.plugins.module_utils.traffic import TrafficError, annotation_ops, annotation_tests, current_weights, route_label
+from ansible_collections.onprem.mesh.plugins.module_utils.traffic import (
+    StepRoutes, TrafficError, and_match, annotation_ops, annotation_tests, current_weights, has_canary_mirror, mirror_fields, route_label,
+    validate_match, validate_mirror)
 
 STATE_ANNOTATION = "mesh.onprem.io/canary-rollout"
 LEASE_ANNOTATION = "mesh.onprem.io/canary-lease"
@@ -155,11 +157,47 @@ def parse_duration(value, field):
     return seconds
 
 
+STEP_KINDS = ("weight", "match", "mirror")
+
+
+def step_kind(step):
+    """``weight``, ``match`` or ``mirror``: what a planned step does (see ``plan_steps``)."""
+    return "match" if "match" in step else "mirror" if "mirror" in step else "weight"
+
+
+def step_key(step):
+    """The step as the recorded plan names it: the weight, or ``{"match": ...}`` / ``{"mirror": percentage}``."""
+    kind = step_kind(step)
+    return step["weight"] if kind == "weight" else {kind: step[kind]}
+
+
+def step_fields(step):
+    """The keys a step adds to its schedule row and timeline entry besides the weight: ``match`` or ``mirror``."""
+    kind = step_kind(step)
+    return {} if kind == "weight" else {kind: step[kind]}
+
+
+def describe_step(step):
+    """``weight 5``, ``mirror 10 %``, ``match headers x-canary exact true``: for messages."""
+    kind = step_kind(step)
+    if kind == "mirror":
+        return "mirror %s %%" % step["mirror"]
+    if kind == "match":
+        return "match headers %s" % ", ".join("%s %s %s" % (name, list(cond)[0], list(cond.values())[0])
+                                              for name, cond in sorted(step["match"]["headers"].items()))
+    return "weight %d" % step["weight"]
+
+
 def plan_steps(steps=None, step_weight=None, max_weight=None, interval=None):
     """The analysed steps as a list of ``{"weight": w, "interval": seconds}``, before promotion to 100.
 
     ``steps``: weights (``[5, 10, 25, 50]``) or dicts (``{weight: 5, interval: 2m}``); a final 100
     is the promotion itself. Or ``step_weight``/``max_weight`` like Flagger: 10, 20, ... up to max.
+    Before the weights, steps that send the canary no share of the route yet (their ``weight`` is 0):
+    ``{match: {headers: ...}}`` or ``{match: {cookie: NAME=VALUE}}`` (``"match"``: the HTTPMatchRequest from
+    ``traffic.validate_match``; its requests go to the canary, in a match route in front of the target route, until
+    the rollout ends) and ``{mirror: percentage}`` (``"mirror"``: that share of the route's requests copied to the canary
+    during this step only; users get stable's answers).
     """
     default_interval = parse_duration(interval if interval is not None else "1m", "interval")
     if steps and (step_weight or max_weight):
@@ -178,10 +216,17 @@ def plan_steps(steps=None, step_weight=None, max_weight=None, interval=None):
     for i, item in enumerate(steps):
         field = "steps[%d]" % i
         if isinstance(item, dict):
-            unknown = set(item) - set(("weight", "interval"))
+            unknown = set(item) - set(STEP_KINDS + ("interval",))
             if unknown:
-                raise RolloutError("%s: unknown key %s; a step has weight and interval" % (field, ", ".join(sorted(unknown))))
+                raise RolloutError("%s: unknown key %s; a step has one of weight, match or mirror, and an interval"
+                                   % (field, ", ".join(sorted(str(k) for k in unknown))))
+            kinds = [k for k in STEP_KINDS if k in item]
+            if len(kinds) > 1:
+                raise RolloutError("%s: %s in one step; a step is a weight, a match or a mirror: give each its own step" % (field, " and ".join(kinds)))
             weight, step_interval = item.get("weight"), item.get("interval")
+            if kinds and kinds[0] != "weight":
+                planned.append(_early_step(item, kinds[0], field, planned, default_interval))
+                continue
         else:
             weight, step_interval = item, None
         if isinstance(weight, str) and weight.strip().isdigit():
@@ -201,6 +246,54 @@ def plan_steps(steps=None, step_weight=None, max_weight=None, interval=None):
     if not planned:
         raise RolloutError("steps: the schedule needs at least one weight below 100 to analyse before promotion")
     return planned
+
+
+def _early_step(item, kind, field, planned, default_interval):
+    """A match or mirror step of ``plan_steps``: it must come before every weight step (once users reach the canary by weight,
+    a copy or a tester's request adds nothing the analysis needs)."""
+    weighted = [s for s in planned if step_kind(s) == "weight"]
+    if weighted:
+        raise RolloutError("%s: a %s step comes before the weight steps (it is analysed while the canary gets no share of the route);"
+                           " here it follows weight %d: move it to the front" % (field, kind, weighted[-1]["weight"]))
+    try:
+        value = validate_match(item[kind], field + ".match") if kind == "match" else validate_mirror(item[kind], field + ".mirror")
+    except TrafficError as exc:
+        raise RolloutError(str(exc))
+    step_interval = item.get("interval")
+    return {"weight": 0, "interval": parse_duration(step_interval, field + ".interval") if step_interval is not None else default_interval,
+            kind: value}
+
+
+SOURCE_BLIND = ("success_rate", "latency", "promql")
+
+
+def check_plan(plan, checks=None, change=None, vs=None, canary=None):
+    """What ``plan_steps`` cannot judge alone, checked before anything is written (a refusal carries ``result``
+    ``not_started`` and says where traffic stays, when ``vs`` is given).
+
+    A mirror step is judged on the copies the canary receives, which Istio reports only on the canary's inbound side
+    (``reporter="destination"``, the built-in queries' default): the source proxy's telemetry counts the request it
+    answers, not its mirror. So a Prometheus check with ``reporter: source`` would see no canary traffic in a mirror
+    step; it is refused. A match step's headers are ANDed with the target route's own match (``change.locate(vs)``);
+    a header both name with different conditions is refused (no request could meet both)."""
+    route = change.locate(vs)[2] if change is not None else None
+    try:
+        mirrors = [i for i, s in enumerate(plan) if step_kind(s) == "mirror"]
+        for check in checks or []:
+            if mirrors and check.get("type") in SOURCE_BLIND and check.get("reporter") == "source":
+                raise RolloutError("steps[%d].mirror: check %s reads reporter: source, which never counts mirrored requests (Istio reports"
+                                   " a mirrored request on the canary's inbound side only, reporter: destination); drop reporter: source"
+                                   " from the check, or the mirror step" % (mirrors[0], check.get("name")))
+        for i, step in enumerate(plan):
+            if route is not None and step_kind(step) == "match":
+                try:
+                    and_match(route.get("match"), step["match"], "steps[%d].match" % i)
+                except TrafficError as exc:
+                    raise RolloutError(str(exc))
+    except RolloutError as exc:
+        if route is not None:
+            not_started(exc, dict(canary=canary, weights_before=current_weights(route), timeline=[]), canary)
+        raise
 
 
 PROBE_TYPES = ("success_rate", "latency", "promql")
@@ -283,6 +376,7 @@ class Rollout:
         self._expected = None   # what the rollout expects of its own fields at the next write (see _remember)
         self._step_index = 0
         self._failing = None    # the reason of the rollback or hold being written
+        self._original = None   # the target route's own mirror fields, before any mirror step (see _user_mirror)
 
     # -- plan ---------------------------------------------------------------------------------
     def weights(self, canary_weight):
@@ -290,11 +384,13 @@ class Rollout:
 
     @property
     def plan_key(self):
-        return [s["weight"] for s in self.steps]
+        """The plan as recorded: weights, and ``{"match": ...}`` / ``{"mirror": ...}`` for those steps, so that a rerun with
+        another plan is refused instead of resuming a step of a different kind."""
+        return [step_key(s) for s in self.steps]
 
     def schedule(self, start_index=0):
         """The planned steps from ``start_index`` with their weights and intervals, then the promotion."""
-        rows = [dict(step=i + 1, weight=s["weight"], weights=self.weights(s["weight"]), interval=s["interval"])
+        rows = [dict(step=i + 1, weight=s["weight"], weights=self.weights(s["weight"]), interval=s["interval"], **step_fields(s))
                 for i, s in enumerate(self.steps) if i >= start_index]
         rows.append(dict(step=len(self.steps) + 1, weight=100, weights=self.weights(100), interval=0, promotion=True))
         return rows
@@ -319,6 +415,8 @@ class Rollout:
         """Patch operations for the rollout's record: ``test`` of its two annotations as read, then their new values."""
         state = dict(canary=self.canary, stable=self.stable, plan=self.plan_key, step=index, phase=phase,
                      failures=failures, updated=iso(self.now()), holder=self.holder)
+        if any(step_kind(s) == "mirror" for s in self.steps):  # what the user had, to be put back after a kill too
+            state["mirror_saved"] = self._user_mirror(vs, self.change.locate(vs)[2])
         if reason:
             state["reason"] = reason
         changes = {}
@@ -392,10 +490,38 @@ class Rollout:
         """One guarded write of the weights (None: as they are) and the record; retried on conflicts with a fresh read."""
         weights = None if canary_weight is None else self.weights(canary_weight)
         written = self.change.apply(weights, validate=False, vs=vs, guard=self._final_guard if final else self._guard,
+                                    routes=self._routes(canary_weight, phase, index),
                                     extra_ops=lambda obj: self._record(obj, phase, index, failures, reason, interval, release))
         self._started = True
         self._remember(written["object"])
         return written
+
+    def _routes(self, canary_weight, phase, index):
+        """``routes`` for ``WeightChange.apply``: while progressing, the match route of the last match step up to ``index`` and the
+        mirror of step ``index``; with any other weights written (promotion, rollback), neither - the match route removed, the
+        user's own mirror fields put back; None (all as it is) when the weights stay as they are (hold)."""
+        if canary_weight is None:
+            return None
+        match = mirror = None
+        field = "match"
+        if phase == "progressing" and index < len(self.steps):
+            for i, step in enumerate(self.steps[:index + 1]):
+                if step_kind(step) == "match":
+                    match, field = step["match"], "steps[%d].match" % i
+            mirror = self.steps[index].get("mirror")
+
+        def ops(vs, route_index, route):
+            return StepRoutes(self.canary, match, mirror, self._user_mirror(vs, route), field=field).ops(vs, route_index, route)
+        return ops
+
+    def _user_mirror(self, vs, route):
+        """The target route's own mirror fields, as the user had them before any mirror step: taken once, at this run's first
+        write - from the route as read, or, when the route mirrors to the canary already (a killed or held mirror step), from
+        the record of an earlier run (``mirror_saved``)."""
+        if self._original is None:
+            saved = (parse_annotation(vs, STATE_ANNOTATION) or {}).get("mirror_saved")
+            self._original = saved if isinstance(saved, dict) and has_canary_mirror(route, self.canary) else mirror_fields(route)
+        return self._original
 
     def _wait_for_mesh(self, obj):
         """Poll until the mesh reports the object's generation (status.observedGeneration), bounded by mesh_timeout."""
@@ -432,8 +558,8 @@ class Rollout:
             index = int(state.get("step", 0))
             if not 0 <= index < len(self.steps):
                 raise RolloutError("the recorded step %r is outside the plan; set restart: true to start over" % state.get("step"))
-            return index, int(state.get("failures", 0)), "resuming %s at step %d (weight %d), as recorded" % (
-                state.get("phase"), index + 1, self.steps[index]["weight"])
+            return index, int(state.get("failures", 0)), "resuming %s at step %d (%s), as recorded" % (
+                state.get("phase"), index + 1, describe_step(self.steps[index]))
         return 0, 0, "starting"
 
     # -- run -------------------------------------------------------------------------------------
@@ -574,6 +700,7 @@ class Rollout:
             self._check_alive()  # no traffic shift without a living job
             started = self.now()
             reads_before = dict(getattr(self.change.store, "calls", {}))
+            entry.update(step_fields(step))  # match or mirror
             try:
                 written = self._write(step["weight"], "progressing", index, failures, interval=step["interval"])
             except ConcurrentChange as exc:
@@ -612,7 +739,7 @@ class Rollout:
                 index += 1
                 continue
             failures += 1
-            reason = "step %d (weight %d): %s" % (index + 1, step["weight"], gate.get("reason") or self._describe(gate))
+            reason = "step %d (%s): %s" % (index + 1, describe_step(step), gate.get("reason") or self._describe(gate))
             if failures > self.failure_limit:
                 entry["action"] = self.on_failure
                 return self._fail(base, index, failures, reason, step["interval"])

@@ -17,6 +17,8 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import copy
+import json
+import re
 
 from ansible_collections.onprem.mesh.plugins.module_utils.k8s_client import json_pointer
 
@@ -62,11 +64,13 @@ def _is_subset_route(route, host, namespace):
     )
 
 
-def select_route(vs, host, namespace, route_name=None, route_index=None):
+def select_route(vs, host, namespace, route_name=None, route_index=None, hide_own=False):
     """Return ``(index, route)`` of the HTTP route to change.
 
     By ``route_name``, by ``route_index``, or else the one route whose destinations are all
     subsets of ``host``; none or several such routes is an error that lists them.
+    With ``hide_own``, the match routes a canary rollout adds (``is_own_route``) are not there for the choice:
+    ``route_index`` counts the other routes only, and the index returned is the route's real place in ``spec.http``.
     """
     http = (vs.get("spec") or {}).get("http") or []
     vs_name = (vs.get("metadata") or {}).get("name")
@@ -74,22 +78,23 @@ def select_route(vs, host, namespace, route_name=None, route_index=None):
         raise TrafficError("VirtualService %s has no spec.http routes; traffic splitting needs an HTTP route with subset destinations" % vs_name)
     if route_name is not None and route_index is not None:
         raise TrafficError("route_name and route_index are mutually exclusive; set only one")
+    places = [i for i, r in enumerate(http) if not (hide_own and is_own_route(r))]
     if route_name is not None:
-        matches = [i for i, r in enumerate(http) if r.get("name") == route_name]
+        matches = [i for i in places if http[i].get("name") == route_name]
         if not matches:
-            names = [r.get("name") for r in http if r.get("name")]
+            names = [http[i].get("name") for i in places if http[i].get("name")]
             raise TrafficError("route_name: VirtualService %s has no HTTP route named %r (named routes: %s)"
                                % (vs_name, route_name, ", ".join(names) or "none; set route_index instead"))
         if len(matches) > 1:
             raise TrafficError("route_name: VirtualService %s has %d HTTP routes named %r; set route_index instead" % (vs_name, len(matches), route_name))
         index = matches[0]
     elif route_index is not None:
-        if not 0 <= route_index < len(http):
+        if not 0 <= route_index < len(places):
             raise TrafficError("route_index: %d is out of range; VirtualService %s has %d HTTP routes (0..%d)"
-                               % (route_index, vs_name, len(http), len(http) - 1))
-        index = route_index
+                               % (route_index, vs_name, len(places), len(places) - 1))
+        index = places[route_index]
     else:
-        candidates = [i for i, r in enumerate(http) if _is_subset_route(r, host, namespace)]
+        candidates = [i for i in places if _is_subset_route(http[i], host, namespace)]
         if not candidates:
             raise TrafficError("VirtualService %s has no HTTP route whose destinations are all subsets of host %s;"
                                " check service_host, or set route_name or route_index" % (vs_name, host))
@@ -211,6 +216,211 @@ def weights_changed(route, weights):
     return any(current.get(s, 0) != w for s, w in weights.items()) or any(w and s not in weights for s, w in current.items())
 
 
+# -- steps beyond weights: a match route in front of the target route, a mirror on it ----------------------------
+
+OWN_ROUTE_PREFIX = "onprem-mesh-canary-match"
+MIRROR_FIELDS = ("mirror", "mirrorPercentage", "mirrorPercent", "mirror_percent", "mirrors")
+STRING_MATCH_KINDS = ("exact", "prefix", "regex")
+_HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
+_COOKIE_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+_COOKIE_VALUE = re.compile(r"^[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*$")  # RFC 6265 cookie-octets
+
+
+def is_own_route(route):
+    """A match route that a canary rollout put in front of its target route (its name begins with OWN_ROUTE_PREFIX)."""
+    return str(route.get("name") or "").startswith(OWN_ROUTE_PREFIX)
+
+
+def own_route_name(route):
+    """The name of the match route a canary rollout puts in front of ``route``."""
+    return "%s-%s" % (OWN_ROUTE_PREFIX, route["name"]) if route.get("name") else OWN_ROUTE_PREFIX
+
+
+def cookie_regex(name, value):
+    """Istio's way to match a cookie: a regex on the ``cookie`` header (RE2, matched against the whole header)."""
+    return r"^(.*?;\s*)?(%s=%s)(;.*)?$" % (re.escape(name), re.escape(value))
+
+
+def validate_match(match, field):
+    """A match step's ``match`` as an Istio HTTPMatchRequest: ``{headers: {name: {exact|prefix|regex: text}}}``, where
+    ``cookie: NAME=VALUE`` stands for a regex on the ``cookie`` header. The message names the field and the fix."""
+    example = 'e.g. {headers: {x-canary: {exact: "true"}}} or {cookie: canary=always}'
+    if not isinstance(match, dict) or not match:
+        raise TrafficError("%s: give the requests that go to the canary as headers or a cookie, %s; got %r" % (field, example, match))
+    unknown = sorted(str(k) for k in set(match) - set(("headers", "cookie")))
+    if unknown:
+        raise TrafficError("%s: unknown key %s; a match step takes headers and cookie, %s" % (field, ", ".join(unknown), example))
+    headers = {}
+    if "headers" in match:
+        given = match["headers"]
+        if not isinstance(given, dict) or not given:
+            raise TrafficError('%s.headers: a mapping of header name to one of exact, prefix or regex, e.g. {x-canary: {exact: "true"}}; got %r'
+                               % (field, given))
+        for name in sorted(given, key=str):
+            where = "%s.headers.%s" % (field, name)
+            if not isinstance(name, str) or not _HEADER_NAME.match(name):
+                raise TrafficError("%s: a header name in lower case, letters, digits and -, e.g. x-canary (Istio matches header names"
+                                   " in lower case)" % where)
+            condition = given[name]
+            if not isinstance(condition, dict) or len(condition) != 1 or set(condition) - set(STRING_MATCH_KINDS):
+                raise TrafficError('%s: exactly one of exact, prefix or regex, e.g. {exact: "true"}; got %r' % (where, condition))
+            [(kind, text)] = condition.items()
+            if isinstance(text, bool):
+                raise TrafficError('%s.%s: %r is a YAML boolean; quote it, e.g. %s: "%s"' % (where, kind, text, kind, str(text).lower()))
+            if not isinstance(text, (str, int)):
+                raise TrafficError("%s.%s: a text, got %r" % (where, kind, text))
+            text = str(text)
+            if kind != "exact" and not text:
+                raise TrafficError("%s.%s: must not be empty (Istio refuses an empty %s)" % (where, kind, kind))
+            if kind == "regex":
+                try:
+                    re.compile(text)
+                except re.error as exc:
+                    raise TrafficError("%s.regex: %r is not a regular expression (%s); Istio takes RE2 syntax" % (where, text, exc))
+            headers[name] = {kind: text}
+    if "cookie" in match:
+        cookie = match["cookie"]
+        if not isinstance(cookie, str) or "=" not in cookie:
+            raise TrafficError("%s.cookie: NAME=VALUE, e.g. canary=always; got %r" % (field, cookie))
+        name, value = cookie.split("=", 1)
+        if not _COOKIE_NAME.match(name) or not _COOKIE_VALUE.match(value):
+            raise TrafficError("%s.cookie: %r is no cookie NAME=VALUE (a name of letters, digits and !#$%%&'*+.^_`|~-, a value without"
+                               " spaces, quotes, commas, semicolons or backslashes)" % (field, cookie))
+        if "cookie" in headers:
+            raise TrafficError("%s: give the cookie once, as cookie or as headers.cookie, not both" % field)
+        headers["cookie"] = {"regex": cookie_regex(name, value)}
+    return {"headers": headers}
+
+
+def validate_mirror(value, field):
+    """A mirror step's percentage: a number 0 < x <= 100 (Istio's mirrorPercentage), as an int when whole."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip().rstrip("%"))
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 100:
+        raise TrafficError("%s: a percentage 0 < x <= 100 of the target route's requests to copy to the canary, e.g. mirror: 10; got %r"
+                           % (field, value))
+    return int(value) if value == int(value) else float(value)
+
+
+def and_match(route_matches, step_match, field="match"):
+    """The target route's own match conditions (any of them, as Istio reads a list) each ANDed with the step's headers; the
+    step's headers alone when the route matches everything. A header both name with different conditions cannot be met."""
+    if not route_matches:
+        return [copy.deepcopy(step_match)]
+    combined = []
+    for condition in route_matches:
+        merged = copy.deepcopy(condition)
+        headers = merged.get("headers") or {}
+        for name, wanted in sorted(step_match["headers"].items()):
+            if name in headers and headers[name] != wanted:
+                raise TrafficError("%s.headers.%s: the target route already matches header %s with %s, the step with %s; no request"
+                                   " meets both: match another header" % (field, name, name, json.dumps(headers[name]), json.dumps(wanted)))
+            headers[name] = copy.deepcopy(wanted)
+        merged["headers"] = headers
+        combined.append(merged)
+    return combined
+
+
+def canary_destination(route, canary):
+    """The canary's ``destination`` as the target route names it, or its first destination's with the canary's subset."""
+    for dest in route.get("route") or []:
+        if dest["destination"].get("subset") == canary:
+            return copy.deepcopy(dest["destination"])
+    destination = copy.deepcopy(route["route"][0]["destination"])
+    destination["subset"] = canary
+    return destination
+
+
+def mirror_fields(route):
+    """The route's mirror fields (``MIRROR_FIELDS``) that are set, as a dict."""
+    return dict((f, copy.deepcopy(route[f])) for f in MIRROR_FIELDS if f in route)
+
+
+def has_canary_mirror(route, canary):
+    """The route mirrors to the canary's subset (a mirror step's work, or a leftover of one)."""
+    if (route.get("mirror") or {}).get("subset") == canary:
+        return True
+    return any(((m or {}).get("destination") or {}).get("subset") == canary for m in route.get("mirrors") or [])
+
+
+def canary_mirror(original, destination, percentage):
+    """The mirror fields of the target route during a mirror step: ``mirror`` and ``mirrorPercentage`` to the canary; when
+    the route mirrors somewhere of its own (``original``), ``mirrors`` with that mirror first and the canary's after it, as
+    Istio allows no ``mirror`` next to ``mirrors``."""
+    ours = {"destination": copy.deepcopy(destination), "percentage": {"value": percentage}}
+    if "mirrors" in original:
+        return {"mirrors": copy.deepcopy(original["mirrors"]) + [ours]}
+    if "mirror" in original:
+        theirs = {"destination": copy.deepcopy(original["mirror"])}
+        if "mirrorPercentage" in original:
+            theirs["percentage"] = copy.deepcopy(original["mirrorPercentage"])
+        else:
+            for legacy in ("mirrorPercent", "mirror_percent"):
+                if legacy in original:
+                    theirs["percentage"] = {"value": original[legacy]}
+        return {"mirrors": [theirs, ours]}
+    return {"mirror": copy.deepcopy(destination), "mirrorPercentage": {"value": percentage}}
+
+
+class StepRoutes:
+    """What a canary step sets around the target route besides its weights, as JSON patch operations.
+
+    ``match`` (an HTTPMatchRequest from ``validate_match``, or None): a match route in front of the target route - a copy of
+    it (timeouts, retries, headers ... and its own mirror) named ``own_route_name``, whose match is the target's ANDed with
+    ``match`` and which sends 100 % to the canary. None: no such route (one there is removed).
+    ``mirror`` (a percentage, or None): the target route copies that share of its requests to the canary (``canary_mirror``).
+    None: the route's mirror fields are ``original``, the user's own (``mirror_fields`` of the route before the rollout).
+    Every change is guarded by ``test`` operations on what it changes as read, so another writer's change in between makes
+    the whole patch fail (and ``WeightChange.apply`` read again and rebuild it)."""
+
+    def __init__(self, canary, match=None, mirror=None, original=None, field="match"):
+        self.canary = canary
+        self.match = match
+        self.mirror = mirror
+        self.original = original or {}
+        self.field = field
+
+    def match_route(self, route):
+        """The match route for the target ``route`` as it is (or None without a match)."""
+        if self.match is None:
+            return None
+        own = {"name": own_route_name(route), "match": and_match(route.get("match"), self.match, self.field)}
+        for key in route:
+            if key not in ("name", "match", "route") and key not in MIRROR_FIELDS:
+                own[key] = copy.deepcopy(route[key])
+        own["route"] = [{"destination": canary_destination(route, self.canary)}]
+        own.update(copy.deepcopy(self.original))
+        return own
+
+    def ops(self, vs, index, route):
+        """Operations that make the routes around ``spec.http[index]`` (the target ``route``) what this step wants. To follow
+        the target route's weight operations: mirror fields at ``index`` first, then the match route at ``index - 1``
+        (removed or replaced) or inserted at ``index`` (the target moves one down)."""
+        http = vs["spec"]["http"]
+        base = json_pointer("spec", "http", index)
+        ops = []
+        wanted = self.original if self.mirror is None else canary_mirror(self.original, canary_destination(route, self.canary), self.mirror)
+        for field in MIRROR_FIELDS:
+            path = "%s/%s" % (base, field)
+            if field in route and field not in wanted:
+                ops += [{"op": "test", "path": path, "value": route[field]}, {"op": "remove", "path": path}]
+            elif field in wanted and route.get(field) != wanted[field]:
+                ops += [{"op": "test", "path": path, "value": route.get(field)},
+                        {"op": "replace" if field in route else "add", "path": path, "value": copy.deepcopy(wanted[field])}]
+        found = http[index - 1] if index > 0 and http[index - 1].get("name") == own_route_name(route) else None
+        desired = self.match_route(route)
+        if found is None and desired is not None:
+            ops += [{"op": "test", "path": base + "/name", "value": route.get("name")}, {"op": "add", "path": base, "value": desired}]
+        elif found is not None and found != desired:
+            previous = json_pointer("spec", "http", index - 1)
+            ops.append({"op": "test", "path": previous, "value": found})
+            ops.append({"op": "remove", "path": previous} if desired is None else {"op": "replace", "path": previous, "value": desired})
+        return ops
+
+
 def annotation_ops(obj, changes):
     """JSON patch operations that set (value is a str) or remove (value is None) annotations."""
     annotations = (obj.get("metadata") or {}).get("annotations")
@@ -261,7 +471,7 @@ class WeightChange:
     client's change to other fields is kept, never overwritten - and sent again, at most ``retries`` times more.
     """
 
-    def __init__(self, store, namespace, name, host=None, route_name=None, route_index=None, retries=5, sleep=None):
+    def __init__(self, store, namespace, name, host=None, route_name=None, route_index=None, retries=5, sleep=None, hide_own_routes=True):
         self.store = store
         self.namespace = namespace
         self.name = name
@@ -271,6 +481,7 @@ class WeightChange:
         self.retries = retries
         self.sleep = sleep
         self.destination_rules = None
+        self.hide_own_routes = hide_own_routes  # the match routes of canary_rollout's match steps are never the target
 
     def read(self):
         try:
@@ -289,7 +500,7 @@ class WeightChange:
 
     def locate(self, vs):
         host = default_host(vs, self.host)
-        index, route = select_route(vs, host, self.namespace, self.route_name, self.route_index)
+        index, route = select_route(vs, host, self.namespace, self.route_name, self.route_index, hide_own=self.hide_own_routes)
         return host, index, route
 
     def validate(self, weights, vs=None, fields=None):
@@ -303,12 +514,14 @@ class WeightChange:
         check_subsets(weights, self.destination_rules, host, self.namespace, fields)
         return weights, vs, index, route
 
-    def apply(self, weights, check_mode=False, vs=None, extra_ops=None, validate=True, guard=None):
+    def apply(self, weights, check_mode=False, vs=None, extra_ops=None, validate=True, guard=None, routes=None):
         """Set ``weights`` (None: keep the route's weights as they are at each attempt, for ``extra_ops`` alone).
 
         ``guard(vs)`` is called with every object read for a write (the first and each one after a conflict)
-        before the patch is built; it raises to stop. Returns a dict: changed, before, after, route_index,
-        route_name, object, attempts, patch.
+        before the patch is built; it raises to stop. ``routes(vs, index, route)`` (a ``StepRoutes.ops``) may add
+        operations on the target route's mirror fields and the match route in front of it; they follow the weights'
+        operations and come before ``extra_ops``. Returns a dict: changed, before, after, route_index, route_name,
+        object, attempts, patch.
         """
         from time import sleep as default_sleep  # pylint: disable=import-outside-toplevel
         sleep = self.sleep or default_sleep
@@ -332,8 +545,9 @@ class WeightChange:
             if weights_changed(route, target):
                 ops, new_route = weight_patch(index, route, target)
                 after = current_weights(new_route)
-            if extra_ops:
-                ops = (ops or [{"op": "test", "path": json_pointer("spec", "http", index, "route"), "value": route.get("route")}]) + extra_ops(vs)
+            more = (routes(vs, index, route) if routes else []) + (extra_ops(vs) if extra_ops else [])
+            if more:
+                ops = (ops or [{"op": "test", "path": json_pointer("spec", "http", index, "route"), "value": route.get("route")}]) + more
             changed = any(op["op"] != "test" for op in ops)
             result = dict(changed=changed, before=before, after=after, route_index=index, route_name=route.get("name"),
                           object=vs, attempts=attempts, patch=ops if changed else [])

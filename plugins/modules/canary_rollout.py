@@ -132,6 +132,26 @@ options:
     description:
       - The canary weights to analyse, increasing, for example V([5, 10, 25, 50]). A final V(100) is the promotion.
       - An item may also be a dictionary with C(weight) and its own C(interval).
+      - "Before the weights, steps that give the canary requests while its weight stays 0, each a dictionary with its
+        own C(interval) if wanted, analysed like any step:"
+      - "C({mirror: N}) - a mirror step: the target route copies N percent (0 < N <= 100) of its requests to the
+        canary (Istio's C(mirror) and C(mirrorPercentage)). Users get stable's answers only; the canary's are
+        discarded. The gate judges the canary on the copies, before any user request reaches it. Istio reports a
+        mirrored request only on the canary's inbound side (C(reporter=destination), the built-in checks' default),
+        so a check with C(reporter: source) is refused for a plan with a mirror step, and a V(promql) check must count
+        the canary's inbound requests. The mirror ends with its step. When the route mirrors somewhere of its own,
+        that mirror goes on during the step (both become Istio's C(mirrors)) and is put back as it was afterwards."
+      - "C({match: {headers: {NAME: {exact|prefix|regex: TEXT}}}}) or C({match: {cookie: NAME=VALUE}}) - a match step
+        (A/B): a copy of the target route (timeouts, retries, header rules and its own mirror) named
+        C(onprem-mesh-canary-match-<route name>), with the route's own match conditions ANDed with these and all of
+        its traffic to the canary, is put in front of the target route. The cookie form is written the way Istio matches a cookie, a regex
+        on the C(cookie) header. The match route stays through the weight steps (testers keep reaching the canary)
+        until the rollout ends. Header names are lower case; quote values YAML reads as booleans (C(exact: \"true\"))."
+      - Promotion and rollback remove the match route and the mirror (the route's own mirror fields back as they were);
+        every other route is left byte for byte. A hold keeps them. A rerun after a kill resumes with the recorded plan,
+        step kinds included (another plan is refused), and puts back what the recorded step set.
+      - "Match and mirror steps come before the weight steps. A plan of them alone, for example
+        V([{mirror: 10}, {match: {cookie: canary=always}}, 100]), promotes after them."
       - Mutually exclusive with O(step_weight).
     type: list
     elements: raw
@@ -253,6 +273,47 @@ EXAMPLES = r"""
     data:
       canary_timeline: "{{ rollout.timeline }}"
 
+- name: Mirror, then testers by header, then users by weight
+  onprem.mesh.canary_rollout:
+    name: payment
+    namespace: shop
+    route_name: primary
+    stable: v1
+    canary: v2
+    canary_workload: payment-v2
+    steps:
+      - mirror: 20            # 20 % of the route's requests copied to v2; users see v1's answers only
+        interval: 5m
+      - match:                # requests with x-canary: true go to v2, in a route of their own in front of primary
+          headers:
+            x-canary: {exact: "true"}
+      - 10                    # then 10 % of the other requests (x-canary: true keeps going to v2)
+      - 50
+      - 100                   # promotion: the match route and the mirror removed
+    interval: 2m
+    prometheus_url: http://prometheus.istio-system:9090
+    checks:
+      - name: success-rate
+        type: success_rate
+        min: 99
+
+- name: A/B by cookie before any weight
+  onprem.mesh.canary_rollout:
+    name: payment
+    namespace: shop
+    stable: v1
+    canary: v2
+    canary_workload: payment-v2
+    steps:
+      - match: {cookie: canary=always}
+      - 25
+      - 100
+    prometheus_url: http://prometheus.istio-system:9090
+    checks:
+      - name: success-rate
+        type: success_rate
+        min: 99
+
 - name: Show the schedule without changing anything
   onprem.mesh.canary_rollout:
     name: payment
@@ -311,7 +372,9 @@ weights_after:
   type: dict
   sample: {"v1": 0, "v2": 100}
 schedule:
-  description: The planned steps from where this run starts, with weights and intervals (seconds), then the promotion.
+  description:
+    - The planned steps from where this run starts, with weights and intervals (seconds), then the promotion.
+    - A mirror step's row has C(mirror) (the percentage), a match step's C(match) (Istio's match, C(headers)); their C(weight) is 0.
   returned: success, and failures after the plan was made
   type: list
   elements: dict
@@ -324,6 +387,7 @@ timeline:
     - One entry per analysed step, then the final action - step, weight, weights, started, mesh_ready, ended,
       seconds, verdict, checks (every check with its query, value, threshold and verdict), action, api_calls.
     - C(conflicts) - how many of the step's writes were refused because another client wrote first, and retried.
+    - C(mirror) or C(match) - on a mirror or match step, what it set (its C(weight) is 0).
     - C(concurrent_change) - on the step whose write found the rollout's own fields changed by another client,
       each field with what was C(found) and C(expected).
   returned: always, once the VirtualService was read
@@ -397,6 +461,7 @@ from ansible_collections.onprem.mesh.plugins.module_utils.job_watch import Guard
 from ansible_collections.onprem.mesh.plugins.module_utils.rollout import (
     Cancelled, Rollout, check_stable_and_canary, outcome_message, plan_steps, probe_checks)
 from ansible_collections.onprem.mesh.plugins.module_utils.traffic import VS_ROUTE_ARGSPEC, TrafficError, WeightChange, default_host, subset_labels
+from ansible_collections.onprem.mesh.plugins.module_utils.rollout import check_plan
 
 
 def argument_spec():
@@ -460,6 +525,7 @@ def main():
         store = change.store
         vs = change.read()
         check_stable_and_canary(change, vs, p["stable"], p["canary"])
+        check_plan(plan, p["checks"], change, vs, p["canary"])  # match and mirror steps against the route and the checks
         host = default_host(vs, p["service_host"])
         version = p["canary_version"] or subset_labels(change.destination_rules, host, p["namespace"], p["canary"]).get("version")
         stable_version = subset_labels(change.destination_rules, host, p["namespace"], p["stable"]).get("version")
