@@ -848,8 +848,8 @@ class Rollout:
         while True:
             now = self.now()
             if now >= deadline:
-                reason = "paused for longer than pause_timeout (%ss) at step %d (weight %d), without resume, abort or promote" % (
-                    _fmt(self.pause_timeout), index + 1, self.steps[index]["weight"])
+                reason = "paused for longer than pause_timeout (%ss) at step %d (%s), without resume, abort or promote" % (
+                    _fmt(self.pause_timeout), index + 1, describe_step(self.steps[index]))
                 return self._fail(base, index, failures, reason, interval, policy="hold")
             self.sleep(min([next_look, deadline] + ([now + self.tick] if self.tick else [])) - now)
             self._check_alive()
@@ -899,8 +899,8 @@ class Rollout:
         """The job was cancelled or died: on_cancel (rollback or hold), the lease released; raises a RolloutError with
         ``result`` ``cancelled`` (``on_cancel`` says which was done)."""
         index = min(self._step_index, len(self.steps) - 1)
-        weight = self.steps[self._step_index]["weight"] if self._step_index < len(self.steps) else 100
-        reason = "cancelled (%s) at step %d (weight %d)" % (exc.reason, self._step_index + 1, weight)
+        what = describe_step(self.steps[self._step_index]) if self._step_index < len(self.steps) else "weight 100"
+        reason = "cancelled (%s) at step %d (%s)" % (exc.reason, self._step_index + 1, what)
         if not self._started:
             weights = base.get("weights_before") or {}
             error = RolloutError("%s; this run wrote nothing: traffic stays %s (%s)" % (reason, format_weights(weights), self._share(weights)))
@@ -941,7 +941,7 @@ class Rollout:
             return None
         self._started, self._expected, self._ack = True, None, None
         index = min(max(int(state.get("step", 0)), 0), len(self.steps) - 1)
-        reason = "cancelled (%s) at step %d (weight %d)" % (reason, index + 1, self.steps[index]["weight"])
+        reason = "cancelled (%s) at step %d (%s)" % (reason, index + 1, describe_step(self.steps[index]))
         if self.on_cancel == "rollback":
             self._write(0, "rolled_back", index, int(state.get("failures", 0)), reason=reason, release=True, final=True, vs=vs)
             return "rolled_back"

@@ -414,3 +414,16 @@ def test_abandoned_leaves_alone_what_another_run_holds():
 def test_on_cancel_is_validated():
     with pytest.raises(ro.RolloutError, match="on_cancel: rollback or hold, got 'stay'"):
         make(on_cancel="stay")
+
+
+def test_a_cancel_in_a_mirror_step_names_it_and_removes_the_mirror():
+    store = FakeIstio(objects())
+    clock = Timed(cancel_at(10))
+    change = WeightChange(store, "shop", "payment", route_name="primary", sleep=lambda s: None)
+    plan = ro.plan_steps([{"mirror": 20}, 10, 50], interval="30s")
+    rollout = ro.Rollout(change, Gate(store), "v1", "v2", plan, now=clock.now, sleep=clock.sleep, holder="run-1")
+    with pytest.raises(ro.RolloutError, match=r"^cancelled \(SIGTERM\) at step 1 \(mirror 20 %\); rolled back: traffic now v1=100, v2=0"):
+        rollout.run()
+    route = store.route("payment", "shop", 1)
+    assert "mirror" not in route and "mirrorPercentage" not in route and weights(store) == {"v1": 100, "v2": 0}
+    assert state(store)["reason"] == "cancelled (SIGTERM) at step 1 (mirror 20 %)"
