@@ -166,6 +166,32 @@ def test_a_404_where_the_namespace_cannot_be_read_says_that_it_is_not_known():
         WeightChange(store, "nope", "payment").apply({"v1": 90, "v2": 10})
 
 
+def test_a_read_refused_for_another_reason_than_404_comes_as_it_was_without_asking_about_the_namespace():
+    store = FakeIstio(objects())
+    asked = []
+    store.namespace_exists = lambda namespace: asked.append(namespace)   # None: "may not read namespaces", if it were asked
+
+    def forbidden(plural, namespace, name):
+        raise server_answer(403, "Forbidden", {"message": 'virtualservices.networking.istio.io "payment" is forbidden', "reason": "Forbidden"},
+                            "reading VirtualService %s/%s" % (namespace, name), verb="get", resource=plural, namespace=namespace)
+
+    store.get = forbidden
+    with pytest.raises(K8sError) as err:
+        WeightChange(store, "shop", "payment").apply({"v1": 90, "v2": 10})
+    assert err.value.status == 403 and "namespaces" not in str(err.value) and asked == []
+
+
+def test_a_404_from_a_store_that_cannot_look_up_namespaces_comes_as_it_was():
+    store = FakeIstio(objects())
+
+    class Reader:   # an IstioObjects-like store without namespace_exists
+        def get(self, plural, namespace, name):
+            return store.get(plural, namespace, name)
+
+    with pytest.raises(K8sError, match='^reading VirtualService shop/other: HTTP 404 virtualservices.networking.istio.io "other" not found'):
+        WeightChange(Reader(), "shop", "other").read()
+
+
 def test_an_unknown_canary_is_reported_under_canary_not_weights():
     store = FakeIstio(objects())
     change = WeightChange(store, "shop", "payment", route_name="primary")
