@@ -131,8 +131,20 @@ def load_equivalents(path=EQUIVALENTS):
 
 
 def _key(m):
-    """What names a mutant across runs: operator, the original line, the column in it, the mutated line."""
-    return (m["operator"], m["code"], m["col"], m["mutated"])
+    """What names a mutant across runs: operator, the original line, the column in it, the mutated line, and which of
+    the mutants that share these four it is (``nth``: 0, 1, ... in file order; a bare ``raise`` or ``if value is None:``
+    recurs in a file, and each of its mutants has an outcome of its own)."""
+    return (m["operator"], m["code"], m["col"], m["mutated"], m.get("nth", 0))
+
+
+def number_alike(all_mutants):
+    """Set ``nth`` on each mutant (see _key); returns how many mutants share each (operator, code, col, mutated)."""
+    count = {}
+    for m in all_mutants:
+        alike = _key(m)[:4]
+        m["nth"] = count.get(alike, 0)
+        count[alike] = m["nth"] + 1
+    return count
 
 
 def make_tree(dest):
@@ -313,8 +325,7 @@ def run_file(name, equivalents, survivors_only=False, timeout=None, jobs=1, resu
         with open(results_path) as f:
             old = json.load(f)
         if old.get("sha256") == digest:   # killed stays killed; survivors are tested again
-            previous = dict(((r["operator"], r["code"], r["key"][2], r["mutated"]), r["outcome"]) for r in old["mutants"]
-                            if r["outcome"] in ("killed", "timeout"))
+            previous = dict((tuple(r["key"]), r["outcome"]) for r in old["mutants"] if r["outcome"] in ("killed", "timeout"))
     if resume:
         previous.update(_read_progress(progress_path, digest))
     else:
@@ -327,6 +338,7 @@ def run_file(name, equivalents, survivors_only=False, timeout=None, jobs=1, resu
             m["source"] = code
             m["mutated"] = _changed_line(source.splitlines(), code.splitlines(), m["line"])
             all_mutants.append(m)
+    alike = number_alike(all_mutants)
     todo = [m for m in all_mutants if previous.get(_key(m)) is None]
     print("%s: %d mutants, %d to test%s" % (name, len(all_mutants), len(todo), " in %d workers" % jobs if jobs > 1 else ""), flush=True)
     pids = []
@@ -355,10 +367,12 @@ def run_file(name, equivalents, survivors_only=False, timeout=None, jobs=1, resu
         shutil.rmtree(tree, ignore_errors=True)
     seen = set(tuple(r["key"]) for r in records)
     stale = [e for k, e in listed.items() if k not in seen]
-    return report(name, records, listed, stale, time.monotonic() - started)
+    # an entry without nth for a line whose mutation recurs names only the first of them: say which it could mean
+    ambiguous = [(e, alike[k[:4]]) for k, e in listed.items() if "nth" not in e and alike.get(k[:4], 0) > 1]
+    return report(name, records, listed, stale, time.monotonic() - started, ambiguous)
 
 
-def report(name, records, listed, stale, seconds):
+def report(name, records, listed, stale, seconds, ambiguous=()):
     equivalent = [r for r in records if tuple(r["key"]) in listed]
     killed_equivalent = [r for r in equivalent if r["outcome"] != "survived"]
     counted = [r for r in records if tuple(r["key"]) not in listed]
@@ -376,6 +390,10 @@ def report(name, records, listed, stale, seconds):
         print("  listed as equivalent but killed (remove it from equivalents.yml): %s:%d %s %s" % (name, r["line"], r["operator"], r["code"]))
     for e in stale:
         print("  equivalents.yml entry matches no mutant (the code changed; review it): %s:%s %s %s" % (name, e["line"], e["operator"], e["code"]))
+    for e, count in ambiguous:
+        print("  equivalents.yml entry names the first of %d identical mutants (lines %s); add nth: 0 to %d to say which: %s:%s %s %s"
+              % (count, ", ".join(str(r["line"]) for r in records if tuple(r["key"][:4]) == _key(e)[:4]), count - 1,
+                 name, e["line"], e["operator"], e["code"]))
     return dict(file=name, mutants=len(records), equivalent=len(equivalent), killed=len(killed), survived=len(survived), score=score)
 
 

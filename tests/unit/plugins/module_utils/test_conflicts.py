@@ -9,15 +9,18 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import copy
+import dataclasses
 import json
 
 import pytest
+from urllib3.exceptions import ProtocolError
 
 from ansible_collections.onprem.mesh.plugins.module_utils import rollout as ro
 from ansible_collections.onprem.mesh.plugins.module_utils.k8s_client import K8sError
 from ansible_collections.onprem.mesh.plugins.module_utils.traffic import TrafficError, WeightChange, current_weights
 from ansible_collections.onprem.mesh.tests.unit.plugins.module_utils.fake_istio import TEST_OP_REFUSED, FakeIstio, server_answer, refused_patch
-from ansible_collections.onprem.mesh.tests.unit.plugins.module_utils.test_rollout import HEADER_ROUTE, MAIN_ROUTE, Gate, annotations, make, objects, state
+from ansible_collections.onprem.mesh.tests.unit.plugins.module_utils.test_rollout import (HEADER_ROUTE, MAIN_ROUTE, Gate, Killed, annotations, killed_in_window,
+                                                                                        make, objects, state)
 
 VS = ("virtualservices", "shop", "payment")
 
@@ -166,6 +169,32 @@ def test_a_404_where_the_namespace_cannot_be_read_says_that_it_is_not_known():
         WeightChange(store, "nope", "payment").apply({"v1": 90, "v2": 10})
 
 
+def test_a_read_refused_for_another_reason_than_404_comes_as_it_was_without_asking_about_the_namespace():
+    store = FakeIstio(objects())
+    asked = []
+    store.namespace_exists = lambda namespace: asked.append(namespace)   # None: "may not read namespaces", if it were asked
+
+    def forbidden(plural, namespace, name):
+        raise server_answer(403, "Forbidden", {"message": 'virtualservices.networking.istio.io "payment" is forbidden', "reason": "Forbidden"},
+                            "reading VirtualService %s/%s" % (namespace, name), verb="get", resource=plural, namespace=namespace)
+
+    store.get = forbidden
+    with pytest.raises(K8sError) as err:
+        WeightChange(store, "shop", "payment").apply({"v1": 90, "v2": 10})
+    assert err.value.status == 403 and "namespaces" not in str(err.value) and asked == []
+
+
+def test_a_404_from_a_store_that_cannot_look_up_namespaces_comes_as_it_was():
+    store = FakeIstio(objects())
+
+    class Reader:   # an IstioObjects-like store without namespace_exists
+        def get(self, plural, namespace, name):
+            return store.get(plural, namespace, name)
+
+    with pytest.raises(K8sError, match='^reading VirtualService shop/other: HTTP 404 virtualservices.networking.istio.io "other" not found'):
+        WeightChange(Reader(), "shop", "other").read()
+
+
 def test_an_unknown_canary_is_reported_under_canary_not_weights():
     store = FakeIstio(objects())
     change = WeightChange(store, "shop", "payment", route_name="primary")
@@ -174,6 +203,7 @@ def test_an_unknown_canary_is_reported_under_canary_not_weights():
     message = str(err.value)
     assert message.startswith("canary: subset v9 is not defined in the DestinationRule for host payment (defined: v1, v2)"), message
     assert "weights" not in message.split(";", maxsplit=1)[0] and "this run wrote nothing: traffic stays v1=100, v2=0" in message
+    assert message.count("this run wrote nothing") == 1   # said once, although run() passes the refusal on as well
     assert err.value.result["result"] == "not_started" and store.calls["write"] == 0
     with pytest.raises(TrafficError, match=r"^stable: subset v0 is not defined.*; canary: subset v9 is not defined"):
         ro.Rollout(change, Gate(store), "v0", "v9", ro.plan_steps([5])).run()
@@ -344,8 +374,26 @@ def test_a_takeover_of_the_lease_stops_the_run_without_touching_the_traffic():
                                            r"traffic in force: v1=95, v2=5 \(canary v2 gets 5 % of the traffic\)") as err:
         rollout.run()
     assert err.value.result["result"] == "stopped" and err.value.result["weights_after"] == {"v1": 95, "v2": 5}
-    assert [e["action"] for e in err.value.result["timeline"]] == ["advance", "stopped"]
+    assert err.value.result["changed"] is True   # this run's first step is on the VirtualService
+    assert err.value.result["reason"].startswith("VirtualService shop/payment is now held by another rollout (awx-job-7)")   # and nothing more
+    assert [(e["step"], e["action"]) for e in err.value.result["timeline"]] == [(1, "advance"), (2, "stopped")]   # stopped before step 2's write
     assert store.calls["write"] == 1 and target(store) == {"v1": 95, "v2": 5}
+
+
+def test_a_forced_run_that_another_run_takes_over_in_turn_does_not_roll_back_over_it():
+    # force lets a run start over a live lease; once it has written, another holder's lease stops it like any run
+    store, gate, clock, rollout = make(force=True, verdicts=["fail"])
+    evaluate = gate.evaluate
+
+    def another_run_forces_its_way_in(token):
+        vs_of(store)["metadata"]["annotations"][ro.LEASE_ANNOTATION] = json.dumps({"holder": "awx-job-8", "expires": clock.t + 600})
+        return evaluate(token)
+
+    gate.evaluate = another_run_forces_its_way_in
+    with pytest.raises(ro.LeaseHeld, match=r"now held by another rollout \(awx-job-8\)") as err:
+        rollout.run()
+    assert err.value.result["result"] == "stopped" and store.calls["write"] == 1 and target(store) == {"v1": 95, "v2": 5}
+    assert json.loads(annotations(store)[ro.LEASE_ANNOTATION])["holder"] == "awx-job-8"
 
 
 def test_conflicts_past_conflict_retries_mid_rollout_are_an_error_that_follows_on_failure():
@@ -389,8 +437,8 @@ def test_a_permission_revoked_mid_rollout_says_the_canary_keeps_its_share_and_wh
     assert "the rollback that should have followed was not written: it was refused the same way (HTTP 403)" in message
     assert "rerun with the same options" in message and "onprem.mesh.traffic_split" in message
     result = err.value.result
-    assert result["result"] == "stopped" and result["weights_after"] == {"v1": 95, "v2": 5}
-    assert [e["action"] for e in result["timeline"]] == ["advance", "stopped"] and target(store) == {"v1": 95, "v2": 5}
+    assert result["result"] == "stopped" and result["changed"] is True and result["weights_after"] == {"v1": 95, "v2": 5}
+    assert [(e["step"], e["action"]) for e in result["timeline"]] == [(1, "advance"), (2, "stopped")] and target(store) == {"v1": 95, "v2": 5}
     assert state(store)["phase"] == "progressing" and state(store)["step"] == 0   # a rerun resumes there
 
 
@@ -434,6 +482,19 @@ def test_a_refusal_before_the_first_write_carries_the_result_and_says_traffic_st
         second.run()
     assert str(err.value).endswith("; this run wrote nothing: traffic stays v1=95, v2=5 (canary v2 gets 5 % of it)")
     assert err.value.result["result"] == "not_started" and err.value.result["weights_after"] == {"v1": 95, "v2": 5}
+    assert err.value.result["changed"] is False
+
+
+def test_a_refusal_on_a_route_without_the_canary_says_it_gets_nothing():
+    store, gate, clock, first = make()
+    killed_in_window(gate, 1)                          # another run, killed in its first step: its lease stands
+    with pytest.raises(Killed):
+        first.run()
+    removes_the_canary(store)                          # then someone set the route back to the stable alone
+    _s, _g, _c, second = make(store=store, clock=clock)
+    with pytest.raises(ro.LeaseHeld) as err:
+        second.run()
+    assert str(err.value).endswith("; this run wrote nothing: traffic stays v1=100 (canary v2 gets 0 % of it)")
 
 
 def test_a_change_of_the_target_weights_before_the_first_write_refuses_without_writing():
@@ -455,3 +516,165 @@ def test_the_record_tests_the_rollouts_annotations_not_the_resource_version():
     assert tested == ["/spec/http/1/route", "/metadata/annotations/mesh.onprem.io~1canary-lease",
                       "/metadata/annotations/mesh.onprem.io~1canary-rollout"]
     assert copy.deepcopy(store.route("payment", "shop", 0)) == HEADER_ROUTE
+
+
+# -- the promotion's write: conflicts, errors and other writers there ------------------------------------------------
+
+def in_last_window(gate, action):
+    """Do ``action()`` while the last step (window 4 of make()'s four steps) is analysed: it meets the promotion's write."""
+    evaluate = gate.evaluate
+
+    def evaluate_then(token):
+        verdict = evaluate(token)
+        if gate.windows == 4:
+            action()
+        return verdict
+
+    gate.evaluate = evaluate_then
+
+
+def test_a_conflict_on_the_promotion_write_is_counted_on_the_promotion():
+    store, _gate, _clock, rollout = make()
+
+    def adds_a_header(obj):   # inside the target route, its weights left alone: a retry, not a stop
+        obj["spec"]["http"][1]["route"][1]["headers"] = {"request": {"set": {"x-canary": "1"}}}
+
+    store.interfere.extend([lambda obj: None] * 4 + [adds_a_header])
+    result = rollout.run()
+    assert result["result"] == "promoted" and target(store) == {"v1": 0, "v2": 100}
+    assert result["timeline"][-1]["action"] == "promoted" and result["timeline"][-1]["conflicts"] == 1
+    assert all("conflicts" not in e for e in result["timeline"][:-1])
+
+
+@pytest.mark.parametrize("on_failure", ["hold", "rollback"])
+def test_an_error_on_the_promotion_write_follows_on_failure_recording_the_last_step_of_the_plan(on_failure):
+    store, gate, clock, rollout = make(on_failure=on_failure)
+    in_last_window(gate, lambda: store.refuse.append(K8sError("patching virtualservices shop/payment: HTTP 500 etcdserver: request timed out",
+                                                              status=500)))
+    with pytest.raises(ro.RolloutError) as err:
+        rollout.run()
+    after = "v1=50, v2=50" if on_failure == "hold" else "v1=100, v2=0"
+    assert str(err.value) == ("the rollout stopped on an error at step 5 (weight 100): patching virtualservices shop/payment: HTTP 500 etcdserver:"
+                              " request timed out; %s: traffic now %s" % ("held" if on_failure == "hold" else "rolled back", after)
+                              + " (canary v2 gets %d %% of the traffic)" % (50 if on_failure == "hold" else 0))
+    assert state(store)["step"] == 3 and err.value.result["timeline"][-1]["step"] == 4   # the last analysed step, inside the plan
+    if on_failure == "hold":   # a rerun resumes the held rollout at its last step, and promotes
+        _s, gate, _c, rerun = make(store=store, clock=clock, on_failure="hold")
+        result = rerun.run()
+        assert "resuming held at step 4 (weight 50)" in result["note"] and result["result"] == "promoted" and gate.seen == [50]
+
+
+def test_another_writer_of_the_target_weights_before_the_promotion_holds_at_the_last_step_of_the_plan():
+    store, gate, clock, rollout = make(on_failure="hold")
+    in_last_window(gate, lambda: sets_weights(40, 60)(vs_of(store)))
+    result = rollout.run()
+    assert result["result"] == "held" and target(store) == {"v1": 40, "v2": 60}
+    assert [(e["step"], e["action"]) for e in result["timeline"][-2:]] == [(5, "hold"), (4, "held")]
+    assert state(store)["step"] == 3 and state(store)["phase"] == "held"
+    _s, _g, _c, rerun = make(store=store, clock=clock, on_failure="hold")
+    assert "resuming held at step 4 (weight 50)" in rerun.run(check_mode=True)["note"]
+
+
+@pytest.mark.parametrize("length, shown", [(300, "x" * 300), (301, "x" * 300 + "...")])
+def test_a_long_annotation_another_client_wrote_is_cut_at_300_characters_in_the_reason(length, shown):
+    store, gate, _clock, rollout = make()
+    evaluate = gate.evaluate
+
+    def someone_overwrites_the_record(token):
+        if gate.windows == 1:
+            vs_of(store)["metadata"]["annotations"][ro.STATE_ANNOTATION] = "x" * length
+        return evaluate(token)
+
+    gate.evaluate = someone_overwrites_the_record
+    result = rollout.run()
+    assert result["result"] == "rolled_back"
+    assert "(metadata.annotations): found %s, the rollout had written {" % shown in result["reason"]
+
+
+# -- errors of every shape before the first write, and the rollback's own refusal -------------------------------------
+
+def test_a_dropped_connection_on_the_first_write_keeps_its_cause_and_says_traffic_stays():
+    # urllib3's error when the API server drops the connection: a message and the cause, as two arguments
+    store, gate, _clock, rollout = make()
+    cause = ConnectionResetError(104, "Connection reset by peer")
+    store.refuse.append(ProtocolError("Connection aborted.", cause))
+    with pytest.raises(ProtocolError) as err:
+        rollout.run()
+    assert err.value.args == ("Connection aborted.; this run wrote nothing: traffic stays v1=100, v2=0 (canary v2 gets 0 % of it)", cause)
+    assert err.value.result["result"] == "not_started" and gate.windows == 0
+
+
+@pytest.mark.parametrize("error", [ConnectionResetError(104, "Connection reset by peer"), ConnectionResetError()],
+                         ids=["errno-first", "no-arguments"])
+def test_an_error_whose_first_argument_is_no_message_is_left_as_it_came(error):
+    store, _gate, _clock, rollout = make()
+    args = error.args
+    store.refuse.append(error)
+    with pytest.raises(ConnectionResetError) as err:
+        rollout.run()
+    assert err.value is error and err.value.args == args
+    assert err.value.result["result"] == "not_started" and err.value.result["weights_after"] == {"v1": 100, "v2": 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenError(Exception):
+    """An exception type that takes no attributes (a frozen dataclass, as some clients define their errors)."""
+    message: str
+
+
+def test_an_error_that_takes_no_attributes_is_raised_as_it_came():
+    store, _gate, _clock, rollout = make()
+    store.refuse.append(FrozenError("the client gave up"))
+    with pytest.raises(FrozenError) as err:
+        rollout.run()
+    assert err.value.message == "the client gave up" and not hasattr(err.value, "result") and store.patches == []
+
+
+def test_a_rollback_refused_with_an_error_of_its_own_names_that_error():
+    # after a failed analysis the rollback meets an error that carries a status but no verb: it is told as it is,
+    # not as "refused the same way" (there was no earlier refusal)
+    store, gate, _clock, rollout = make(verdicts=["pass", "fail"])
+    evaluate = gate.evaluate
+
+    def etcd_times_out(token):
+        if gate.windows == 2:
+            store.refuse.append(K8sError("patching virtualservices shop/payment: HTTP 500 etcdserver: request timed out", status=500))
+        return evaluate(token)
+
+    gate.evaluate = etcd_times_out
+    with pytest.raises(ro.RolloutError) as err:
+        rollout.run()
+    assert ("the rollback that should have followed was not written: patching virtualservices shop/payment: HTTP 500 etcdserver:"
+            " request timed out. Fix the cause") in str(err.value)
+    assert "refused the same way" not in str(err.value) and target(store) == {"v1": 90, "v2": 10}
+
+
+def removes_the_canary(store):
+    vs_of(store)["spec"]["http"][1]["route"] = [{"destination": {"host": "payment", "subset": "v1"}, "weight": 100}]
+
+
+def test_a_crash_after_someone_removed_the_canary_from_the_route_holds_and_says_it_gets_nothing():
+    store, gate, _clock, rollout = make(on_failure="hold")
+
+    def edit_then_crash(token):
+        removes_the_canary(store)
+        raise RuntimeError("prometheus client crashed")
+
+    gate.evaluate = edit_then_crash
+    with pytest.raises(ro.RolloutError) as err:
+        rollout.run()
+    assert str(err.value).endswith("; held: traffic now v1=100 (canary v2 gets 0 % of the traffic)")
+
+
+def test_a_refused_rollback_after_someone_removed_the_canary_says_it_gets_nothing():
+    store, gate, _clock, rollout = make()
+
+    def edit_revoke_and_crash(token):
+        removes_the_canary(store)
+        store.forbidden = True
+        raise RuntimeError("prometheus client crashed")
+
+    gate.evaluate = edit_revoke_and_crash
+    with pytest.raises(ro.RolloutError) as err:
+        rollout.run()
+    assert str(err.value).startswith("canary v2 still gets 0 % of the traffic (weights in force: v1=100): ")
