@@ -128,6 +128,8 @@ def check_stable_and_canary(change, vs, stable, canary):
     except TrafficError:
         weights = None
     try:
+        if stable == canary:
+            raise RolloutError("stable and canary name the same subset %r; the canary must be another subset" % stable)
         change.validate({stable: 100, canary: 0}, vs, fields={stable: "stable", canary: "canary"})
     except TrafficError as exc:
         not_started(exc, dict(canary=canary, stable=stable, weights_before=weights, timeline=[]), canary)

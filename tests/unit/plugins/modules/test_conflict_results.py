@@ -107,9 +107,6 @@ def test_rollout_that_loses_its_patch_permission_fails_with_the_weights_in_force
     assert [e["action"] for e in out["timeline"]] == ["advance", "stopped"]
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: check_stable_and_canary (plugins/module_utils/rollout.py:108) validates {stable: 100, canary: 0},"
-                                       " which for stable == canary is {v1: 0}, and canary_rollout calls it before Rollout(), whose check of"
-                                       " the same subset (rollout.py:222) is never reached: the task says 'weights must sum to 100'")
 def test_rollout_with_the_same_subset_as_stable_and_canary_is_refused_as_such(store):
     out = run(canary_rollout, dict(ROLLOUT, stable="v1", canary="v1"))
     assert out["failed"] and out["msg"].startswith("stable and canary name the same subset 'v1'"), out["msg"]
