@@ -1158,7 +1158,7 @@ def test_times_from_a_reader_may_be_datetimes():
     naive["status"]["containerStatuses"][0]["lastState"]["terminated"]["finishedAt"] = datetime.datetime(2025, 12, 31, 23, 59, 40)
     old = pod("old", 4, finished="x")
     old["status"]["containerStatuses"][0]["lastState"]["terminated"]["finishedAt"] = now - datetime.timedelta(hours=2)
-    gate = run(params(RESTARTS), reader=FakeReader(deployment(), [recent, naive, old]), wall=lambda: now.timestamp())
+    gate = run(params(RESTARTS), reader=FakeReader(deployment(), [recent, naive, old]), wall=now.timestamp)
     c = gate["checks"][0]
     assert c["value"] == 2 and "aware/app +1" in c["reason"] and "naive/app +1" in c["reason"] and "old/" not in c["reason"]
 

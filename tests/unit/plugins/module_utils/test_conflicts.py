@@ -19,8 +19,8 @@ from ansible_collections.onprem.mesh.plugins.module_utils import rollout as ro
 from ansible_collections.onprem.mesh.plugins.module_utils.k8s_client import K8sError
 from ansible_collections.onprem.mesh.plugins.module_utils.traffic import TrafficError, WeightChange, current_weights
 from ansible_collections.onprem.mesh.tests.unit.plugins.module_utils.fake_istio import TEST_OP_REFUSED, FakeIstio, server_answer, refused_patch
-from ansible_collections.onprem.mesh.tests.unit.plugins.module_utils.test_rollout import (HEADER_ROUTE, MAIN_ROUTE, Gate, Killed, annotations, killed_in_window,
-                                                                                        make, objects, state)
+from ansible_collections.onprem.mesh.tests.unit.plugins.module_utils.test_rollout import (
+    HEADER_ROUTE, MAIN_ROUTE, Gate, Killed, annotations, killed_in_window, make, objects, state)
 
 VS = ("virtualservices", "shop", "payment")
 
@@ -172,7 +172,7 @@ def test_a_404_where_the_namespace_cannot_be_read_says_that_it_is_not_known():
 def test_a_read_refused_for_another_reason_than_404_comes_as_it_was_without_asking_about_the_namespace():
     store = FakeIstio(objects())
     asked = []
-    store.namespace_exists = lambda namespace: asked.append(namespace)   # None: "may not read namespaces", if it were asked
+    store.namespace_exists = asked.append   # answers None ("may not read namespaces"), if it were asked
 
     def forbidden(plural, namespace, name):
         raise server_answer(403, "Forbidden", {"message": 'virtualservices.networking.istio.io "payment" is forbidden', "reason": "Forbidden"},
