@@ -172,7 +172,7 @@ def test_a_404_where_the_namespace_cannot_be_read_says_that_it_is_not_known():
 def test_a_read_refused_for_another_reason_than_404_comes_as_it_was_without_asking_about_the_namespace():
     store = FakeIstio(objects())
     asked = []
-    store.namespace_exists = asked.append   # None: "may not read namespaces", if it were asked
+    store.namespace_exists = asked.append   # answers None ("may not read namespaces"), if it were asked
 
     def forbidden(plural, namespace, name):
         raise server_answer(403, "Forbidden", {"message": 'virtualservices.networking.istio.io "payment" is forbidden', "reason": "Forbidden"},
