@@ -143,28 +143,24 @@ def test_too_little_traffic_is_never_a_silent_pass(fresh):  # pylint: disable=re
     assert weights(fresh)["v2"] == 0
 
 
-def test_killed_playbook_resumes_at_the_recorded_step(fresh):  # pylint: disable=redefined-outer-name
-    first = CanaryRun(fresh, steps=[10, 25, 50, 100], interval=INTERVAL).start()
-    assert wait_until(lambda: weights(fresh).get("v2") == 25, timeout=90) is not None
+def test_killed_playbook_is_held_by_the_guardian_and_a_rerun_resumes_at_the_recorded_step(fresh):  # pylint: disable=redefined-outer-name
+    first = CanaryRun(fresh, steps=[10, 25, 50, 100], interval=INTERVAL, extra={"canary_on_cancel": "hold"}).start()
+    assert wait_until(lambda: weights(fresh).get("v2") == 25, timeout=90) is not None, (state(fresh), first.proc.poll())
     killed = first.kill()
     # the whole run is dead: ansible-playbook, its worker (a session of its own) and the module under it
     assert len(killed) >= 3, killed
     assert wait_until(lambda: not [pid for pid in killed if running(pid)], timeout=10) is not None, killed
+    # the module's guardian (a session of its own, outside the killed tree) ends the run by on_cancel: hold, lease released
+    assert wait_until(lambda: state(fresh)["phase"] == "held", timeout=15) is not None, state(fresh)
     recorded = state(fresh)
-    assert recorded["phase"] == "progressing" and recorded["step"] == 1
-    # from here on nobody may write: the mark comes after the killed run's last request (one it sent just
-    # before the kill is in the audit log by now, a read later)
-    mark = fresh.cluster.audit.mark()
-    # the killed run's lease still holds: a plain rerun refuses, and nothing changes (no write in the audit log)
-    blocked = CanaryRun(fresh, steps=[10, 25, 50, 100], interval=INTERVAL)
-    result = blocked.start().wait()
-    assert result["failed"] and "held by another rollout" in result["msg"] and weights(fresh)["v2"] == 25
-    assert vs_writes(fresh, mark) == [] and fresh.envoy_weights() == {"v1": 75, "v2": 25}
-    # the operator knows that run is dead: force takes over and resumes at step 2 (25%)
-    rerun = CanaryRun(fresh, steps=[10, 25, 50, 100], interval=INTERVAL, extra={"canary_force": True})
+    assert recorded["step"] == 1 and recorded["reason"].startswith("cancelled (the module process was killed outright (SIGKILL))")
+    assert "mesh.onprem.io/canary-lease" not in (fresh.virtual_service()["metadata"].get("annotations") or {})
+    assert weights(fresh)["v2"] == 25 and fresh.envoy_weights() == {"v1": 75, "v2": 25}
+    # no lease to wait for or to force: a plain rerun resumes at step 2 (25%)
+    rerun = CanaryRun(fresh, steps=[10, 25, 50, 100], interval=INTERVAL)
     result = rerun.start().wait()
     print(render_timeline(result))
-    assert result["result"] == "promoted" and "resuming progressing at step 2 (weight 25)" in result["note"]
+    assert result["result"] == "promoted" and "resuming held at step 2 (weight 25)" in result["note"]
     assert [e["weight"] for e in result["timeline"] if "verdict" in e] == [25, 50]
 
 
