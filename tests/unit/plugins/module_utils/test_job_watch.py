@@ -112,8 +112,9 @@ def test_the_guardian_acts_when_its_module_dies_without_saying_done(tmp_path):
     marker = str(tmp_path / "acted")
 
     def act(reason):
-        with open(marker, "w") as f:
+        with open(marker + ".part", "w") as f:
             f.write("%s|%d|%d" % (reason, os.getsid(0), os.getppid()))
+        os.rename(marker + ".part", marker)   # whole, or not there: the test reads it as soon as it exists
 
     child = os.fork()
     if child == 0:  # the module: starts its guardian, then is killed
