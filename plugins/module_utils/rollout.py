@@ -462,11 +462,11 @@ class Rollout:
             return None
         match = mirror = None
         field = "match"
-        if phase == "progressing" and index < len(self.steps):
-            for i, step in enumerate(self.steps[:index + 1]):
-                if step_kind(step) == "match":
-                    match, field = step["match"], "steps[%d].match" % i
-            mirror = self.steps[index].get("mirror")
+        for i, step in enumerate(self.steps[:index + 1] if phase == "progressing" else []):
+            if step_kind(step) == "match":
+                match, field = step["match"], "steps[%d].match" % i
+            if i == index:
+                mirror = step.get("mirror")
 
         def ops(vs, route_index, route):
             return StepRoutes(self.canary, match, mirror, self._user_mirror(vs, route), field=field).ops(vs, route_index, route)
