@@ -185,8 +185,8 @@ def describe_step(step):
     if kind == "mirror":
         return "mirror %s %%" % step["mirror"]
     if kind == "match":
-        return "match headers %s" % ", ".join("%s %s %s" % (name, list(cond)[0], list(cond.values())[0])
-                                              for name, cond in sorted(step["match"]["headers"].items()))
+        return "match headers %s" % ", ".join("%s %s %s" % (name, kind, text)
+                                              for name, cond in sorted(step["match"]["headers"].items()) for kind, text in cond.items())
     return "weight %d" % step["weight"]
 
 
@@ -226,8 +226,8 @@ def plan_steps(steps=None, step_weight=None, max_weight=None, interval=None):
             if len(kinds) > 1:
                 raise RolloutError("%s: %s in one step; a step is a weight, a match or a mirror: give each its own step" % (field, " and ".join(kinds)))
             weight, step_interval = item.get("weight"), item.get("interval")
-            if kinds and kinds[0] != "weight":
-                planned.append(_early_step(item, kinds[0], field, planned, default_interval))
+            if step_kind(item) != "weight":
+                planned.append(_early_step(item, step_kind(item), field, planned, default_interval))
                 continue
         else:
             weight, step_interval = item, None
@@ -418,7 +418,7 @@ class Rollout:
         state = dict(canary=self.canary, stable=self.stable, plan=self.plan_key, step=index, phase=phase,
                      failures=failures, updated=iso(self.now()), holder=self.holder)
         if any(step_kind(s) == "mirror" for s in self.steps):  # what the user had, to be put back after a kill too
-            state["mirror_saved"] = self._user_mirror(vs, self.change.locate(vs)[2])
+            state["mirror_saved"] = self._user_mirror(vs)
         if reason:
             state["reason"] = reason
         changes = {}
@@ -506,21 +506,22 @@ class Rollout:
             return None
         match = mirror = None
         field = "match"
-        if phase == "progressing" and index < len(self.steps):
-            for i, step in enumerate(self.steps[:index + 1]):
-                if step_kind(step) == "match":
-                    match, field = step["match"], "steps[%d].match" % i
-            mirror = self.steps[index].get("mirror")
+        for i, step in enumerate(self.steps[:index + 1] if phase == "progressing" else []):
+            if step_kind(step) == "match":
+                match, field = step["match"], "steps[%d].match" % i
+            if i == index:
+                mirror = step.get("mirror")
 
         def ops(vs, route_index, route):
-            return StepRoutes(self.canary, match, mirror, self._user_mirror(vs, route), field=field).ops(vs, route_index, route)
+            return StepRoutes(self.canary, match, mirror, self._user_mirror(vs), field=field).ops(vs, route_index, route)
         return ops
 
-    def _user_mirror(self, vs, route):
+    def _user_mirror(self, vs):
         """The target route's own mirror fields, as the user had them before any mirror step: taken once, at this run's first
         write - from the route as read, or, when the route mirrors to the canary already (a killed or held mirror step), from
         the record of an earlier run (``mirror_saved``)."""
         if self._original is None:
+            route = self.change.locate(vs)[2]
             saved = (parse_annotation(vs, STATE_ANNOTATION) or {}).get("mirror_saved")
             self._original = saved if isinstance(saved, dict) and has_canary_mirror(route, self.canary) else mirror_fields(route)
         return self._original

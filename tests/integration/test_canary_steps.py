@@ -95,7 +95,16 @@ def fresh(lab):  # pylint: disable=redefined-outer-name
     # count the users' answers from the next slice on
     under_way = len(lab.load_thread.results)
     assert wait_until(lambda: len(lab.load_thread.results) > under_way, timeout=30) is not None
+    # the analysis window reaches back INTERVAL seconds: wait until it holds none of an earlier test's canary errors
+    assert wait_until(lambda: not canary_errors(lab), timeout=30) is not None, "the canary's errors stay in Prometheus' window"
     return lab
+
+
+def canary_errors(lab_):
+    """5xx answers of the canary in the last analysis window, as Prometheus has them."""
+    query = ('sum(increase(istio_requests_total{reporter="destination", destination_workload="payment-v2", response_code=~"5.."}[%s]))'
+             % INTERVAL)
+    return sum(float(r["value"][1]) for r in lab_.query(query))
 
 
 def envoy_route(lab_, name):

@@ -381,6 +381,9 @@ def test_a_source_reporter_check_cannot_judge_a_mirror_step():
     ro.check_plan(plan, [{"name": "sr", "type": "success_rate", "reporter": "destination"}, {"name": "l", "type": "latency"},
                          {"name": "h", "type": "http", "reporter": "source"}], change, vs, "v2")
     ro.check_plan(ro.plan_steps([{"match": X_CANARY}, 50]), checks, change, vs, "v2")
+    # the first mirror step is named
+    with pytest.raises(ro.RolloutError, match=r"^steps\[0\]\.mirror: check sr reads reporter: source"):
+        ro.check_plan(ro.plan_steps([{"mirror": 5}, {"mirror": 50}, 50]), checks)
     for kind in ("latency", "promql"):
         with pytest.raises(ro.RolloutError, match=r"^steps\[1\]\.mirror: check c reads reporter: source"):
             ro.check_plan(plan, [{"name": "c", "type": kind, "reporter": "source"}])
