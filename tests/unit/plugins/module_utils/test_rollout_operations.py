@@ -46,13 +46,6 @@ def weights(store):
     return current_weights(store.route("payment", "shop", 1))
 
 
-def post(store, clock, command, **kwargs):
-    """What canary_command does for a running rollout: post the command and return at once (wait: false)."""
-    change = WeightChange(store, "shop", "payment", route_name="primary", sleep=lambda s: None)
-    return lambda: kwargs.setdefault("out", ro.operator_command(change, command, by="alice", reason="why not", wait=False,
-                                                                now=clock.now, command_id="%s-1" % command))
-
-
 # -- abort, promote -------------------------------------------------------------------------------------------------
 
 def test_abort_during_a_step_puts_all_traffic_on_stable_and_releases_the_lease():
