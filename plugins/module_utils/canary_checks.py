@@ -1060,12 +1060,13 @@ def _preflight_error(check, err, query, requests=None):
 
 
 def _preflight_quiet(check, low_traffic, reason, query, requests=None, stable_name="the stable"):
-    """No usable value for the stable (no series, NaN, too few requests): low_traffic decides."""
+    """No usable value for the stable (no series, NaN, too few requests): low_traffic decides. A failed one is marked
+    ``quiet`` (preflight() asks it again while retry_inconclusive_for lasts, then drops the mark)."""
     if low_traffic == FAIL:
         return _item(check["name"], check["type"], "stable", FAIL,
                      "%s; the gate could not judge the canary on this traffic either (preflight_low_traffic: fail)" % reason,
                      "send traffic to %s, or check the metric and label names of the query; preflight_low_traffic: skip starts"
-                     " without this evidence" % stable_name, query=query, requests=requests)
+                     " without this evidence" % stable_name, query=query, requests=requests, quiet=True)
     return _item(check["name"], check["type"], "stable", SKIPPED, "%s (preflight_low_traffic: skip)" % reason, query=query,
                  requests=requests)
 
@@ -1137,7 +1138,35 @@ def _preflight_canary_pods(params, tgt, k8s):
                  threshold=outcome.threshold)
 
 
-def preflight(params, target, stable, k8s=None, http=None, prometheus=None, low_traffic=FAIL):
+def _preflight_queries(ctx, queries, low_traffic, clock, sleep):
+    """Each query aimed at the stable; the quiet ones asked again (retry_inconclusive_for, retry_interval)."""
+    params = ctx.params
+    deadline = clock() + params["retry_inconclusive_for"]
+    interval = params["retry_interval"]
+    max_rounds = int(params["retry_inconclusive_for"] // interval) + 1
+    items = dict((c["name"], None) for c in queries)
+    attempts = dict((c["name"], 0) for c in queries)
+    pending = list(queries)
+    for round_ in range(1, max_rounds + 1):
+        for check in pending:
+            attempts[check["name"]] += 1
+            items[check["name"]] = _preflight_query(ctx, check, low_traffic)
+        pending = [c for c in pending if items[c["name"]].get("quiet")]
+        if not pending or round_ == max_rounds or clock() + interval > deadline:
+            break
+        sleep(interval)
+    out = []
+    for check in queries:
+        item = items[check["name"]]
+        item.pop("quiet", None)
+        if attempts[check["name"]] > 1:
+            item["attempts"] = attempts[check["name"]]
+        out.append(item)
+    return out
+
+
+def preflight(params, target, stable, k8s=None, http=None, prometheus=None, low_traffic=FAIL, clock=time.monotonic,
+              sleep=time.sleep):
     """Before a rollout's first shift, whether the gate could judge the canary at all; reads only.
 
     - ``prometheus``: Prometheus answers (when a success_rate, latency or promql check needs it); if not, its checks are
@@ -1146,6 +1175,9 @@ def preflight(params, target, stable, k8s=None, http=None, prometheus=None, low_
       version) over analysis_window: valid PromQL (no HTTP 400), answered, with a value; the stable's request count
       at least the check's min_requests. No series, NaN or too few requests fail when ``low_traffic`` is ``fail``, are
       ``skipped`` when it is ``skip``. The stable's value is reported, not compared with the canary's threshold.
+      Such a quiet query is asked again every retry_interval for at most retry_inconclusive_for seconds, as the gate
+      retries an inconclusive check (a stable whose traffic paused a moment, Prometheus a scrape behind); the item's
+      ``attempts`` says how often it was asked when that was more than once.
     - ``canary-pods``: the canary's Deployment (target's workload) has ready pods, as _preflight_canary_pods says;
       skipped without a workload.
 
@@ -1154,7 +1186,7 @@ def preflight(params, target, stable, k8s=None, http=None, prometheus=None, low_
     """
     if low_traffic not in PREFLIGHT_LOW_TRAFFIC:
         raise CanaryCheckError("preflight_low_traffic: %r is not one of %s" % (low_traffic, ", ".join(PREFLIGHT_LOW_TRAFFIC)))
-    params = normalize_params(params)
+    params = validate(params, target)
     stable = CanaryTarget.from_any(stable)
     ctx = _Context(params, stable, None, http or urls_transport, prometheus, None, time.time)
     items = []
@@ -1163,7 +1195,7 @@ def preflight(params, target, stable, k8s=None, http=None, prometheus=None, low_
         reached = _preflight_prometheus(ctx)
         items.append(reached)
         if reached["verdict"] == PASS:
-            items.extend(_preflight_query(ctx, check, low_traffic) for check in queries)
+            items.extend(_preflight_queries(ctx, queries, low_traffic, clock, sleep))
     items.append(_preflight_canary_pods(params, CanaryTarget.from_any(target), k8s))
     failed = [i for i in items if i["verdict"] == FAIL]
     if failed:
@@ -1217,4 +1249,4 @@ class CanaryGate:
     def preflight(self, stable, low_traffic=FAIL):
         """Before a rollout's first shift: could this gate judge the canary at all? Nothing is written; see preflight()."""
         return preflight(self.params, self.target, stable, k8s=self.reader if self.reader is not None else self.k8s, http=self.http,
-                         prometheus=self.prometheus, low_traffic=low_traffic)
+                         prometheus=self.prometheus, low_traffic=low_traffic, clock=self.clock, sleep=self.sleep)

@@ -118,6 +118,8 @@ options:
         V(success_rate) and V(latency)), an empty result or NaN.
       - V(fail) refuses the rollout. If the stable, which has all the traffic, is too quiet, the canary at a step's share
         would be quieter still and could not be judged either. V(fail) also catches a misspelled metric or label name.
+        Before it refuses, the quiet query is asked again every O(retry_interval) for O(retry_inconclusive_for) seconds,
+        as a step's analysis retries an inconclusive check (traffic that paused a moment, Prometheus a scrape behind).
       - V(skip) reports those checks as V(skipped) (with a warning) and starts, for a service that is quiet now. An
         invalid query (HTTP 400), an unreachable Prometheus and a canary without ready pods still refuse.
     type: str
@@ -426,8 +428,8 @@ preflight:
           V(promql) check with the name of that check (its query aimed at the stable), then C(canary-pods).
         - Each has C(name), C(type), C(target) (V(stable), V(canary), or the Prometheus URL), C(verdict) (V(pass),
           V(fail) or V(skipped)) and C(reason). Failed items have C(fix). Query items have C(query), C(value) (the
-          stable's, not compared with the canary's threshold) and C(requests). C(canary-pods) has C(value)
-          (available replicas) and C(threshold).
+          stable's, not compared with the canary's threshold) and C(requests), and C(attempts) when a quiet query was
+          asked more than once. C(canary-pods) has C(value) (available replicas) and C(threshold).
       type: list
       elements: dict
       sample:

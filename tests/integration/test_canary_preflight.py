@@ -13,6 +13,7 @@ the stable reviews-v1 and the canary reviews-v2 answer steady traffic, labelled 
 import datetime
 import json
 import os
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -186,6 +187,26 @@ def test_a_quiet_stable_refuses_unless_told_and_check_mode_reports_the_preflight
     checks = dict((c["name"], c) for c in result["preflight"]["checks"])
     assert checks["success-rate"]["value"] == 100.0 and checks["success-rate"]["requests"] >= 10 and checks["errors-5xx"]["value"] == 0.0
     assert weights(api, ns) == {"v1": 0, "v2": 100} and module_calls(cluster, ns, mark)["patch virtualservices"] == 2
+
+
+def test_a_stable_whose_traffic_returns_while_the_preflight_retries_is_promoted(cluster, ns, prom, tmp_path):  # pylint: disable=redefined-outer-name
+    """The stable's traffic paused (a deploy of the caller, a scrape missed): the preflight asks again every
+    retry_interval for retry_inconclusive_for, and starts the rollout once Prometheus counts the stable's requests."""
+    api, kubeconfig = lab(cluster, prom, ns, tmp_path, stable_rps=0)
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.update(zip(("rc", "result", "out"), rollout(
+        kubeconfig, tmp_path, ns, prom.url, analysis_window="30s", retry_inconclusive_for=60, retry_interval=3))))
+    runner.start()
+    try:
+        time.sleep(8)     # the preflight has found the stable quiet at least once by now (the playbook starts in ~3 s)
+        prom.exporter.set_traffic(ns, "reviews-v1", "v1", rps=20)
+    finally:
+        runner.join(timeout=300)
+    result, out = outcome["result"], outcome["out"]
+    assert result["result"] == "promoted" and result["preflight"]["verdict"] == "pass", out[-3000:]
+    item = dict((c["name"], c) for c in result["preflight"]["checks"])["success-rate"]
+    assert item["verdict"] == "pass" and item["attempts"] >= 2 and item["requests"] >= 10, item
+    assert weights(api, ns) == {"v1": 0, "v2": 100}
 
 
 def value_at(prom_, promql, at):

@@ -540,3 +540,71 @@ def test_a_route_without_the_canary_yet_is_preflighted():
     with pytest.raises(ro.RolloutError, match="^preflight failed, so canary v2 gets no traffic") as caught:
         rollout.run(preflight=check)
     assert len(check.asked) == 1 and store.calls["write"] == 0 and caught.value.result["weights_before"] == {"v1": 100}
+
+
+# ------------------------------------------------------------------------------------------------
+# A quiet stable is asked again (retry_inconclusive_for, retry_interval), as the gate retries
+# ------------------------------------------------------------------------------------------------
+
+def retried(checks, prom, clock, low_traffic="fail", **top):
+    p = params(*checks, **top)
+    return cc.preflight(p, TARGET, STABLE_TARGET, k8s=ready(), http=prom.transport, low_traffic=low_traffic, clock=clock, sleep=clock.sleep)
+
+
+def test_a_stable_that_gets_its_traffic_while_retried_passes():
+    prom = stable_prom(good=None).add("up", 1)
+    clock = FakeClock(meanwhile=[lambda: None, lambda: prom.add("istio_requests_total", 600, response_code="200", reporter="destination", **STABLE)])
+    report = retried([SR, LAT, dict(name="scalar", type="promql", max=1, query="sum(rate(up[{{ window }}]))")], prom, clock, retry_inconclusive_for=30,
+                     retry_interval=10)
+    item = by_name(report)["errors"]
+    assert report["verdict"] == "pass" and item["verdict"] == "pass" and item["attempts"] == 3 and item["requests"] == 600.0
+    assert clock.sleeps == [10, 10]
+    assert by_name(report)["p99"]["attempts"] == 3              # its request count was quiet too
+    assert "attempts" not in by_name(report)["scalar"]          # answered at once: asked once, not again
+    assert prom.queries.count("sum(rate(up[1m]))") == 1
+    assert "quiet" not in item
+
+
+def test_a_stable_still_quiet_fails_after_the_retries_and_says_how_often_it_was_asked():
+    prom = stable_prom(good=4)
+    clock = FakeClock()
+    report = retried([SR], prom, clock, retry_inconclusive_for=25, retry_interval=10)
+    item = by_name(report)["errors"]
+    assert report["verdict"] == "fail" and item["attempts"] == 3 and clock.sleeps == [10, 10] and "quiet" not in item
+    assert prom.queries.count(cc.request_count_query(STABLE_TARGET, "1m")) == 3
+    assert item["reason"].startswith("low traffic on the stable shop/reviews-v1 (version v1): 4 requests in 1m, min_requests is 10")
+
+
+def test_the_retries_end_at_retry_inconclusive_for():
+    clock = FakeClock()
+    report = retried([SR], stable_prom(good=4), clock, retry_inconclusive_for=9, retry_interval=10)
+    assert clock.sleeps == [] and "attempts" not in by_name(report)["errors"]      # no second round fits in 9 s
+    clock = FakeClock()
+    retried([SR], stable_prom(good=4), clock, retry_inconclusive_for=10, retry_interval=10)
+    assert clock.sleeps == [10]
+    clock = FakeClock()
+    retried([SR], stable_prom(good=4), clock, retry_inconclusive_for=0)
+    assert clock.sleeps == []
+
+
+def test_what_a_retry_cannot_change_is_not_retried():
+    clock = FakeClock()
+    typo = dict(ERRORS, query='sum(rate(istio_requests_total{destination_workload="{{ workload }}"}[{{ window }}])')
+    report = retried([typo], stable_prom(), clock, retry_inconclusive_for=60)
+    assert report["verdict"] == "fail" and clock.sleeps == [] and "attempts" not in report["checks"][1]
+    clock = FakeClock()
+    report = retried([SR], stable_prom(good=4), clock, low_traffic="skip", retry_inconclusive_for=60)
+    assert report["verdict"] == "pass" and by_name(report)["errors"]["verdict"] == "skipped" and clock.sleeps == []
+
+
+def test_the_preflight_validates_its_parameters():
+    with pytest.raises(cc.CanaryCheckError, match="retry_interval: must be at least 1 second"):
+        retried([SR], stable_prom(), FakeClock(), retry_interval=0)
+
+
+def test_the_gate_objects_preflight_retries_on_its_clock():
+    prom = stable_prom(good=4)
+    clock = FakeClock()
+    gate = cc.CanaryGate(params(SR, retry_inconclusive_for=20, retry_interval=10), TARGET, k8s=ready(), http=prom.transport,
+                         clock=clock, sleep=clock.sleep)
+    assert by_name(gate.preflight(STABLE_TARGET))["errors"]["attempts"] == 3 and clock.sleeps == [10, 10]
