@@ -109,7 +109,7 @@ class CanaryRun:
             "canary_stable_subset": "v1", "canary_canary_subset": "v2", "canary_workload": "%s-v2" % lab.service,
             "canary_steps": list(steps), "canary_interval": interval, "canary_analysis_window": window or interval,
             "canary_min_requests": 20, "canary_prometheus_url": lab.prometheus_url,
-            "canary_kubeconfig": lab.kubeconfig, "canary_retry_inconclusive_for": 10,
+            "canary_kubeconfig": lab.kubeconfig, "canary_retry_inconclusive_for": 10, "canary_retry_interval": 2,
         }
         self.vars.update(extra or {})
         self.log_path = log_path or os.path.join(lab.run_dir, "canary-%d.json" % int(time.time() * 1000))
@@ -163,6 +163,11 @@ class CanaryRun:
         with open(self.log_path) as f:
             self.output = f.read()
         return rollout_result(self.output)
+
+    def tail(self, chars=3000):
+        """The end of the playbook's output so far (for a failed assertion's message)."""
+        with open(self.log_path) as f:
+            return f.read()[-chars:]
 
     @property
     def returncode(self):

@@ -146,7 +146,7 @@ def test_too_little_traffic_is_never_a_silent_pass(fresh):  # pylint: disable=re
 def test_killed_playbook_is_held_by_the_guardian_and_a_rerun_resumes_at_the_recorded_step(fresh):  # pylint: disable=redefined-outer-name
     # failure_limit 2: an analysis left inconclusive on a busy machine repeats the step instead of ending the run
     first = CanaryRun(fresh, steps=[10, 25, 50, 100], interval=INTERVAL, extra={"canary_on_cancel": "hold", "canary_failure_limit": 2}).start()
-    assert wait_until(lambda: weights(fresh).get("v2") == 25, timeout=180) is not None, (state(fresh), first.proc.poll())
+    assert wait_until(lambda: weights(fresh).get("v2") == 25, timeout=180) is not None, (state(fresh), first.proc.poll(), first.tail())
     killed = first.kill()
     # the whole run is dead: ansible-playbook, its worker (a session of its own) and the module under it
     assert len(killed) >= 3, killed
