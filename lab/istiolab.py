@@ -16,15 +16,11 @@
    Service-based webhooks reach it: kube-apiserver runs with --enable-aggregator-routing and sends webhook
    calls to the Service's endpoints. istiod patches the webhooks' caBundle itself, as in a cluster.
 """
-import hashlib
-import http.server
-import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 import urllib.request
@@ -35,6 +31,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools", "controlplane"))
 import components  # noqa: E402  pylint: disable=wrong-import-position
 
 import procs  # noqa: E402  pylint: disable=wrong-import-position
+from artifact_mirror import Mirror, istioctl as istioctl_tarball  # noqa: E402  pylint: disable=wrong-import-position
 from controlplane import write_kubeconfig  # noqa: E402  pylint: disable=wrong-import-position
 
 VENV_BIN = os.path.dirname(sys.executable)
@@ -50,46 +47,6 @@ ISTIOD_PORTS = {"grpc": 15010, "secure_grpc": 15012, "https": 15017, "http": 808
 
 class IstioLabError(RuntimeError):
     pass
-
-
-class Mirror:
-    """A static HTTP server on 127.0.0.1 over a directory (the air-gapped artifact mirror)."""
-
-    def __init__(self, directory):
-        self.directory = directory
-        handler = type("MirrorHandler", (http.server.SimpleHTTPRequestHandler,),
-                       {"log_message": lambda *a: None})
-        self.server = http.server.ThreadingHTTPServer(
-            ("127.0.0.1", 0), lambda *a, **kw: handler(*a, directory=directory, **kw))
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, name="lab-mirror", daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def istioctl_tarball(directory, version):
-    """Pack the built istioctl as the release does (istioctl-<v>-linux-amd64.tar.gz + .sha256); returns sha256."""
-    rel = os.path.join("istio", version)
-    os.makedirs(os.path.join(directory, rel), exist_ok=True)
-    name = f"istioctl-{version}-linux-amd64.tar.gz"
-    path = os.path.join(directory, rel, name)
-    binary = str(components.binary("istioctl"))
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        info = tar.gettarinfo(binary, arcname="istioctl")
-        info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
-        with open(binary, "rb") as fh:
-            tar.addfile(info, fh)
-    data = buf.getvalue()
-    with open(path, "wb") as fh:
-        fh.write(data)
-    digest = hashlib.sha256(data).hexdigest()
-    with open(path + ".sha256", "w", encoding="utf-8") as fh:
-        fh.write(f"{digest}  {name}\n")
-    return digest
 
 
 class IstioLab:

@@ -72,7 +72,8 @@ mkdir -p "$COLLECTIONS/onprem"
 
 # The real control plane of the lab and the tests, built once from its Go modules into a versioned cache
 # (~/.cache/onprem-mesh/bin/<component>-<version>-<hash>/): kube-apiserver, controller-manager, scheduler,
-# kubectl (Kubernetes), etcd, KWOK, istiod and istioctl (Istio). Cold: about 15 minutes on 2 cores.
+# kubectl (Kubernetes), etcd, KWOK, istiod and istioctl (Istio), and what a node installs from the artifact
+# mirror: kubeadm, kubelet, crictl and the CNI plugins. Cold: about 20 minutes on 2 cores.
 command -v go >/dev/null || { echo "bootstrap: Go (>= 1.26) is needed to build the control plane: install it and rerun" >&2; exit 1; }
 python3 tools/controlplane/build.py
 

@@ -12,15 +12,19 @@ import io
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
 import tarfile
 import threading
 import tomllib
+from pathlib import Path
 
 import pytest
 import yaml
+
+import artifact_mirror  # pylint: disable=import-error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TARGETS = os.path.join(ROOT, "tests", "integration", "targets")
@@ -235,6 +239,120 @@ def test_kubernetes_unknown_version_needs_checksums_before_any_download(mirror, 
     assert not mirror.log
 
 
+# --- the real binaries (built from their Go modules by make setup) on a mirror laid out by lab/artifact_mirror.py ------
+
+@pytest.fixture(scope="module")
+def real_mirror(tmp_path_factory):
+    """kubeadm, kubelet, kubectl 1.35, the CNI plugins and crictl as their releases publish them; (Mirror, pins)."""
+    directory = tmp_path_factory.mktemp("real-mirror")
+    pins = artifact_mirror.build(directory, parts=("kubernetes", "cni", "crictl"))
+    with artifact_mirror.Mirror(directory) as served:
+        yield served, pins
+
+
+def run_binary(*argv, **env):
+    return subprocess.run(list(argv), env=dict(os.environ, **env), capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+
+
+@pytest.mark.skipif(ARCH != "amd64", reason="tools/controlplane builds amd64")
+def test_kubernetes_downloads_the_real_binaries_checked_and_they_run(real_mirror, tmp_path):  # pylint: disable=redefined-outer-name
+    served, pins = real_mirror
+    variables = dict(kubernetes_mirror_url=served.url, kubernetes_download_dir=str(tmp_path / "cache"), kubernetes_version=pins["kubernetes_version"],
+                     kubernetes_sha256=pins["kubernetes_sha256"], kubernetes_cni_plugins_version=pins["kubernetes_cni_plugins_version"])
+    rc, out = steps(tmp_path, "kubernetes", ["download.yml"], **variables)
+    assert rc == 0, out
+    version = "v" + pins["kubernetes_version"]
+    cache = tmp_path / "cache"
+    (tmp_path / "bin").mkdir()
+    for name in ("kubeadm", "kubelet", "kubectl"):   # what install_binary.yml does on a node: a copy, mode 0755
+        shutil.copy(cache / f"{name}-{pins['kubernetes_version']}-amd64", tmp_path / "bin" / name)
+        (tmp_path / "bin" / name).chmod(0o755)
+    assert run_binary(str(tmp_path / "bin" / "kubeadm"), "version", "-o", "short") == version
+    assert run_binary(str(tmp_path / "bin" / "kubelet"), "--version") == "Kubernetes " + version
+    assert json.loads(run_binary(str(tmp_path / "bin" / "kubectl"), "version", "--client", "-o", "json"))["clientVersion"]["gitVersion"] == version
+    with tarfile.open(cache / f"cni-plugins-linux-amd64-v{pins['kubernetes_cni_plugins_version']}.tgz") as tgz:
+        assert sorted(tgz.getnames()) == ["bridge", "host-local", "loopback", "portmap"]
+        tgz.extractall(tmp_path / "cni", filter="data")
+    answer = json.loads(run_binary(str(tmp_path / "cni" / "bridge"), CNI_COMMAND="VERSION"))
+    assert "1.0.0" in answer["supportedVersions"]
+    rc, out = steps(tmp_path, "kubernetes", ["download.yml"], **variables)
+    assert rc == 0 and recap_changed(out) == 0, out   # checked files in place: nothing fetched again
+
+
+@pytest.mark.skipif(ARCH != "amd64", reason="tools/controlplane builds amd64")
+def test_a_real_kubelet_with_one_byte_changed_is_refused(real_mirror, tmp_path):  # pylint: disable=redefined-outer-name
+    served, pins = real_mirror
+    version = pins["kubernetes_version"]
+    good = (Path(served.directory) / f"kubernetes/v{version}/bin/linux/amd64/kubelet").read_bytes()
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0x01
+    with artifact_mirror.Mirror(tmp_path / "tampered") as tampered:
+        for name in ("kubeadm", "kubectl"):
+            (tmp_path / "tampered" / f"kubernetes/v{version}/bin/linux/amd64").mkdir(parents=True, exist_ok=True)
+            shutil.copy(Path(served.directory) / f"kubernetes/v{version}/bin/linux/amd64/{name}",
+                        tmp_path / "tampered" / f"kubernetes/v{version}/bin/linux/amd64/{name}")
+        (tmp_path / "tampered" / f"kubernetes/v{version}/bin/linux/amd64/kubelet").write_bytes(bytes(bad))
+        rc, out = steps(tmp_path, "kubernetes", ["download.yml"], kubernetes_mirror_url=tampered.url, kubernetes_version=version,
+                        kubernetes_download_dir=str(tmp_path / "cache"), kubernetes_sha256=pins["kubernetes_sha256"],
+                        kubernetes_cni_plugins_version=pins["kubernetes_cni_plugins_version"])
+    assert rc != 0 and "Checksum mismatch" in out and "kubernetes_sha256.kubelet.amd64" in out, out
+    assert not (tmp_path / "cache" / f"kubelet-{version}-amd64").exists()
+
+
+@pytest.mark.skipif(ARCH != "amd64", reason="tools/controlplane builds amd64")
+def test_container_runtime_installs_the_real_crictl(real_mirror, tmp_path):  # pylint: disable=redefined-outer-name
+    served, pins = real_mirror
+    (tmp_path / "etc").mkdir()
+    rc, out = steps(tmp_path, "container_runtime", ["download.yml", "crictl.yml"], container_runtime_source="distribution",
+                    container_runtime_mirror_url=served.url, container_runtime_prefix=str(tmp_path / "prefix"),
+                    container_runtime_download_dir=str(tmp_path / "cache"), container_runtime_crictl_config_file=str(tmp_path / "etc" / "crictl.yaml"),
+                    container_runtime_crictl_version=pins["container_runtime_crictl_version"],
+                    container_runtime_crictl_sha256=pins["container_runtime_crictl_sha256"])
+    assert rc == 0, out
+    crictl = tmp_path / "prefix" / "bin" / "crictl"
+    assert run_binary(str(crictl), "--version") == "crictl version v" + pins["container_runtime_crictl_version"]
+    # no containerd on this machine: crictl reads the role's configuration and names the socket it could not reach
+    proc = subprocess.run([str(crictl), "--config", str(tmp_path / "etc" / "crictl.yaml"), "--timeout", "2s", "info"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode != 0 and "/run/containerd/containerd.sock" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("archive, mirror_url", [
+    ({"file": "cp.tar", "images": ["registry.k8s.io/pause:3.10.1"]}, "http://mirror"),                 # no sha256
+    ({"file": "cp.tar", "sha256": "0" * 64, "images": "registry.k8s.io/pause:3.10.1"}, "http://mirror"),  # not a list
+    ({"file": "../cp.tar", "sha256": "0" * 64, "images": ["registry.k8s.io/pause:3.10.1"]}, "http://mirror"),
+    ({"file": "cp.tar", "sha256": "0" * 64, "images": ["registry.k8s.io/pause:3.10.1"]}, ""),          # no mirror
+])
+def test_an_image_archive_without_what_it_needs_stops_before_any_download(mirror, tmp_path, archive, mirror_url):
+    rc, out = steps(tmp_path, "container_runtime", ["preflight.yml", "download.yml"], container_runtime_source="distribution",
+                    container_runtime_crictl_install=False, container_runtime_mirror_url=mirror_url and mirror.url,
+                    container_runtime_download_dir=str(tmp_path / "cache"), container_runtime_image_archives=[archive])
+    assert rc != 0 and "container_runtime_image_archives[0] needs file" in out and "Nothing was downloaded or changed" in out, out
+    assert not mirror.log and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.skipif(ARCH != "amd64", reason="tools/controlplane builds amd64")
+def test_image_archives_are_downloaded_checked_with_the_other_artifacts(tmp_path):
+    """The control-plane images of lab/artifact_mirror.py through the role's download step; one byte changed is refused
+    with the index of the archive's checksum variable (the import itself needs containerd: the Molecule scenario)."""
+    directory = tmp_path / "mirror"
+    archive = artifact_mirror.control_plane_images(directory)
+    assert archive["images"] == ["registry.k8s.io/pause:3.10.1", "registry.k8s.io/etcd:3.6.17-0", "registry.k8s.io/kube-apiserver:v1.35.4",
+                                 "registry.k8s.io/kube-controller-manager:v1.35.4", "registry.k8s.io/kube-scheduler:v1.35.4"]
+    variables = dict(container_runtime_source="distribution", container_runtime_crictl_install=False,
+                     container_runtime_download_dir=str(tmp_path / "cache"), container_runtime_image_archives=[archive])
+    with artifact_mirror.Mirror(directory) as served:
+        rc, out = steps(tmp_path, "container_runtime", ["preflight.yml", "download.yml"], container_runtime_mirror_url=served.url, **variables)
+        assert rc == 0, out
+        assert served.requests == ["/images/" + archive["file"]]
+        assert hashlib.sha256((tmp_path / "cache" / ("images-" + archive["file"])).read_bytes()).hexdigest() == archive["sha256"]
+        tampered = dict(archive, sha256=hashlib.sha256(b"another archive").hexdigest())
+        again = dict(variables, container_runtime_image_archives=[tampered], container_runtime_download_dir=str(tmp_path / "cache2"))
+        rc, out = steps(tmp_path, "container_runtime", ["download.yml"], container_runtime_mirror_url=served.url, **again)
+    assert rc != 0 and "Checksum mismatch" in out and "container_runtime_image_archives[0].sha256" in out, out
+    assert not (tmp_path / "cache2" / ("images-" + archive["file"])).exists()
+
+
 def test_unreachable_mirror_names_the_mirror_variable(tmp_path):
     variables = dict(kubernetes_mirror_url=f"http://127.0.0.1:{free_port()}", kubernetes_download_dir=str(tmp_path / "cache"),
                      kubernetes_download_timeout=5)
@@ -389,6 +507,35 @@ def test_render_air_gapped_site(tmp_path):
     assert spec["meshConfig"]["outboundTrafficPolicy"] == {"mode": "REGISTRY_ONLY"}
     assert spec["values"]["global"]["logging"] == {"level": "default:warn"}
     assert spec["values"]["global"]["proxy"]["resources"]["requests"] == {"cpu": "100m", "memory": "128Mi"}
+
+
+# --- the real kubeadm reads what the role renders --------------------------------------------------------------------
+
+@pytest.mark.skipif(ARCH != "amd64", reason="tools/controlplane builds amd64")
+@pytest.mark.parametrize("inventory, hosts", [("single", 1), ("ha", 5), ("airgap", 2)])
+def test_kubeadm_config_validate_accepts_the_rendered_configuration(tmp_path, inventory, hosts):
+    """kubeadm 1.35 (make setup's build) validates every node's kubeadm-config.yaml: the v1beta4 Init and Cluster
+    configurations, and the kubelet and kube-proxy component configurations in it."""
+    nodes, dummy, dummy = render(tmp_path, inventory)
+    assert len(nodes) == hosts
+    kubeadm = str(artifact_mirror.components.binary("kubeadm"))
+    for host, node in nodes.items():
+        proc = subprocess.run([kubeadm, "config", "validate", "--config", str(node["dir"] / "kubeadm-config.yaml")],
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert proc.returncode == 0 and "ok" in proc.stdout, (host, proc.stdout, proc.stderr)
+
+
+@pytest.mark.skipif(ARCH != "amd64", reason="tools/controlplane builds amd64")
+def test_kubeadm_config_validate_refuses_what_the_role_must_never_render(tmp_path):
+    """The validation above can fail: the same file with a field kubeadm does not know is refused, naming it."""
+    nodes, dummy, dummy = render(tmp_path, "single")
+    config = nodes["solo-cp1"]["dir"] / "kubeadm-config.yaml"
+    docs = list(yaml.safe_load_all(config.read_text()))
+    docs[1]["networking"]["podSubnett"] = "10.244.0.0/16"
+    config.write_text(yaml.safe_dump_all(docs))
+    proc = subprocess.run([str(artifact_mirror.components.binary("kubeadm")), "config", "validate", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode != 0 and "podSubnett" in proc.stderr, (proc.stdout, proc.stderr)
 
 
 # --- preflight: bad input stops before anything else ----------------------------------------------------------------

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import components as c  # noqa: E402  pylint: disable=wrong-import-position
 
-ORDER = ["etcd", "kwok", "kubernetes", "istio"]
+ORDER = ["etcd", "kwok", "kubernetes", "istio", "kubernetes-node", "cri-tools", "cni-plugins", "pause"]
 
 
 def log(msg):
@@ -89,7 +89,7 @@ def main(argv):
     if "--list" in argv:
         for name in ORDER:
             state = "built" if c.is_built(name) else "missing"
-            print(f"{name:<11} {c.COMPONENTS[name]['version']:<22} {state:<8} {c.component_dir(name)}")
+            print(f"{name:<15} {c.COMPONENTS[name]['version']:<22} {state:<8} {c.component_dir(name)}")
         return 0
     names = [a for a in argv if not a.startswith("-")] or ORDER
     unknown = sorted(set(names) - set(ORDER))

@@ -24,6 +24,10 @@ ISTIO_COMMIT = "9739e10eb9d7"
 ISTIO_MODULE_VERSION = "v0.0.0-20260826214018-9739e10eb9d7"
 ISTIO_VERSION = "1.30-dev"
 ISTIO_RELEASE = "1.30.3"
+# What a node installs besides Kubernetes' own binaries (the kubernetes and container_runtime roles' pins).
+CRI_TOOLS_VERSION = "v1.34.0"
+CNI_PLUGINS_VERSION = "v1.8.0"
+PAUSE_VERSION = "3.10.1"   # the tag kubeadm 1.35 and the container_runtime role expect of registry.k8s.io/pause
 
 _K8S_VERSION_PKGS = ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version")
 
@@ -76,6 +80,42 @@ COMPONENTS = {
         "tags": ["selinux", "notest"],
         "ldflags": _k8s_ldflags(KUBERNETES_VERSION),
     },
+    # kubeadm and kubelet, from the same wrapper module as the control plane, built apart so that the lab's
+    # components do not wait for them (the node binaries the kubernetes role installs, with kubectl above).
+    "kubernetes-node": {
+        "version": KUBERNETES_VERSION,
+        "module": "kubernetes",
+        "binaries": {
+            "kubeadm": "k8s.io/kubernetes/cmd/kubeadm",
+            "kubelet": "k8s.io/kubernetes/cmd/kubelet",
+        },
+        "tags": ["selinux", "notest"],
+        "ldflags": _k8s_ldflags(KUBERNETES_VERSION),
+    },
+    "cri-tools": {
+        "version": CRI_TOOLS_VERSION,
+        "binaries": {"crictl": "sigs.k8s.io/cri-tools/cmd/crictl"},
+        "tags": [],
+        "ldflags": [f"-X sigs.k8s.io/cri-tools/pkg/version.Version={CRI_TOOLS_VERSION}"],
+    },
+    "cni-plugins": {
+        "version": CNI_PLUGINS_VERSION,
+        "binaries": {
+            "bridge": "github.com/containernetworking/plugins/plugins/main/bridge",
+            "host-local": "github.com/containernetworking/plugins/plugins/ipam/host-local",
+            "loopback": "github.com/containernetworking/plugins/plugins/main/loopback",
+            "portmap": "github.com/containernetworking/plugins/plugins/meta/portmap",
+        },
+        "tags": [],
+        "ldflags": [f"-X github.com/containernetworking/plugins/pkg/utils/buildversion.BuildVersion={CNI_PLUGINS_VERSION}"],
+    },
+    # the pod sandbox of the air-gapped control-plane images (its source is in the wrapper module itself)
+    "pause": {
+        "version": PAUSE_VERSION,
+        "binaries": {"pause": "onprem.mesh/tools/controlplane/pause"},
+        "tags": [],
+        "ldflags": [],
+    },
     "kwok": {
         "version": KWOK_VERSION,
         "binaries": {"kwok": "sigs.k8s.io/kwok/cmd/kwok"},
@@ -106,14 +146,15 @@ def cache_root():
 
 
 def module_dir(name):
-    return HERE / name
+    """The wrapper module a component is built from (its own, or the one it shares: "module")."""
+    return HERE / COMPONENTS[name].get("module", name)
 
 
 def build_key(name):
     """<component>-<version>-<first 12 hex of sha256(go.mod + go.sum + build settings)>."""
     spec = COMPONENTS[name]
     digest = hashlib.sha256()
-    for f in ("go.mod", "go.sum"):
+    for f in ["go.mod", "go.sum"] + sorted(p.name for p in module_dir(name).glob("*.go")):
         digest.update((module_dir(name) / f).read_bytes())
     digest.update(repr((sorted(spec["binaries"].items()), spec["tags"], spec["ldflags"])).encode())
     return f"{name}-{spec['version']}-{digest.hexdigest()[:12]}"

@@ -6,6 +6,8 @@
 #       emulated NVMe controller per SERIAL:SIZE, SSH forwarded to a free loopback port, the kernel booted
 #       directly, software emulation (TCG). Waits for SSH (bounded by ONPREM_MESH_BOOT_TIMEOUT, default
 #       600 s) and prints {"port": P, "boot_seconds": S}. Console log: DIR/NAME/console.log.
+#       With ONPREM_MESH_GUEST_MIRROR=MIRROR_DIR set, the guest also reaches http://10.0.2.100/ (and nothing else):
+#       QEMU runs stdio_http.py MIRROR_DIR for each connection to it, the air-gapped site's artifact mirror.
 #   guest.sh reboot DIR NAME [reverse]
 #       Powers the guest off from inside (sync, poweroff; killed after 120 s) and boots it again on the same
 #       disks and port; with `reverse`, the NVMe controllers are attached in the opposite order, so the
@@ -32,6 +34,10 @@ boot() {  # launch QEMU from DIR/NAME/params and DIR/NAME/disks, wait for SSH, p
     disks+=(-drive "file=$gdir/nvme$i.qcow2,if=none,id=nvme$i,format=qcow2,cache=unsafe"
             -device "nvme,serial=$serial,drive=nvme$i")
   done <"$gdir/disks"
+  local net="user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:$port-:22"
+  if [ -s "$gdir/mirror" ]; then
+    net="$net,guestfwd=tcp:10.0.2.100:80-cmd:python3 $(dirname "$(readlink -f "$0")")/stdio_http.py $(cat "$gdir/mirror")"
+  fi
   start=$(date +%s.%N)
   qemu-system-x86_64 -name "$name" -machine q35 -accel tcg,thread=multi,tb-size=256 -cpu max \
     -smp "$cpus" -m "$memory" -display none -monitor none -serial "file:$gdir/console.log" \
@@ -40,7 +46,7 @@ boot() {  # launch QEMU from DIR/NAME/params and DIR/NAME/disks, wait for SSH, p
     -append "root=/dev/vda rw console=ttyS0 quiet systemd.hostname=$name onprem.sshkey=$(base64 -w0 "$pubkey")" \
     -drive "file=$gdir/root.qcow2,if=virtio,format=qcow2,cache=unsafe" \
     "${disks[@]}" \
-    -netdev "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:$port-:22" -device virtio-net-pci,netdev=net0 \
+    -netdev "$net" -device virtio-net-pci,netdev=net0 \
     -device virtio-rng-pci
   deadline=$((SECONDS + ${ONPREM_MESH_BOOT_TIMEOUT:-600}))
   until guest_ssh true 2>/dev/null; do
@@ -80,6 +86,11 @@ start)
   port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   echo "$port" >"$gdir/port"
   echo "$image $pubkey $memory $cpus $port" >"$gdir/params"
+  if [ -n "${ONPREM_MESH_GUEST_MIRROR:-}" ]; then
+    case $ONPREM_MESH_GUEST_MIRROR in *[,\ ]*) echo "ONPREM_MESH_GUEST_MIRROR must not contain a comma or a space" >&2; exit 2 ;; esac
+    mkdir -p "$ONPREM_MESH_GUEST_MIRROR"
+    readlink -f "$ONPREM_MESH_GUEST_MIRROR" >"$gdir/mirror"
+  fi
   boot
   ;;
 reboot)
