@@ -7,7 +7,7 @@ The layout is what the roles read under their ``*_mirror_url`` (the upstream rel
     cni-plugins/v<ver>/cni-plugins-linux-amd64-v<ver>.tgz              kubernetes role (bridge, host-local, loopback, portmap)
     cri-tools/v<ver>/crictl-v<ver>-linux-amd64.tar.gz                  container_runtime role
     istio/<ver>/istioctl-<ver>-linux-amd64.tar.gz                      istio role
-    images/control-plane-v<ver>.tar                                    container_runtime role (image archives)
+    images/<image>-<tag>.tar                                           container_runtime role (image archives, one per image)
 
     python3 lab/artifact_mirror.py DIR [--serve] [--port N]   # write the mirror (and serve it on 127.0.0.1)
 
@@ -125,13 +125,13 @@ def istioctl(directory, version=components.ISTIO_RELEASE):
     return _publish(directory, f"istio/{version}/istioctl-{version}-linux-{ARCH}.tar.gz", _tgz({"istioctl": components.binary("istioctl")}))
 
 
-def control_plane_images(directory, version=components.KUBERNETES_VERSION):
-    """The control-plane images kubeadm runs, as one OCI archive (lab/oci_images.py); returns the role's item for it."""
-    name = f"control-plane-{version}.tar"
-    path = os.path.join(str(directory), "images", name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    refs = oci_images.control_plane(path)
-    return {"file": name, "sha256": _sha256_file(path), "images": refs}
+def control_plane_images(directory):
+    """The control-plane images kubeadm runs, one OCI archive each (lab/oci_images.py) under images/; returns the
+    container_runtime_image_archives items for them."""
+    target = os.path.join(str(directory), "images")
+    os.makedirs(target, exist_ok=True)
+    return [{"file": name, "sha256": _sha256_file(os.path.join(target, name)), "images": refs}
+            for name, refs in oci_images.control_plane(target)]
 
 
 def build(directory, parts=("kubernetes", "cni", "crictl", "istioctl", "images")):
@@ -149,7 +149,7 @@ def build(directory, parts=("kubernetes", "cni", "crictl", "istioctl", "images")
         out["container_runtime_crictl_version"] = components.CRI_TOOLS_VERSION.lstrip("v")
         out["container_runtime_crictl_sha256"] = {ARCH: crictl(directory)}
     if "images" in parts:
-        out["container_runtime_image_archives"] = [control_plane_images(directory)]
+        out["container_runtime_image_archives"] = control_plane_images(directory)
     if "istioctl" in parts:
         out["istio_version"] = components.ISTIO_RELEASE
         out["istio_istioctl_sha256"] = {ARCH: istioctl(directory)}

@@ -1,7 +1,7 @@
 """OCI image archives that `ctr images import` (and `skopeo copy oci-archive:`) accept, written without a container
 engine: the air-gapped control-plane images, made of the binaries tools/controlplane built.
 
-    python3 lab/oci_images.py OUT.tar               # the control-plane images kubeadm 1.35 runs (see CONTROL_PLANE)
+    python3 lab/oci_images.py DIR                   # the control-plane images kubeadm 1.35 runs, one archive each
     python3 lab/oci_images.py OUT.tar --file NAME:TAG TEXT   # one image with one small file (a test's data)
 
 Each image is one uncompressed layer with a static binary at the path the upstream image has it, and a config whose
@@ -99,20 +99,25 @@ def write_archive(out, images):
     return [ref for ref, dummy, dummy in images]
 
 
-def control_plane(out, registry=REGISTRY):
-    """The control-plane images from the built binaries; returns their references."""
-    images = []
+def control_plane(directory, registry=REGISTRY):
+    """One archive per control-plane image, from the built binaries, in ``directory`` (``<name>-<tag>.tar``, as a site
+    would keep them apart to import only what a node needs); returns [(file name, [reference])]."""
+    out = []
     for name, (tag, binary, path, entrypoint) in CONTROL_PLANE.items():
         with open(components.binary(binary), "rb") as fh:
-            images.append(("%s/%s:%s" % (registry, name, tag), {path: fh.read()}, entrypoint))
-    return write_archive(out, images)
+            image_files = {path: fh.read()}
+        file_name = "%s-%s.tar" % (name, tag)
+        out.append((file_name, write_archive(os.path.join(str(directory), file_name),
+                                             [("%s/%s:%s" % (registry, name, tag), image_files, entrypoint)])))
+    return out
 
 
 def main(argv):
     if len(argv) == 4 and argv[1] == "--file":
         refs = write_archive(argv[0], [(argv[2], {"onprem-mesh.txt": argv[3].encode() + b"\n"}, ["/onprem-mesh.txt"])])
     elif len(argv) == 1:
-        refs = control_plane(argv[0])
+        os.makedirs(argv[0], exist_ok=True)
+        refs = [ref for dummy, archive_refs in control_plane(argv[0]) for ref in archive_refs]
     else:
         sys.stderr.write(__doc__)
         return 2

@@ -336,9 +336,13 @@ def test_image_archives_are_downloaded_checked_with_the_other_artifacts(tmp_path
     """The control-plane images of lab/artifact_mirror.py through the role's download step; one byte changed is refused
     with the index of the archive's checksum variable (the import itself needs containerd: the Molecule scenario)."""
     directory = tmp_path / "mirror"
-    archive = artifact_mirror.control_plane_images(directory)
-    assert archive["images"] == ["registry.k8s.io/pause:3.10.1", "registry.k8s.io/etcd:3.6.17-0", "registry.k8s.io/kube-apiserver:v1.35.4",
-                                 "registry.k8s.io/kube-controller-manager:v1.35.4", "registry.k8s.io/kube-scheduler:v1.35.4"]
+    archives = artifact_mirror.control_plane_images(directory)
+    assert [a["images"] for a in archives] == [["registry.k8s.io/pause:3.10.1"], ["registry.k8s.io/etcd:3.6.17-0"],
+                                               ["registry.k8s.io/kube-apiserver:v1.35.4"], ["registry.k8s.io/kube-controller-manager:v1.35.4"],
+                                               ["registry.k8s.io/kube-scheduler:v1.35.4"]]
+    assert [a["file"] for a in archives] == ["pause-3.10.1.tar", "etcd-3.6.17-0.tar", "kube-apiserver-v1.35.4.tar",
+                                             "kube-controller-manager-v1.35.4.tar", "kube-scheduler-v1.35.4.tar"]
+    archive = archives[0]
     variables = dict(container_runtime_source="distribution", container_runtime_crictl_install=False,
                      container_runtime_download_dir=str(tmp_path / "cache"), container_runtime_image_archives=[archive])
     with artifact_mirror.Mirror(directory) as served:
@@ -347,7 +351,8 @@ def test_image_archives_are_downloaded_checked_with_the_other_artifacts(tmp_path
         assert served.requests == ["/images/" + archive["file"]]
         assert hashlib.sha256((tmp_path / "cache" / ("images-" + archive["file"])).read_bytes()).hexdigest() == archive["sha256"]
         tampered = dict(archive, sha256=hashlib.sha256(b"another archive").hexdigest())
-        again = dict(variables, container_runtime_image_archives=[tampered], container_runtime_download_dir=str(tmp_path / "cache2"))
+        again = variables.copy()
+        again.update(container_runtime_image_archives=[tampered], container_runtime_download_dir=str(tmp_path / "cache2"))
         rc, out = steps(tmp_path, "container_runtime", ["download.yml"], container_runtime_mirror_url=served.url, **again)
     assert rc != 0 and "Checksum mismatch" in out and "container_runtime_image_archives[0].sha256" in out, out
     assert not (tmp_path / "cache2" / ("images-" + archive["file"])).exists()

@@ -115,16 +115,20 @@ def test_every_download_came_from_the_mirror_over_http():
     for path in ("/cri-tools/v{0}/crictl-v{0}-linux-amd64.tar.gz".format(v["container_runtime_crictl_version"]),
                  "/kubernetes/v%s/bin/linux/amd64/kubelet" % v["kubernetes_version"],
                  "/cni-plugins/v{0}/cni-plugins-linux-amd64-v{0}.tgz".format(v["kubernetes_cni_plugins_version"]),
-                 "/kubernetes/v1.35.99/bin/linux/amd64/kubelet"):   # prepare's corrupted one, refused
+                 "/kubernetes/v1.35.99/bin/linux/amd64/kubeadm"):   # prepare's corrupted one, refused
         assert '"GET %s HTTP/1.1" 200' % path in log, (path, log[-2000:])
 
 
 def test_the_control_plane_images_from_the_mirror_are_in_containerd(root):
-    (archive,) = pins()["container_runtime_image_archives"]
+    wanted = ["registry.k8s.io/pause:3.10.1", "registry.k8s.io/kube-apiserver:v" + pins()["kubernetes_version"]]
     listed = root.check_output(f"ctr --address {SOCKET} --namespace k8s.io images ls --quiet").split()
-    assert set(archive["images"]) <= set(listed), listed
+    assert set(wanted) <= set(listed), listed
     cri = json.loads(root.check_output("crictl images -o json"))["images"]
-    assert set(archive["images"]) <= set(tag for image in cri for tag in image["repoTags"]), cri
+    assert set(wanted) <= set(tag for image in cri for tag in image["repoTags"]), cri
+    digests = dict((a["images"][0], a["sha256"]) for a in pins()["container_runtime_image_archives"])
+    for ref in wanted:   # the archive the role downloaded is the mirror's, byte for byte
+        archive = "/var/cache/onprem-mesh/container_runtime/images-%s.tar" % ref.split("/")[-1].replace(":", "-")
+        assert root.file(archive).sha256sum == digests[ref]
 
 
 POD = {"metadata": {"name": "onprem-version", "namespace": "default", "uid": "onprem-version-check", "attempt": 0},
