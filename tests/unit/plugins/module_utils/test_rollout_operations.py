@@ -420,3 +420,48 @@ def test_a_cancel_in_a_mirror_step_names_it_and_removes_the_mirror():
     route = store.route("payment", "shop", 1)
     assert "mirror" not in route and "mirrorPercentage" not in route and weights(store) == {"v1": 100, "v2": 0}
     assert state(store)["reason"] == "cancelled (SIGTERM) at step 1 (mirror 20 %)"
+
+
+# -- when the rollout looks, and which step the timeline names -------------------------------------------------------
+
+def test_a_step_looks_for_commands_every_command_every_seconds_from_its_start_never_earlier():
+    store, _gate, clock, rollout = make(command_every=5)
+    result = rollout.run()
+    assert result["result"] == "promoted"
+    # run's read, 5 writes' reads, the DestinationRules, and 5 looks in each 30 s step (at 5, 10, ... 25 s; at 30 s the step ends)
+    assert store.calls["read"] == 1 + 5 + 1 + 4 * 5
+    assert min(clock.slept) > 0 and clock.t - START == 4 * 30
+
+
+def test_a_paused_rollout_looks_every_command_every_seconds_from_the_pause():
+    store = None
+    looks = []
+
+    def pause():
+        ro.operator_command(WeightChange(store, "shop", "payment", route_name="primary"), "pause", wait=False, now=clock.now)
+
+    store, _gate, clock, rollout = make({12: pause}, command_every=5, pause_timeout=22)
+    read = rollout.change.read
+
+    def read_and_note():
+        looks.append(clock.t - START)
+        return read()
+
+    rollout.change.read = read_and_note
+    result = rollout.run()
+    assert result["result"] == "held" and min(clock.slept) > 0
+    # paused at 15 (the first look after 12 s): then a look every 5 s until pause_timeout ends it at 37 s
+    paused_looks = [t for t in looks if 15 < t < 37]
+    assert paused_looks == [20, 25, 30, 35]
+
+
+def test_the_timeline_names_the_step_of_an_abort_and_of_a_resume():
+    store = None
+
+    def command(what):
+        return lambda: ro.operator_command(WeightChange(store, "shop", "payment", route_name="primary"), what, wait=False, now=clock.now)
+
+    store, _gate, clock, rollout = make({32: command("pause"), 50: command("resume"), 70: command("abort")})
+    result = rollout.run()
+    assert result["result"] == "aborted"
+    assert [(e["action"], e["step"]) for e in result["timeline"]] == [("advance", 1), ("pause", 2), ("resume", 2), ("abort", 2), ("aborted", 2)]
