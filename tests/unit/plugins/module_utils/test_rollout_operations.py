@@ -465,3 +465,49 @@ def test_the_timeline_names_the_step_of_an_abort_and_of_a_resume():
     result = rollout.run()
     assert result["result"] == "aborted"
     assert [(e["action"], e["step"]) for e in result["timeline"]] == [("advance", 1), ("pause", 2), ("resume", 2), ("abort", 2), ("aborted", 2)]
+
+
+def test_a_cancel_during_the_promotion_write_holds_at_the_last_step_and_a_rerun_resumes_it():
+    store, gate, _clock, rollout = make(on_cancel="hold")
+    evaluate = gate.evaluate
+
+    def signal_during_the_next_write(token):
+        verdict = evaluate(token)
+        if len(gate.seen) == 4:   # the last step passed: the promotion's write is next, and the signal comes before it lands
+            store.refuse = [ro.Cancelled("SIGTERM")]
+        return verdict
+
+    gate.evaluate = signal_during_the_next_write
+    with pytest.raises(ro.RolloutError, match=r"^cancelled \(SIGTERM\) at step 5 \(weight 100\); held: traffic now v1=50, v2=50"):
+        rollout.run()
+    assert state(store)["phase"] == "held" and state(store)["step"] == 3   # the last step of the plan, not one past it
+    clock = Clock()
+    again = ro.Rollout(WeightChange(store, "shop", "payment", route_name="primary"), Gate(store), "v1", "v2",
+                       ro.plan_steps([5, 10, 25, 50], interval="30s"), now=clock.now, sleep=clock.sleep, holder="run-2")
+    result = again.run()
+    assert result["note"] == "resuming held at step 4 (weight 50), as recorded" and result["result"] == "promoted"
+
+
+def test_the_death_of_the_job_while_paused_is_noticed_within_one_tick():
+    store = None
+
+    def pause():
+        ro.operator_command(WeightChange(store, "shop", "payment", route_name="primary"), "pause", wait=False, now=clock.now)
+
+    store, _gate, clock, rollout = make({12: pause}, tick=1.0, pause_timeout=600)
+    rollout.alive = lambda: "gone" if clock.t - START >= 42.5 else None
+    with pytest.raises(ro.RolloutError, match=r"^cancelled \(gone\) at step 1 \(weight 5\); rolled back"):
+        rollout.run()
+    assert clock.t - START == 43 and min(clock.slept) > 0 and weights(store) == {"v1": 100, "v2": 0}
+
+
+@pytest.mark.parametrize("recorded, named", [(7, "4 (weight 50)"), (-2, "1 (weight 5)")])
+def test_abandoned_names_a_step_of_the_plan_even_when_the_record_says_one_outside_it(recorded, named):
+    store, change = finished("progressing", lease={"holder": "run-1", "expires": START + 500})
+    vs = store.objects[("virtualservices", "shop", "payment")]
+    vs["metadata"]["annotations"][ro.STATE_ANNOTATION] = json.dumps(dict(canary="v2", stable="v1", phase="progressing", step=recorded,
+                                                                         holder="run-1", plan=[5, 10, 25, 50]))
+    _s, _g, _c, guardian = make()
+    guardian.change = change
+    assert guardian.abandoned("killed") == "rolled_back"
+    assert state(store)["reason"] == "cancelled (killed) at step %s" % named and weights(store) == {"v1": 100, "v2": 0}
