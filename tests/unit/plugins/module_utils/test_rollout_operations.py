@@ -511,3 +511,13 @@ def test_abandoned_names_a_step_of_the_plan_even_when_the_record_says_one_outsid
     guardian.change = change
     assert guardian.abandoned("killed") == "rolled_back"
     assert state(store)["reason"] == "cancelled (killed) at step %s" % named and weights(store) == {"v1": 100, "v2": 0}
+
+
+def test_a_direct_abort_is_not_stopped_by_the_recorded_runs_own_lease_but_by_another_holders():
+    store, change = finished("held", lease={"holder": "run-0", "expires": START + 100})   # the held run's own lease, not yet expired
+    out = ro.operator_command(change, "abort", now=lambda: START)
+    assert out["direct"] is True and out["phase"] == "aborted" and weights(store) == {"v1": 100, "v2": 0}
+    store, change = finished("held", lease={"holder": "run-9", "expires": START + 100})   # someone else's
+    with pytest.raises(ro.RolloutError, match=r"command: a rollout \(run-9\) started on shop/payment meanwhile; rerun the command"):
+        ro.operator_command(change, "abort", now=lambda: START)
+    assert store.calls["write"] == 0 and weights(store) == {"v1": 60, "v2": 40}
