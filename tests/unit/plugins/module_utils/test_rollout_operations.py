@@ -521,3 +521,14 @@ def test_a_direct_abort_is_not_stopped_by_the_recorded_runs_own_lease_but_by_ano
     with pytest.raises(ro.RolloutError, match=r"command: a rollout \(run-9\) started on shop/payment meanwhile; rerun the command"):
         ro.operator_command(change, "abort", now=lambda: START)
     assert store.calls["write"] == 0 and weights(store) == {"v1": 60, "v2": 40}
+
+
+def test_a_lease_that_expires_this_second_is_expired():
+    store, change = finished("progressing", lease={"holder": "run-0", "expires": START})
+    with pytest.raises(ro.RolloutError, match=r"no rollout is running on VirtualService shop/payment \(the last rollout \(canary v2, stable v1\) is"
+                                              r" progressing at step 3, its lease \(run-0\) expired 0 s ago\); pause acts on a running rollout"):
+        ro.operator_command(change, "pause", wait=False, now=lambda: START)
+    out = ro.operator_command(change, "abort", now=lambda: START)   # no rollout running: abort acts directly
+    assert out["direct"] is True and weights(store) == {"v1": 100, "v2": 0}
+    store, change = finished("held", lease={"holder": "run-9", "expires": START})   # another holder's lease, expiring now, stops nothing
+    assert ro.operator_command(change, "promote", now=lambda: START)["phase"] == "promoted" and weights(store) == {"v1": 0, "v2": 100}
