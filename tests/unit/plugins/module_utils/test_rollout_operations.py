@@ -532,3 +532,58 @@ def test_a_lease_that_expires_this_second_is_expired():
     assert out["direct"] is True and weights(store) == {"v1": 100, "v2": 0}
     store, change = finished("held", lease={"holder": "run-9", "expires": START})   # another holder's lease, expiring now, stops nothing
     assert ro.operator_command(change, "promote", now=lambda: START)["phase"] == "promoted" and weights(store) == {"v1": 0, "v2": 100}
+
+
+def test_an_abort_puts_all_traffic_on_stable_even_when_another_client_changed_the_weights_meanwhile():
+    store = None
+
+    def change_by_hand_and_abort():
+        route = store.route("payment", "shop", 1)
+        route["route"][0]["weight"], route["route"][1]["weight"] = 70, 30
+        ro.operator_command(WeightChange(store, "shop", "payment", route_name="primary"), "abort", wait=False, now=clock.now)
+
+    store, _gate, clock, rollout = make({40: change_by_hand_and_abort})
+    result = rollout.run()
+    assert result["result"] == "aborted" and weights(store) == {"v1": 100, "v2": 0} and state(store)["phase"] == "aborted"
+
+
+def test_what_operator_command_reports_changed():
+    store, change = finished("progressing", lease={"holder": "run-0", "expires": START + 500})
+    posted = ro.operator_command(change, "pause", by="erin", wait=False, now=lambda: START, command_id="k-1")
+    assert posted["changed"] is True and posted["posted"] is True
+    # the command as posted: its keys in a fixed order, so the same command reads the same in kubectl
+    assert annotations(store)[ro.COMMAND_ANNOTATION] == '{"at": "%s", "by": "erin", "command": "pause", "id": "k-1"}' % ro.iso(START)
+    store, change = finished("paused", lease={"holder": "run-0", "expires": START + 500})
+    same = ro.operator_command(change, "pause", now=lambda: START)
+    assert same["changed"] is False and same["acknowledged"] is True and same["msg"] == "VirtualService shop/payment is already paused: nothing to do"
+    store, change = finished("aborted", stable=100, canary=0)
+    again = ro.operator_command(change, "abort", now=lambda: START)
+    assert again["changed"] is False and again["direct"] is True and again["msg"] == "already aborted: traffic v1=100, v2=0"
+
+
+def test_a_cancel_after_the_promotion_landed_reports_the_change_it_made():
+    store, _gate, _clock, rollout = make(steps=(50,))
+    promote = rollout._promote
+
+    def promote_then_signal(base, failures, manual=None, vs=None):
+        promote(base, failures, manual=manual, vs=vs)
+        raise ro.Cancelled("SIGINT")
+
+    rollout._promote = promote_then_signal
+    with pytest.raises(ro.RolloutError) as caught:
+        rollout.run()
+    assert caught.value.result["changed"] is True and caught.value.result["result"] == "promoted"
+
+
+def test_a_rollback_that_fails_with_another_error_than_the_first_names_that_error():
+    store, gate, _clock, rollout = make()
+
+    def crash_then_lose_the_connection(token):
+        store.refuse = [ConnectionError("connection reset by peer")]
+        raise RuntimeError("prometheus client crashed")
+
+    gate.evaluate = crash_then_lose_the_connection
+    with pytest.raises(ro.RolloutError, match=r"prometheus client crashed; the rollback that should have followed was not written: connection reset"
+                                              r" by peer\. Fix the cause"):
+        rollout.run()
+    assert weights(store) == {"v1": 95, "v2": 5}
