@@ -587,3 +587,17 @@ def test_a_rollback_that_fails_with_another_error_than_the_first_names_that_erro
                                               r" by peer\. Fix the cause"):
         rollout.run()
     assert weights(store) == {"v1": 95, "v2": 5}
+
+
+def test_durations_in_messages_drop_a_zero_fraction_and_keep_any_other():
+    store, change = finished("progressing", lease={"holder": "run-0", "expires": START + 500})
+    clock = Clock()
+    with pytest.raises(ro.RolloutError, match=r"did not act on pause within 2\.5s \(wait_timeout\)"):
+        ro.operator_command(change, "pause", timeout=2.5, now=clock.now, sleep=clock.sleep)
+    store = None
+
+    def pause():
+        ro.operator_command(WeightChange(store, "shop", "payment", route_name="primary"), "pause", wait=False, now=clock.now)
+
+    store, _gate, clock, rollout = make({31: pause}, pause_timeout=100.0)
+    assert rollout.run()["reason"].startswith("paused for longer than pause_timeout (100s) at step 2")
