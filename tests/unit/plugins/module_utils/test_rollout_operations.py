@@ -601,3 +601,127 @@ def test_durations_in_messages_drop_a_zero_fraction_and_keep_any_other():
 
     store, _gate, clock, rollout = make({31: pause}, pause_timeout=100.0)
     assert rollout.run()["reason"].startswith("paused for longer than pause_timeout (100s) at step 2")
+
+
+def test_a_direct_command_writes_when_the_phase_is_recorded_but_the_weights_were_changed_since():
+    store, change = finished("aborted", stable=60, canary=40)   # aborted, then someone gave the canary 40 %
+    out = ro.operator_command(change, "abort", now=lambda: START)
+    assert out["changed"] is True and weights(store) == {"v1": 100, "v2": 0}
+
+
+def test_a_direct_command_says_what_it_set_or_would_set():
+    _store, change = finished()
+    assert ro.operator_command(change, "promote", check_mode=True, now=lambda: START)["msg"] == (
+        "no rollout was running on shop/payment: would set traffic v1=0, v2=100, phase promoted")
+    store, change = finished()
+    out = ro.operator_command(change, "promote", now=lambda: START)
+    assert out["msg"] == "no rollout was running on shop/payment: set traffic v1=0, v2=100, phase promoted" and out["acknowledged"] is True
+    raw = annotations(store)[ro.STATE_ANNOTATION]
+    assert raw == json.dumps(json.loads(raw), sort_keys=True)   # the state's keys in a fixed order
+    again = ro.operator_command(change, "promote", now=lambda: START)
+    assert again["changed"] is False and again["acknowledged"] is True and again["direct"] is True
+
+
+def test_a_direct_command_needs_both_subsets_recorded():
+    store, change = finished()
+    vs = store.objects[("virtualservices", "shop", "payment")]
+    vs["metadata"]["annotations"][ro.STATE_ANNOTATION] = json.dumps(dict(canary="v2", phase="held", step=1, holder="run-0"))
+    with pytest.raises(ro.RolloutError, match="so its canary and stable subsets are unknown"):
+        ro.operator_command(change, "abort", now=lambda: START)
+    assert store.calls["write"] == 0
+
+
+def test_a_direct_command_stops_when_a_rollout_starts_between_its_read_and_its_write():
+    store, change = finished()
+
+    def a_rollout_starts(obj):
+        notes = obj["metadata"]["annotations"]
+        notes[ro.STATE_ANNOTATION] = json.dumps(dict(canary="v2", stable="v1", phase="progressing", step=0, holder="run-5", plan=[5, 10, 40]))
+        notes[ro.LEASE_ANNOTATION] = json.dumps(dict(holder="run-5", expires=START + 300))
+
+    store.interfere.append(a_rollout_starts)
+    with pytest.raises(ro.RolloutError, match=r"command: a rollout \(run-5\) started on shop/payment meanwhile"):
+        ro.operator_command(change, "abort", now=lambda: START)
+    assert weights(store) == {"v1": 60, "v2": 40} and state(store)["holder"] == "run-5"
+
+
+def test_an_abort_reports_a_change():
+    store = None
+
+    def abort():
+        ro.operator_command(WeightChange(store, "shop", "payment", route_name="primary"), "abort", wait=False, now=clock.now)
+
+    store, _gate, clock, rollout = make({40: abort})
+    assert rollout.run()["changed"] is True
+
+
+def test_abandoned_leaves_alone_a_rollout_that_has_ended_even_with_its_lease_still_on():
+    store, change = finished("rolled_back", lease={"holder": "run-1", "expires": START + 500})
+    vs = store.objects[("virtualservices", "shop", "payment")]
+    vs["metadata"]["annotations"][ro.STATE_ANNOTATION] = json.dumps(dict(canary="v2", stable="v1", phase="rolled_back", step=1, holder="run-1",
+                                                                         plan=[5, 10, 25, 50]))
+    _s, _g, _c, guardian = make()
+    guardian.change = change
+    assert guardian.abandoned("killed") is None and store.calls["write"] == 0
+
+
+def test_abandoned_stops_when_another_run_takes_over_between_its_read_and_its_write_even_with_force():
+    store, change = finished("progressing", lease={"holder": "run-1", "expires": START + 500})
+
+    def another_run_takes_over(obj):
+        obj["metadata"]["annotations"][ro.LEASE_ANNOTATION] = json.dumps(dict(holder="run-7", expires=START + 900))
+
+    store.interfere.append(another_run_takes_over)
+    _s, _g, _c, guardian = make(force=True)
+    guardian.change = change
+    vs = store.objects[("virtualservices", "shop", "payment")]
+    vs["metadata"]["annotations"][ro.STATE_ANNOTATION] = json.dumps(dict(canary="v2", stable="v1", phase="progressing", step=1, holder="run-1",
+                                                                         plan=[5, 10, 25, 50]))
+    with pytest.raises(ro.LeaseHeld, match=r"now held by another rollout \(run-7\)"):
+        guardian.abandoned("killed")
+    assert weights(store) == {"v1": 60, "v2": 40}
+
+
+def test_pause_and_resume_with_ticks():
+    store = None
+
+    def command(what):
+        return lambda: ro.operator_command(WeightChange(store, "shop", "payment", route_name="primary"), what, wait=False, now=clock.now)
+
+    store, gate, clock, rollout = make({12: command("pause"), 200: command("resume")}, tick=1.0, pause_timeout=600)
+    result = rollout.run()
+    assert [e["action"] for e in result["timeline"]] == ["pause", "resume", "advance", "advance", "advance", "promote", "promoted"]
+    assert result["timeline"][2]["started"] == ro.iso(START + 200) and gate.windows == 5
+
+
+def test_a_rollback_after_a_cancel_that_the_api_refuses_says_the_canary_keeps_its_share():
+    store, _gate, _clock, rollout = make()
+
+    def cancel():
+        store.forbidden = True
+        raise ro.Cancelled("SIGTERM")
+
+    rollout.sleep = Timed({45: cancel}).sleep
+    rollout.now = rollout.sleep.__self__.now
+    with pytest.raises(ro.RolloutError, match=r"^canary v2 still gets 10 % of the traffic \(weights in force: v1=90, v2=10\): cancelled \(SIGTERM\)"
+                                              r" at step 2 \(weight 10\); the rollback that should have followed was not written: .*HTTP 403") as caught:
+        rollout.run()
+    assert caught.value.result["result"] == "stopped" and weights(store) == {"v1": 90, "v2": 10}
+
+
+def test_a_second_pause_while_paused_keeps_the_rollout_paused_until_resume():
+    store = None
+
+    def command(what, cid):
+        return lambda: ro.operator_command(WeightChange(store, "shop", "payment", route_name="primary"), what, wait=False, now=clock.now,
+                                           command_id=cid)
+
+    def late_pause():   # posted by a poster that read the rollout still progressing, just before it paused
+        vs = store.objects[("virtualservices", "shop", "payment")]
+        vs["metadata"]["annotations"][ro.COMMAND_ANNOTATION] = json.dumps(dict(command="pause", id="p-2", at=ro.iso(clock.now())))
+
+    store, _gate, clock, rollout = make({12: command("pause", "p-1"), 50: late_pause, 200: command("resume", "r-1")}, pause_timeout=600)
+    result = rollout.run()
+    assert [e["action"] for e in result["timeline"]] == ["pause", "resume", "advance", "advance", "advance", "promote", "promoted"]
+    assert result["timeline"][2]["started"] == ro.iso(START + 200)
+    assert state(store)["command"]["id"] == "r-1"
