@@ -725,3 +725,19 @@ def test_a_second_pause_while_paused_keeps_the_rollout_paused_until_resume():
     assert [e["action"] for e in result["timeline"]] == ["pause", "resume", "advance", "advance", "advance", "promote", "promoted"]
     assert result["timeline"][2]["started"] == ro.iso(START + 200)
     assert state(store)["command"]["id"] == "r-1"
+
+
+def test_a_pause_lasts_an_hour_unless_pause_timeout_says_otherwise():
+    store = None
+    seen = {}
+
+    def look():
+        seen["lease"] = json.loads(annotations(store)[ro.LEASE_ANNOTATION])
+
+    def pause():
+        ro.operator_command(WeightChange(store, "shop", "payment", route_name="primary"), "pause", wait=False, now=clock.now)
+
+    store, _gate, clock, rollout = make({3: pause, 6: look})
+    result = rollout.run()
+    assert seen["lease"] == {"holder": "run-1", "expires": START + 5 + 3600 + 120}
+    assert result["result"] == "held" and clock.t - START == 5 + 3600
