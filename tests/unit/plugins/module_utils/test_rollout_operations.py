@@ -465,6 +465,7 @@ def test_the_timeline_names_the_step_of_an_abort_and_of_a_resume():
     result = rollout.run()
     assert result["result"] == "aborted"
     assert [(e["action"], e["step"]) for e in result["timeline"]] == [("advance", 1), ("pause", 2), ("resume", 2), ("abort", 2), ("aborted", 2)]
+    assert result["timeline"][-1]["weight"] == 0 and result["timeline"][-1]["weights"] == {"v1": 100, "v2": 0}
 
 
 def test_a_cancel_during_the_promotion_write_holds_at_the_last_step_and_a_rerun_resumes_it():
@@ -511,6 +512,7 @@ def test_abandoned_names_a_step_of_the_plan_even_when_the_record_says_one_outsid
     guardian.change = change
     assert guardian.abandoned("killed") == "rolled_back"
     assert state(store)["reason"] == "cancelled (killed) at step %s" % named and weights(store) == {"v1": 100, "v2": 0}
+    assert state(store)["failures"] == 0   # none recorded: none counted
 
 
 def test_a_direct_abort_is_not_stopped_by_the_recorded_runs_own_lease_but_by_another_holders():
@@ -741,3 +743,49 @@ def test_a_pause_lasts_an_hour_unless_pause_timeout_says_otherwise():
     result = rollout.run()
     assert seen["lease"] == {"holder": "run-1", "expires": START + 5 + 3600 + 120}
     assert result["result"] == "held" and clock.t - START == 5 + 3600
+
+
+def test_abandoned_leaves_alone_a_rollout_whose_lease_another_run_took():
+    store, change = finished("progressing", lease={"holder": "run-9", "expires": START + 500})
+    vs = store.objects[("virtualservices", "shop", "payment")]
+    vs["metadata"]["annotations"][ro.STATE_ANNOTATION] = json.dumps(dict(canary="v2", stable="v1", phase="progressing", step=1, holder="run-1",
+                                                                         plan=[5, 10, 25, 50]))
+    _s, _g, _c, guardian = make()
+    guardian.change = change
+    assert guardian.abandoned("killed") is None and store.calls["write"] == 0
+
+
+def test_abandoned_with_hold_counts_no_failures_when_none_are_recorded():
+    store, change = finished("progressing", lease={"holder": "run-1", "expires": START + 500})
+    vs = store.objects[("virtualservices", "shop", "payment")]
+    vs["metadata"]["annotations"][ro.STATE_ANNOTATION] = json.dumps(dict(canary="v2", stable="v1", phase="progressing", step=1, holder="run-1",
+                                                                         plan=[5, 10, 25, 50]))
+    _s, _g, _c, guardian = make(on_cancel="hold")
+    guardian.change = change
+    assert guardian.abandoned("killed") == "held" and state(store)["failures"] == 0 and weights(store) == {"v1": 60, "v2": 40}
+
+
+def test_a_record_without_step_or_lease_expiry_reads_as_step_1_and_a_lease_expired_at_the_epoch():
+    store, change = finished("held", lease={"holder": "run-0"})
+    vs = store.objects[("virtualservices", "shop", "payment")]
+    vs["metadata"]["annotations"][ro.STATE_ANNOTATION] = json.dumps(dict(canary="v2", stable="v1", phase="held", holder="run-0"))
+    with pytest.raises(ro.RolloutError, match=r"the last rollout \(canary v2, stable v1\) is held at step 1, its lease \(run-0\) expired %d s ago\)"
+                                              % START):
+        ro.operator_command(change, "pause", wait=False, now=lambda: START)
+
+
+def test_a_command_waits_60_seconds_by_default():
+    _store, change = finished("progressing", lease={"holder": "run-0", "expires": START + 500})
+    clock = Clock()
+    with pytest.raises(ro.RolloutError, match=r"did not act on pause within 60s \(wait_timeout\)"):
+        ro.operator_command(change, "pause", now=clock.now, sleep=clock.sleep)
+    assert clock.t - START == 60
+
+
+def test_a_command_gets_an_id_of_12_hex_digits_when_none_is_given():
+    store, change = finished("progressing", lease={"holder": "run-0", "expires": START + 500})
+    posted = ro.operator_command(change, "pause", wait=False, now=lambda: START)
+    _store, held = finished()
+    direct = ro.operator_command(held, "abort", now=lambda: START)
+    for out in (posted, direct):
+        assert len(out["id"]) == 12 and int(out["id"], 16) >= 0
