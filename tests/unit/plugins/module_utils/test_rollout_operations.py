@@ -789,3 +789,14 @@ def test_a_command_gets_an_id_of_12_hex_digits_when_none_is_given():
     direct = ro.operator_command(held, "abort", now=lambda: START)
     for out in (posted, direct):
         assert len(out["id"]) == 12 and int(out["id"], 16) >= 0
+
+
+def test_abandoned_takes_a_record_without_a_step_for_step_1():
+    store, change = finished("progressing", lease={"holder": "run-1", "expires": START + 500})
+    vs = store.objects[("virtualservices", "shop", "payment")]
+    vs["metadata"]["annotations"][ro.STATE_ANNOTATION] = json.dumps(dict(canary="v2", stable="v1", phase="progressing", holder="run-1",
+                                                                         plan=[5, 10, 25, 50]))
+    _s, _g, _c, guardian = make()
+    guardian.change = change
+    assert guardian.abandoned("killed") == "rolled_back"
+    assert state(store)["reason"] == "cancelled (killed) at step 1 (weight 5)" and state(store)["step"] == 0
