@@ -800,3 +800,9 @@ def test_abandoned_takes_a_record_without_a_step_for_step_1():
     guardian.change = change
     assert guardian.abandoned("killed") == "rolled_back"
     assert state(store)["reason"] == "cancelled (killed) at step 1 (weight 5)" and state(store)["step"] == 0
+
+
+def test_a_lease_with_less_than_a_second_left_still_runs():
+    _store, change = finished("held", lease={"holder": "run-0", "expires": START + 0.5})
+    with pytest.raises(ro.RolloutError, match=r"is held at step 3, its lease \(run-0\) runs 0 s more\)"):
+        ro.operator_command(change, "pause", wait=False, now=lambda: START)
