@@ -806,3 +806,18 @@ def test_a_lease_with_less_than_a_second_left_still_runs():
     _store, change = finished("held", lease={"holder": "run-0", "expires": START + 0.5})
     with pytest.raises(ro.RolloutError, match=r"is held at step 3, its lease \(run-0\) runs 0 s more\)"):
         ro.operator_command(change, "pause", wait=False, now=lambda: START)
+
+
+def test_a_command_for_a_rollout_that_ends_while_it_is_posted_is_not_posted():
+    store, change = finished("progressing", lease={"holder": "run-0", "expires": START + 500})
+    ro.operator_command(change, "pause", wait=False, now=lambda: START, command_id="first")
+
+    def the_rollout_aborts_on_an_earlier_command(obj):   # and removes it: the post's test of the command annotation fails
+        notes = obj["metadata"]["annotations"]
+        notes[ro.STATE_ANNOTATION] = json.dumps(dict(json.loads(notes[ro.STATE_ANNOTATION]), phase="aborted"))
+        del notes[ro.LEASE_ANNOTATION], notes[ro.COMMAND_ANNOTATION]
+
+    store.interfere.append(the_rollout_aborts_on_an_earlier_command)
+    with pytest.raises(ro.RolloutError, match=r"command: the rollout on VirtualService shop/payment ended while the command was being posted"):
+        ro.operator_command(change, "promote", wait=False, now=lambda: START)
+    assert ro.COMMAND_ANNOTATION not in annotations(store)
