@@ -556,7 +556,8 @@ def test_what_operator_command_reports_changed():
     # the command as posted: its keys in a fixed order, so the same command reads the same in kubectl
     assert annotations(store)[ro.COMMAND_ANNOTATION] == '{"at": "%s", "by": "erin", "command": "pause", "id": "k-1"}' % ro.iso(START)
     store, change = finished("paused", lease={"holder": "run-0", "expires": START + 500})
-    same = ro.operator_command(change, "pause", now=lambda: START)
+    clock = Clock()   # were it posted, its wait would run on this clock, not the real one
+    same = ro.operator_command(change, "pause", now=clock.now, sleep=clock.sleep)
     assert same["changed"] is False and same["acknowledged"] is True and same["msg"] == "VirtualService shop/payment is already paused: nothing to do"
     store, change = finished("aborted", stable=100, canary=0)
     again = ro.operator_command(change, "abort", now=lambda: START)
