@@ -608,3 +608,32 @@ def test_the_gate_objects_preflight_retries_on_its_clock():
     gate = cc.CanaryGate(params(SR, retry_inconclusive_for=20, retry_interval=10), TARGET, k8s=ready(), http=prom.transport,
                          clock=clock, sleep=clock.sleep)
     assert by_name(gate.preflight(STABLE_TARGET))["errors"]["attempts"] == 3 and clock.sleeps == [10, 10]
+
+
+class StoppedClock(FakeClock):
+    """A clock that a sleep does not move (a sleep cut short, a coarse clock): only the number of rounds bounds the retries."""
+
+    def sleep(self, seconds):
+        self.sleeps.append(seconds)
+
+
+def test_the_retries_are_bounded_by_their_number_too_when_the_clock_does_not_move():
+    clock = StoppedClock()
+    report = retried([SR], stable_prom(good=4), clock, retry_inconclusive_for=25, retry_interval=10)
+    assert by_name(report)["errors"]["attempts"] == 3 and clock.sleeps == [10, 10]
+
+
+def test_slow_queries_count_against_retry_inconclusive_for():
+    clock = FakeClock()
+    prom = stable_prom(good=4)
+    answer = prom.transport
+
+    def eight_seconds_per_query(url, **kwargs):
+        clock.now += 8
+        return answer(url, **kwargs)
+
+    p = params(SR, retry_inconclusive_for=25, retry_interval=10)
+    report = cc.preflight(p, TARGET, STABLE_TARGET, k8s=ready(), http=eight_seconds_per_query, clock=clock, sleep=clock.sleep)
+    # the retries start after "up" (8 s) and last until 33 s: round 1 ends at 16 s, round 2 begins at 26 s and ends at 34 s,
+    # and a third round would begin at 44 s, past 33 s: not begun
+    assert by_name(report)["errors"]["attempts"] == 2 and clock.sleeps == [10]

@@ -420,3 +420,405 @@ def test_a_cancel_in_a_mirror_step_names_it_and_removes_the_mirror():
     route = store.route("payment", "shop", 1)
     assert "mirror" not in route and "mirrorPercentage" not in route and weights(store) == {"v1": 100, "v2": 0}
     assert state(store)["reason"] == "cancelled (SIGTERM) at step 1 (mirror 20 %)"
+
+
+# -- when the rollout looks, and which step the timeline names -------------------------------------------------------
+
+def test_a_step_looks_for_commands_every_command_every_seconds_from_its_start_never_earlier():
+    store, _gate, clock, rollout = make(command_every=5)
+    result = rollout.run()
+    assert result["result"] == "promoted"
+    # run's read, 5 writes' reads, the DestinationRules, and 5 looks in each 30 s step (at 5, 10, ... 25 s; at 30 s the step ends)
+    assert store.calls["read"] == 1 + 5 + 1 + 4 * 5
+    assert min(clock.slept) > 0 and clock.t - START == 4 * 30
+
+
+def test_a_paused_rollout_looks_every_command_every_seconds_from_the_pause():
+    store = None
+    looks = []
+
+    def pause():
+        ro.operator_command(WeightChange(store, "shop", "payment", route_name="primary"), "pause", wait=False, now=clock.now)
+
+    store, _gate, clock, rollout = make({12: pause}, command_every=5, pause_timeout=22)
+    read = rollout.change.read
+
+    def read_and_note():
+        looks.append(clock.t - START)
+        return read()
+
+    rollout.change.read = read_and_note
+    result = rollout.run()
+    assert result["result"] == "held" and min(clock.slept) > 0
+    # paused at 15 (the first look after 12 s): then a look every 5 s until pause_timeout ends it at 37 s
+    paused_looks = [t for t in looks if 15 < t < 37]
+    assert paused_looks == [20, 25, 30, 35]
+
+
+def test_the_timeline_names_the_step_of_an_abort_and_of_a_resume():
+    store = None
+
+    def command(what):
+        return lambda: ro.operator_command(WeightChange(store, "shop", "payment", route_name="primary"), what, wait=False, now=clock.now)
+
+    store, _gate, clock, rollout = make({32: command("pause"), 50: command("resume"), 70: command("abort")})
+    result = rollout.run()
+    assert result["result"] == "aborted"
+    assert [(e["action"], e["step"]) for e in result["timeline"]] == [("advance", 1), ("pause", 2), ("resume", 2), ("abort", 2), ("aborted", 2)]
+    assert result["timeline"][-1]["weight"] == 0 and result["timeline"][-1]["weights"] == {"v1": 100, "v2": 0}
+
+
+def test_a_cancel_during_the_promotion_write_holds_at_the_last_step_and_a_rerun_resumes_it():
+    store, gate, _clock, rollout = make(on_cancel="hold")
+    evaluate = gate.evaluate
+
+    def signal_during_the_next_write(token):
+        verdict = evaluate(token)
+        if len(gate.seen) == 4:   # the last step passed: the promotion's write is next, and the signal comes before it lands
+            store.refuse = [ro.Cancelled("SIGTERM")]
+        return verdict
+
+    gate.evaluate = signal_during_the_next_write
+    with pytest.raises(ro.RolloutError, match=r"^cancelled \(SIGTERM\) at step 5 \(weight 100\); held: traffic now v1=50, v2=50"):
+        rollout.run()
+    assert state(store)["phase"] == "held" and state(store)["step"] == 3   # the last step of the plan, not one past it
+    clock = Clock()
+    again = ro.Rollout(WeightChange(store, "shop", "payment", route_name="primary"), Gate(store), "v1", "v2",
+                       ro.plan_steps([5, 10, 25, 50], interval="30s"), now=clock.now, sleep=clock.sleep, holder="run-2")
+    result = again.run()
+    assert result["note"] == "resuming held at step 4 (weight 50), as recorded" and result["result"] == "promoted"
+
+
+def test_the_death_of_the_job_while_paused_is_noticed_within_one_tick():
+    store = None
+
+    def pause():
+        ro.operator_command(WeightChange(store, "shop", "payment", route_name="primary"), "pause", wait=False, now=clock.now)
+
+    store, _gate, clock, rollout = make({12: pause}, tick=1.0, pause_timeout=600)
+    rollout.alive = lambda: "gone" if clock.t - START >= 42.5 else None
+    with pytest.raises(ro.RolloutError, match=r"^cancelled \(gone\) at step 1 \(weight 5\); rolled back"):
+        rollout.run()
+    assert clock.t - START == 43 and min(clock.slept) > 0 and weights(store) == {"v1": 100, "v2": 0}
+
+
+@pytest.mark.parametrize("recorded, named", [(7, "4 (weight 50)"), (-2, "1 (weight 5)")])
+def test_abandoned_names_a_step_of_the_plan_even_when_the_record_says_one_outside_it(recorded, named):
+    store, change = finished("progressing", lease={"holder": "run-1", "expires": START + 500})
+    vs = store.objects[("virtualservices", "shop", "payment")]
+    vs["metadata"]["annotations"][ro.STATE_ANNOTATION] = json.dumps(dict(canary="v2", stable="v1", phase="progressing", step=recorded,
+                                                                         holder="run-1", plan=[5, 10, 25, 50]))
+    _s, _g, _c, guardian = make()
+    guardian.change = change
+    assert guardian.abandoned("killed") == "rolled_back"
+    assert state(store)["reason"] == "cancelled (killed) at step %s" % named and weights(store) == {"v1": 100, "v2": 0}
+    assert state(store)["failures"] == 0   # none recorded: none counted
+
+
+def test_a_direct_abort_is_not_stopped_by_the_recorded_runs_own_lease_but_by_another_holders():
+    store, change = finished("held", lease={"holder": "run-0", "expires": START + 100})   # the held run's own lease, not yet expired
+    out = ro.operator_command(change, "abort", now=lambda: START)
+    assert out["direct"] is True and out["phase"] == "aborted" and weights(store) == {"v1": 100, "v2": 0}
+    store, change = finished("held", lease={"holder": "run-9", "expires": START + 100})   # someone else's
+    with pytest.raises(ro.RolloutError, match=r"command: a rollout \(run-9\) started on shop/payment meanwhile; rerun the command"):
+        ro.operator_command(change, "abort", now=lambda: START)
+    assert store.calls["write"] == 0 and weights(store) == {"v1": 60, "v2": 40}
+
+
+def test_a_lease_that_expires_this_second_is_expired():
+    store, change = finished("progressing", lease={"holder": "run-0", "expires": START})
+    with pytest.raises(ro.RolloutError, match=r"no rollout is running on VirtualService shop/payment \(the last rollout \(canary v2, stable v1\) is"
+                                              r" progressing at step 3, its lease \(run-0\) expired 0 s ago\); pause acts on a running rollout"):
+        ro.operator_command(change, "pause", wait=False, now=lambda: START)
+    out = ro.operator_command(change, "abort", now=lambda: START)   # no rollout running: abort acts directly
+    assert out["direct"] is True and weights(store) == {"v1": 100, "v2": 0}
+    store, change = finished("held", lease={"holder": "run-9", "expires": START})   # another holder's lease, expiring now, stops nothing
+    assert ro.operator_command(change, "promote", now=lambda: START)["phase"] == "promoted" and weights(store) == {"v1": 0, "v2": 100}
+
+
+def test_an_abort_puts_all_traffic_on_stable_even_when_another_client_changed_the_weights_meanwhile():
+    store = None
+
+    def change_by_hand_and_abort():
+        route = store.route("payment", "shop", 1)
+        route["route"][0]["weight"], route["route"][1]["weight"] = 70, 30
+        ro.operator_command(WeightChange(store, "shop", "payment", route_name="primary"), "abort", wait=False, now=clock.now)
+
+    store, _gate, clock, rollout = make({40: change_by_hand_and_abort})
+    result = rollout.run()
+    assert result["result"] == "aborted" and weights(store) == {"v1": 100, "v2": 0} and state(store)["phase"] == "aborted"
+
+
+def test_what_operator_command_reports_changed():
+    store, change = finished("progressing", lease={"holder": "run-0", "expires": START + 500})
+    posted = ro.operator_command(change, "pause", by="erin", wait=False, now=lambda: START, command_id="k-1")
+    assert posted["changed"] is True and posted["posted"] is True
+    # the command as posted: its keys in a fixed order, so the same command reads the same in kubectl
+    assert annotations(store)[ro.COMMAND_ANNOTATION] == '{"at": "%s", "by": "erin", "command": "pause", "id": "k-1"}' % ro.iso(START)
+    store, change = finished("paused", lease={"holder": "run-0", "expires": START + 500})
+    clock = Clock()   # were it posted, its wait would run on this clock, not the real one
+    same = ro.operator_command(change, "pause", now=clock.now, sleep=clock.sleep)
+    assert same["changed"] is False and same["acknowledged"] is True and same["msg"] == "VirtualService shop/payment is already paused: nothing to do"
+    store, change = finished("aborted", stable=100, canary=0)
+    again = ro.operator_command(change, "abort", now=lambda: START)
+    assert again["changed"] is False and again["direct"] is True and again["msg"] == "already aborted: traffic v1=100, v2=0"
+
+
+def test_a_cancel_after_the_promotion_landed_reports_the_change_it_made():
+    store, _gate, _clock, rollout = make(steps=(50,))
+    promote = rollout._promote
+
+    def promote_then_signal(base, failures, manual=None, vs=None):
+        promote(base, failures, manual=manual, vs=vs)
+        raise ro.Cancelled("SIGINT")
+
+    rollout._promote = promote_then_signal
+    with pytest.raises(ro.RolloutError) as caught:
+        rollout.run()
+    assert caught.value.result["changed"] is True and caught.value.result["result"] == "promoted"
+
+
+def test_a_rollback_that_fails_with_another_error_than_the_first_names_that_error():
+    store, gate, _clock, rollout = make()
+
+    def crash_then_lose_the_connection(token):
+        store.refuse = [ConnectionError("connection reset by peer")]
+        raise RuntimeError("prometheus client crashed")
+
+    gate.evaluate = crash_then_lose_the_connection
+    with pytest.raises(ro.RolloutError, match=r"prometheus client crashed; the rollback that should have followed was not written: connection reset"
+                                              r" by peer\. Fix the cause"):
+        rollout.run()
+    assert weights(store) == {"v1": 95, "v2": 5}
+
+
+def test_durations_in_messages_drop_a_zero_fraction_and_keep_any_other():
+    store, change = finished("progressing", lease={"holder": "run-0", "expires": START + 500})
+    clock = Clock()
+    with pytest.raises(ro.RolloutError, match=r"did not act on pause within 2\.5s \(wait_timeout\)"):
+        ro.operator_command(change, "pause", timeout=2.5, now=clock.now, sleep=clock.sleep)
+    store = None
+
+    def pause():
+        ro.operator_command(WeightChange(store, "shop", "payment", route_name="primary"), "pause", wait=False, now=clock.now)
+
+    store, _gate, clock, rollout = make({31: pause}, pause_timeout=100.0)
+    assert rollout.run()["reason"].startswith("paused for longer than pause_timeout (100s) at step 2")
+
+
+def test_a_direct_command_writes_when_the_phase_is_recorded_but_the_weights_were_changed_since():
+    store, change = finished("aborted", stable=60, canary=40)   # aborted, then someone gave the canary 40 %
+    out = ro.operator_command(change, "abort", now=lambda: START)
+    assert out["changed"] is True and weights(store) == {"v1": 100, "v2": 0}
+
+
+def test_a_direct_command_says_what_it_set_or_would_set():
+    _store, change = finished()
+    assert ro.operator_command(change, "promote", check_mode=True, now=lambda: START)["msg"] == (
+        "no rollout was running on shop/payment: would set traffic v1=0, v2=100, phase promoted")
+    store, change = finished()
+    out = ro.operator_command(change, "promote", now=lambda: START)
+    assert out["msg"] == "no rollout was running on shop/payment: set traffic v1=0, v2=100, phase promoted" and out["acknowledged"] is True
+    raw = annotations(store)[ro.STATE_ANNOTATION]
+    assert raw == json.dumps(json.loads(raw), sort_keys=True)   # the state's keys in a fixed order
+    again = ro.operator_command(change, "promote", now=lambda: START)
+    assert again["changed"] is False and again["acknowledged"] is True and again["direct"] is True
+
+
+def test_a_direct_command_needs_both_subsets_recorded():
+    store, change = finished()
+    vs = store.objects[("virtualservices", "shop", "payment")]
+    vs["metadata"]["annotations"][ro.STATE_ANNOTATION] = json.dumps(dict(canary="v2", phase="held", step=1, holder="run-0"))
+    with pytest.raises(ro.RolloutError, match="so its canary and stable subsets are unknown"):
+        ro.operator_command(change, "abort", now=lambda: START)
+    assert store.calls["write"] == 0
+
+
+def test_a_direct_command_stops_when_a_rollout_starts_between_its_read_and_its_write():
+    store, change = finished()
+
+    def a_rollout_starts(obj):
+        notes = obj["metadata"]["annotations"]
+        notes[ro.STATE_ANNOTATION] = json.dumps(dict(canary="v2", stable="v1", phase="progressing", step=0, holder="run-5", plan=[5, 10, 40]))
+        notes[ro.LEASE_ANNOTATION] = json.dumps(dict(holder="run-5", expires=START + 300))
+
+    store.interfere.append(a_rollout_starts)
+    with pytest.raises(ro.RolloutError, match=r"command: a rollout \(run-5\) started on shop/payment meanwhile"):
+        ro.operator_command(change, "abort", now=lambda: START)
+    assert weights(store) == {"v1": 60, "v2": 40} and state(store)["holder"] == "run-5"
+
+
+def test_an_abort_reports_a_change():
+    store = None
+
+    def abort():
+        ro.operator_command(WeightChange(store, "shop", "payment", route_name="primary"), "abort", wait=False, now=clock.now)
+
+    store, _gate, clock, rollout = make({40: abort})
+    assert rollout.run()["changed"] is True
+
+
+def test_abandoned_leaves_alone_a_rollout_that_has_ended_even_with_its_lease_still_on():
+    store, change = finished("rolled_back", lease={"holder": "run-1", "expires": START + 500})
+    vs = store.objects[("virtualservices", "shop", "payment")]
+    vs["metadata"]["annotations"][ro.STATE_ANNOTATION] = json.dumps(dict(canary="v2", stable="v1", phase="rolled_back", step=1, holder="run-1",
+                                                                         plan=[5, 10, 25, 50]))
+    _s, _g, _c, guardian = make()
+    guardian.change = change
+    assert guardian.abandoned("killed") is None and store.calls["write"] == 0
+
+
+def test_abandoned_stops_when_another_run_takes_over_between_its_read_and_its_write_even_with_force():
+    store, change = finished("progressing", lease={"holder": "run-1", "expires": START + 500})
+
+    def another_run_takes_over(obj):
+        obj["metadata"]["annotations"][ro.LEASE_ANNOTATION] = json.dumps(dict(holder="run-7", expires=START + 900))
+
+    store.interfere.append(another_run_takes_over)
+    _s, _g, _c, guardian = make(force=True)
+    guardian.change = change
+    vs = store.objects[("virtualservices", "shop", "payment")]
+    vs["metadata"]["annotations"][ro.STATE_ANNOTATION] = json.dumps(dict(canary="v2", stable="v1", phase="progressing", step=1, holder="run-1",
+                                                                         plan=[5, 10, 25, 50]))
+    with pytest.raises(ro.LeaseHeld, match=r"now held by another rollout \(run-7\)"):
+        guardian.abandoned("killed")
+    assert weights(store) == {"v1": 60, "v2": 40}
+
+
+def test_pause_and_resume_with_ticks():
+    store = None
+
+    def command(what):
+        return lambda: ro.operator_command(WeightChange(store, "shop", "payment", route_name="primary"), what, wait=False, now=clock.now)
+
+    store, gate, clock, rollout = make({12: command("pause"), 200: command("resume")}, tick=1.0, pause_timeout=600)
+    result = rollout.run()
+    assert [e["action"] for e in result["timeline"]] == ["pause", "resume", "advance", "advance", "advance", "promote", "promoted"]
+    assert result["timeline"][2]["started"] == ro.iso(START + 200) and gate.windows == 5
+
+
+def test_a_rollback_after_a_cancel_that_the_api_refuses_says_the_canary_keeps_its_share():
+    store, _gate, _clock, rollout = make()
+
+    def cancel():
+        store.forbidden = True
+        raise ro.Cancelled("SIGTERM")
+
+    rollout.sleep = Timed({45: cancel}).sleep
+    rollout.now = rollout.sleep.__self__.now
+    with pytest.raises(ro.RolloutError, match=r"^canary v2 still gets 10 % of the traffic \(weights in force: v1=90, v2=10\): cancelled \(SIGTERM\)"
+                                              r" at step 2 \(weight 10\); the rollback that should have followed was not written: .*HTTP 403") as caught:
+        rollout.run()
+    assert caught.value.result["result"] == "stopped" and weights(store) == {"v1": 90, "v2": 10}
+
+
+def test_a_second_pause_while_paused_keeps_the_rollout_paused_until_resume():
+    store = None
+
+    def command(what, cid):
+        return lambda: ro.operator_command(WeightChange(store, "shop", "payment", route_name="primary"), what, wait=False, now=clock.now,
+                                           command_id=cid)
+
+    def late_pause():   # posted by a poster that read the rollout still progressing, just before it paused
+        vs = store.objects[("virtualservices", "shop", "payment")]
+        vs["metadata"]["annotations"][ro.COMMAND_ANNOTATION] = json.dumps(dict(command="pause", id="p-2", at=ro.iso(clock.now())))
+
+    store, _gate, clock, rollout = make({12: command("pause", "p-1"), 50: late_pause, 200: command("resume", "r-1")}, pause_timeout=600)
+    result = rollout.run()
+    assert [e["action"] for e in result["timeline"]] == ["pause", "resume", "advance", "advance", "advance", "promote", "promoted"]
+    assert result["timeline"][2]["started"] == ro.iso(START + 200)
+    assert state(store)["command"]["id"] == "r-1"
+
+
+def test_a_pause_lasts_an_hour_unless_pause_timeout_says_otherwise():
+    store = None
+    seen = {}
+
+    def look():
+        seen["lease"] = json.loads(annotations(store)[ro.LEASE_ANNOTATION])
+
+    def pause():
+        ro.operator_command(WeightChange(store, "shop", "payment", route_name="primary"), "pause", wait=False, now=clock.now)
+
+    store, _gate, clock, rollout = make({3: pause, 6: look})
+    result = rollout.run()
+    assert seen["lease"] == {"holder": "run-1", "expires": START + 5 + 3600 + 120}
+    assert result["result"] == "held" and clock.t - START == 5 + 3600
+
+
+def test_abandoned_leaves_alone_a_rollout_whose_lease_another_run_took():
+    store, change = finished("progressing", lease={"holder": "run-9", "expires": START + 500})
+    vs = store.objects[("virtualservices", "shop", "payment")]
+    vs["metadata"]["annotations"][ro.STATE_ANNOTATION] = json.dumps(dict(canary="v2", stable="v1", phase="progressing", step=1, holder="run-1",
+                                                                         plan=[5, 10, 25, 50]))
+    _s, _g, _c, guardian = make()
+    guardian.change = change
+    assert guardian.abandoned("killed") is None and store.calls["write"] == 0
+
+
+def test_abandoned_with_hold_counts_no_failures_when_none_are_recorded():
+    store, change = finished("progressing", lease={"holder": "run-1", "expires": START + 500})
+    vs = store.objects[("virtualservices", "shop", "payment")]
+    vs["metadata"]["annotations"][ro.STATE_ANNOTATION] = json.dumps(dict(canary="v2", stable="v1", phase="progressing", step=1, holder="run-1",
+                                                                         plan=[5, 10, 25, 50]))
+    _s, _g, _c, guardian = make(on_cancel="hold")
+    guardian.change = change
+    assert guardian.abandoned("killed") == "held" and state(store)["failures"] == 0 and weights(store) == {"v1": 60, "v2": 40}
+
+
+def test_a_record_without_step_or_lease_expiry_reads_as_step_1_and_a_lease_expired_at_the_epoch():
+    store, change = finished("held", lease={"holder": "run-0"})
+    vs = store.objects[("virtualservices", "shop", "payment")]
+    vs["metadata"]["annotations"][ro.STATE_ANNOTATION] = json.dumps(dict(canary="v2", stable="v1", phase="held", holder="run-0"))
+    with pytest.raises(ro.RolloutError, match=r"the last rollout \(canary v2, stable v1\) is held at step 1, its lease \(run-0\) expired %d s ago\)"
+                                              % START):
+        ro.operator_command(change, "pause", wait=False, now=lambda: START)
+
+
+def test_a_command_waits_60_seconds_by_default():
+    _store, change = finished("progressing", lease={"holder": "run-0", "expires": START + 500})
+    clock = Clock()
+    with pytest.raises(ro.RolloutError, match=r"did not act on pause within 60s \(wait_timeout\)"):
+        ro.operator_command(change, "pause", now=clock.now, sleep=clock.sleep)
+    assert clock.t - START == 60
+
+
+def test_a_command_gets_an_id_of_12_hex_digits_when_none_is_given():
+    store, change = finished("progressing", lease={"holder": "run-0", "expires": START + 500})
+    posted = ro.operator_command(change, "pause", wait=False, now=lambda: START)
+    _store, held = finished()
+    direct = ro.operator_command(held, "abort", now=lambda: START)
+    for out in (posted, direct):
+        assert len(out["id"]) == 12 and int(out["id"], 16) >= 0
+
+
+def test_abandoned_takes_a_record_without_a_step_for_step_1():
+    store, change = finished("progressing", lease={"holder": "run-1", "expires": START + 500})
+    vs = store.objects[("virtualservices", "shop", "payment")]
+    vs["metadata"]["annotations"][ro.STATE_ANNOTATION] = json.dumps(dict(canary="v2", stable="v1", phase="progressing", holder="run-1",
+                                                                         plan=[5, 10, 25, 50]))
+    _s, _g, _c, guardian = make()
+    guardian.change = change
+    assert guardian.abandoned("killed") == "rolled_back"
+    assert state(store)["reason"] == "cancelled (killed) at step 1 (weight 5)" and state(store)["step"] == 0
+
+
+def test_a_lease_with_less_than_a_second_left_still_runs():
+    _store, change = finished("held", lease={"holder": "run-0", "expires": START + 0.5})
+    with pytest.raises(ro.RolloutError, match=r"is held at step 3, its lease \(run-0\) runs 0 s more\)"):
+        ro.operator_command(change, "pause", wait=False, now=lambda: START)
+
+
+def test_a_command_for_a_rollout_that_ends_while_it_is_posted_is_not_posted():
+    store, change = finished("progressing", lease={"holder": "run-0", "expires": START + 500})
+    ro.operator_command(change, "pause", wait=False, now=lambda: START, command_id="first")
+
+    def the_rollout_aborts_on_an_earlier_command(obj):   # and removes it: the post's test of the command annotation fails
+        notes = obj["metadata"]["annotations"]
+        notes[ro.STATE_ANNOTATION] = json.dumps(dict(json.loads(notes[ro.STATE_ANNOTATION]), phase="aborted"))
+        del notes[ro.LEASE_ANNOTATION], notes[ro.COMMAND_ANNOTATION]
+
+    store.interfere.append(the_rollout_aborts_on_an_earlier_command)
+    with pytest.raises(ro.RolloutError, match=r"command: the rollout on VirtualService shop/payment ended while the command was being posted"):
+        ro.operator_command(change, "promote", wait=False, now=lambda: START)
+    assert ro.COMMAND_ANNOTATION not in annotations(store)
