@@ -239,6 +239,27 @@ def _cpu_seconds(pid):
         return 0.0
 
 
+IDLE_LIMIT = 300.0   # seconds on the clock a test run may go without using any CPU (a mutant that sleeps)
+
+
+def _tree_cpu_seconds(pid):
+    """CPU time of a process and of every process under it (a test's subprocesses work while it waits)."""
+    total, todo, seen = 0.0, [pid], set()
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        total += _cpu_seconds(current)
+        try:
+            for task in os.listdir("/proc/%d/task" % current):
+                with open("/proc/%d/task/%s/children" % (current, task)) as f:
+                    todo.extend(int(child) for child in f.read().split())
+        except (OSError, ValueError):
+            pass
+    return total
+
+
 def run_tests(tree, cpu_limit, log_path=None, first=None, files=(UNIT,)):
     """Run ``files`` (tests/unit) in a fork of this process inside ``tree`` (``first``: the engine file whose tests
     go first). Returns ("passed" | "failed" | "timeout", CPU seconds). The limit is on CPU time, not on the clock:
@@ -256,16 +277,23 @@ def run_tests(tree, cpu_limit, log_path=None, first=None, files=(UNIT,)):
             code = int(pytest.main(list(PYTEST_ARGS) + list(files), plugins=[_OwnTestsFirst(first)] if first else []))
         finally:
             os._exit(code)  # pylint: disable=protected-access
-    deadline = time.monotonic() + max(1800.0, 60 * cpu_limit)   # and a backstop on the clock (a mutant that sleeps)
+    deadline = time.monotonic() + max(1800.0, 60 * cpu_limit)   # and a backstop on the clock
+    # A mutant that makes a test sleep on the real clock (a wait turned around) uses no CPU at all: after IDLE_LIMIT
+    # seconds without any, in the run and its subprocesses, it is ended like one that runs too long. A run that only
+    # waits for a core at the lowest priority still gets some CPU within that time.
+    last_cpu, last_change = 0.0, time.monotonic()
     while True:
         done, status, usage = os.wait4(pid, os.WNOHANG)
         if done:
             return ("passed" if os.waitstatus_to_exitcode(status) == 0 else "failed"), usage.ru_utime + usage.ru_stime
-        if _cpu_seconds(pid) > cpu_limit or time.monotonic() > deadline:
+        now, used = time.monotonic(), _tree_cpu_seconds(pid)
+        if used > last_cpu:
+            last_cpu, last_change = used, now
+        if _cpu_seconds(pid) > cpu_limit or now > deadline or now - last_change > IDLE_LIMIT:
             os.kill(pid, signal.SIGKILL)
             _pid, _status, usage = os.wait4(pid, 0)
             return "timeout", usage.ru_utime + usage.ru_stime   # killed, as in Cosmic Ray; reported apart
-        time.sleep(0.01)
+        time.sleep(0.05)
 
 
 def _read_progress(path, digest):
