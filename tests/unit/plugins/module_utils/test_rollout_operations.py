@@ -194,6 +194,18 @@ def finished(phase="held", stable=60, canary=40, lease=None):
     return store, WeightChange(store, "shop", "payment", route_name="primary")
 
 
+def record(store, **recorded):
+    """Replace the rollout's recorded state on the VirtualService."""
+    store.objects[("virtualservices", "shop", "payment")]["metadata"]["annotations"][ro.STATE_ANNOTATION] = json.dumps(recorded)
+
+
+def guardian_over(change, **options):
+    """A rollout (make's, with ``options``) whose run is over ``change``: what the guardian of a killed module holds."""
+    _s, _g, _c, guardian = make(**options)
+    guardian.change = change
+    return guardian
+
+
 def test_abort_of_a_held_rollout_whose_job_ended_sets_the_weights_itself():
     store, change = finished(lease={"holder": "run-0", "expires": START - 1})
     out = ro.operator_command(change, "abort", by="dave", now=lambda: START, command_id="a-1")
@@ -399,8 +411,7 @@ def test_abandoned_with_hold_keeps_the_weights_and_releases_the_lease():
 
 def test_abandoned_leaves_alone_what_another_run_holds():
     store, change = finished("progressing", lease={"holder": "run-0", "expires": START + 500})
-    _s, _g, _c, guardian = make()
-    guardian.change = change
+    guardian = guardian_over(change)
     assert guardian.abandoned("killed") is None and store.calls["write"] == 0
 
 
@@ -505,11 +516,8 @@ def test_the_death_of_the_job_while_paused_is_noticed_within_one_tick():
 @pytest.mark.parametrize("recorded, named", [(7, "4 (weight 50)"), (-2, "1 (weight 5)")])
 def test_abandoned_names_a_step_of_the_plan_even_when_the_record_says_one_outside_it(recorded, named):
     store, change = finished("progressing", lease={"holder": "run-1", "expires": START + 500})
-    vs = store.objects[("virtualservices", "shop", "payment")]
-    vs["metadata"]["annotations"][ro.STATE_ANNOTATION] = json.dumps(dict(canary="v2", stable="v1", phase="progressing", step=recorded,
-                                                                         holder="run-1", plan=[5, 10, 25, 50]))
-    _s, _g, _c, guardian = make()
-    guardian.change = change
+    record(store, canary="v2", stable="v1", phase="progressing", step=recorded, holder="run-1", plan=[5, 10, 25, 50])
+    guardian = guardian_over(change)
     assert guardian.abandoned("killed") == "rolled_back"
     assert state(store)["reason"] == "cancelled (killed) at step %s" % named and weights(store) == {"v1": 100, "v2": 0}
     assert state(store)["failures"] == 0   # none recorded: none counted
@@ -627,8 +635,7 @@ def test_a_direct_command_says_what_it_set_or_would_set():
 
 def test_a_direct_command_needs_both_subsets_recorded():
     store, change = finished()
-    vs = store.objects[("virtualservices", "shop", "payment")]
-    vs["metadata"]["annotations"][ro.STATE_ANNOTATION] = json.dumps(dict(canary="v2", phase="held", step=1, holder="run-0"))
+    record(store, canary="v2", phase="held", step=1, holder="run-0")
     with pytest.raises(ro.RolloutError, match="so its canary and stable subsets are unknown"):
         ro.operator_command(change, "abort", now=lambda: START)
     assert store.calls["write"] == 0
@@ -660,11 +667,8 @@ def test_an_abort_reports_a_change():
 
 def test_abandoned_leaves_alone_a_rollout_that_has_ended_even_with_its_lease_still_on():
     store, change = finished("rolled_back", lease={"holder": "run-1", "expires": START + 500})
-    vs = store.objects[("virtualservices", "shop", "payment")]
-    vs["metadata"]["annotations"][ro.STATE_ANNOTATION] = json.dumps(dict(canary="v2", stable="v1", phase="rolled_back", step=1, holder="run-1",
-                                                                         plan=[5, 10, 25, 50]))
-    _s, _g, _c, guardian = make()
-    guardian.change = change
+    record(store, canary="v2", stable="v1", phase="rolled_back", step=1, holder="run-1", plan=[5, 10, 25, 50])
+    guardian = guardian_over(change)
     assert guardian.abandoned("killed") is None and store.calls["write"] == 0
 
 
@@ -675,11 +679,8 @@ def test_abandoned_stops_when_another_run_takes_over_between_its_read_and_its_wr
         obj["metadata"]["annotations"][ro.LEASE_ANNOTATION] = json.dumps(dict(holder="run-7", expires=START + 900))
 
     store.interfere.append(another_run_takes_over)
-    _s, _g, _c, guardian = make(force=True)
-    guardian.change = change
-    vs = store.objects[("virtualservices", "shop", "payment")]
-    vs["metadata"]["annotations"][ro.STATE_ANNOTATION] = json.dumps(dict(canary="v2", stable="v1", phase="progressing", step=1, holder="run-1",
-                                                                         plan=[5, 10, 25, 50]))
+    guardian = guardian_over(change, force=True)
+    record(store, canary="v2", stable="v1", phase="progressing", step=1, holder="run-1", plan=[5, 10, 25, 50])
     with pytest.raises(ro.LeaseHeld, match=r"now held by another rollout \(run-7\)"):
         guardian.abandoned("killed")
     assert weights(store) == {"v1": 60, "v2": 40}
@@ -748,28 +749,21 @@ def test_a_pause_lasts_an_hour_unless_pause_timeout_says_otherwise():
 
 def test_abandoned_leaves_alone_a_rollout_whose_lease_another_run_took():
     store, change = finished("progressing", lease={"holder": "run-9", "expires": START + 500})
-    vs = store.objects[("virtualservices", "shop", "payment")]
-    vs["metadata"]["annotations"][ro.STATE_ANNOTATION] = json.dumps(dict(canary="v2", stable="v1", phase="progressing", step=1, holder="run-1",
-                                                                         plan=[5, 10, 25, 50]))
-    _s, _g, _c, guardian = make()
-    guardian.change = change
+    record(store, canary="v2", stable="v1", phase="progressing", step=1, holder="run-1", plan=[5, 10, 25, 50])
+    guardian = guardian_over(change)
     assert guardian.abandoned("killed") is None and store.calls["write"] == 0
 
 
 def test_abandoned_with_hold_counts_no_failures_when_none_are_recorded():
     store, change = finished("progressing", lease={"holder": "run-1", "expires": START + 500})
-    vs = store.objects[("virtualservices", "shop", "payment")]
-    vs["metadata"]["annotations"][ro.STATE_ANNOTATION] = json.dumps(dict(canary="v2", stable="v1", phase="progressing", step=1, holder="run-1",
-                                                                         plan=[5, 10, 25, 50]))
-    _s, _g, _c, guardian = make(on_cancel="hold")
-    guardian.change = change
+    record(store, canary="v2", stable="v1", phase="progressing", step=1, holder="run-1", plan=[5, 10, 25, 50])
+    guardian = guardian_over(change, on_cancel="hold")
     assert guardian.abandoned("killed") == "held" and state(store)["failures"] == 0 and weights(store) == {"v1": 60, "v2": 40}
 
 
 def test_a_record_without_step_or_lease_expiry_reads_as_step_1_and_a_lease_expired_at_the_epoch():
     store, change = finished("held", lease={"holder": "run-0"})
-    vs = store.objects[("virtualservices", "shop", "payment")]
-    vs["metadata"]["annotations"][ro.STATE_ANNOTATION] = json.dumps(dict(canary="v2", stable="v1", phase="held", holder="run-0"))
+    record(store, canary="v2", stable="v1", phase="held", holder="run-0")
     with pytest.raises(ro.RolloutError, match=r"the last rollout \(canary v2, stable v1\) is held at step 1, its lease \(run-0\) expired %d s ago\)"
                                               % START):
         ro.operator_command(change, "pause", wait=False, now=lambda: START)
@@ -794,11 +788,8 @@ def test_a_command_gets_an_id_of_12_hex_digits_when_none_is_given():
 
 def test_abandoned_takes_a_record_without_a_step_for_step_1():
     store, change = finished("progressing", lease={"holder": "run-1", "expires": START + 500})
-    vs = store.objects[("virtualservices", "shop", "payment")]
-    vs["metadata"]["annotations"][ro.STATE_ANNOTATION] = json.dumps(dict(canary="v2", stable="v1", phase="progressing", holder="run-1",
-                                                                         plan=[5, 10, 25, 50]))
-    _s, _g, _c, guardian = make()
-    guardian.change = change
+    record(store, canary="v2", stable="v1", phase="progressing", holder="run-1", plan=[5, 10, 25, 50])
+    guardian = guardian_over(change)
     assert guardian.abandoned("killed") == "rolled_back"
     assert state(store)["reason"] == "cancelled (killed) at step 1 (weight 5)" and state(store)["step"] == 0
 

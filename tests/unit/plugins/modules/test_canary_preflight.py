@@ -20,12 +20,8 @@ from ansible_collections.onprem.mesh.tests.unit.plugins.modules.module_exits imp
 from ansible_collections.onprem.mesh.tests.unit.plugins.module_utils.fake_istio import FakeIstio, serve
 from ansible_collections.onprem.mesh.tests.unit.plugins.module_utils.fake_prometheus import FakePrometheus
 from ansible_collections.onprem.mesh.tests.unit.plugins.module_utils.test_canary_checks import FakeReader, deployment
+from ansible_collections.onprem.mesh.tests.unit.plugins.modules.test_canary_rollout import OBJECTS
 
-ROUTE = {"name": "primary", "route": [{"destination": {"host": "payment", "subset": "v1"}, "weight": 100},
-                                      {"destination": {"host": "payment", "subset": "v2"}, "weight": 0}]}
-OBJECTS = [{"kind": "VirtualService", "metadata": {"name": "payment", "namespace": "shop"}, "spec": {"hosts": ["payment"], "http": [ROUTE]}},
-           {"kind": "DestinationRule", "metadata": {"name": "payment", "namespace": "shop"},
-            "spec": {"host": "payment", "subsets": [{"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}]}}]
 URL = "http://127.0.0.1:9"
 SR = {"name": "success-rate", "type": "success_rate", "min": 99}
 ERRORS = {"name": "5xx", "type": "promql", "max": 1,
