@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PATH := $(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: setup test demo units integration static molecule sanity lint mutation clean
+.PHONY: setup test demo units integration static molecule molecule-cluster sanity lint mutation clean
 
 setup:
 	@bash tools/bootstrap.sh
@@ -36,6 +36,12 @@ lint: setup
 
 molecule: setup
 	$(PY) -m pytest tests/layers/test_molecule.py $(PYTEST_ARGS)
+
+## The kubeadm cluster on two QEMU guests from the air-gapped mirror (extensions/molecule/cluster): about an hour under
+## TCG, so not part of `make test`. Builds kube-proxy and CoreDNS first (they are not in make setup).
+molecule-cluster: setup
+	$(PY) tools/controlplane/build.py kube-proxy coredns
+	ONPREM_MESH_MOLECULE_CLUSTER=1 $(PY) -m pytest -s tests/layers/test_molecule.py $(PYTEST_ARGS)
 
 ## Mutation testing of the canary engine against tests/unit (tools/mutation/run.py): the score per file and the
 ## surviving mutants. Not part of `make test`: about half an hour on 2 cores, at the lowest CPU priority.

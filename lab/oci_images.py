@@ -2,17 +2,21 @@
 engine: the air-gapped control-plane images, made of the binaries tools/controlplane built.
 
     python3 lab/oci_images.py DIR                   # the control-plane images kubeadm 1.35 runs, one archive each
+    python3 lab/oci_images.py DIR --cluster         # and its add-ons' (kube-proxy, CoreDNS: build.py kube-proxy coredns)
     python3 lab/oci_images.py OUT.tar --file NAME:TAG TEXT   # one image with one small file (a test's data)
 
 Each image is one uncompressed layer with a static binary at the path the upstream image has it, and a config whose
-PATH finds it: what kubeadm's static Pods and containerd's sandbox need of registry.k8s.io's images. Reproducible:
-every timestamp is 0, so the same binaries give the same digests.
+PATH finds it: what kubeadm's static Pods and containerd's sandbox need of registry.k8s.io's images. kube-proxy runs
+iptables: its image also holds Debian 12's iptables (nft backend) and the libraries it loads, from the Debian packages
+(apt-get download on this machine), as the upstream image holds them from its distroless-iptables base. Reproducible:
+every timestamp is 0, so the same binaries (and packages) give the same digests.
 """
 
 import hashlib
 import io
 import json
 import os
+import subprocess
 import sys
 import tarfile
 
@@ -30,6 +34,23 @@ CONTROL_PLANE = {
     "kube-controller-manager": (components.KUBERNETES_VERSION, "kube-controller-manager", "usr/local/bin/kube-controller-manager", None),
     "kube-scheduler": (components.KUBERNETES_VERSION, "kube-scheduler", "usr/local/bin/kube-scheduler", None),
 }
+
+# The add-ons kubeadm deploys (`--cluster`): binaries built only for the cluster in the guests (on_demand components).
+ADDONS = {
+    "kube-proxy": (components.KUBERNETES_VERSION, "kube-proxy", "usr/local/bin/kube-proxy", None),
+    "coredns/coredns": (components.COREDNS_VERSION, "coredns", "coredns", ["/coredns"]),
+}
+# kube-proxy's iptables: the Debian 12 packages of iptables and of what it loads (apt-cache depends iptables), whose
+# files go into the image; the nft backend is what Debian's iptables is by default (update-alternatives, made here as
+# symbolic links because no package script runs in an image).
+IPTABLES_PACKAGES = ["iptables", "libip4tc2", "libip6tc2", "libxtables12", "libmnl0", "libnetfilter-conntrack3",
+                     "libnfnetlink0", "libnftnl11", "libc6", "libgcc-s1", "netbase"]
+IPTABLES_COMMANDS = ["iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save", "ip6tables-restore"]
+_SKIP_PREFIXES = ("usr/share/doc/", "usr/share/man/", "usr/share/locale/", "usr/share/lintian/", "usr/lib/x86_64-linux-gnu/gconv/")
+
+
+class Symlink(str):
+    """A layer entry that is a symbolic link to this target (``{"usr/sbin/iptables": Symlink("xtables-nft-multi")}``)."""
 
 
 def _blob(blobs, data):
@@ -59,9 +80,45 @@ def _layer(files):
             tar.addfile(info)
         for name, data in sorted(files.items()):
             info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(data), 0o755, 0
-            tar.addfile(info, io.BytesIO(data))
+            info.mode, info.mtime = 0o755, 0
+            if isinstance(data, Symlink):
+                info.type, info.linkname = tarfile.SYMTYPE, str(data)
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def debian_files(packages, cache_dir):
+    """{path: bytes or Symlink} of the files of Debian ``packages`` (documentation left out), downloaded once into
+    ``cache_dir`` with this machine's apt (``apt-get download``: nothing is installed)."""
+    os.makedirs(cache_dir, exist_ok=True)
+    debs = {}
+    for name in os.listdir(cache_dir):
+        if name.endswith(".deb"):
+            debs[name.split("_", 1)[0]] = os.path.join(cache_dir, name)
+    missing = [p for p in packages if p not in debs]
+    if missing:
+        try:
+            subprocess.run(["apt-get", "download"] + missing, cwd=cache_dir, check=True, capture_output=True, text=True)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            raise SystemExit("oci_images: cannot download the Debian packages %s for the kube-proxy image (apt-get "
+                             "download, in %s): %s" % (" ".join(missing), cache_dir, getattr(exc, "stderr", exc))) from exc
+        return debian_files(packages, cache_dir)
+    files = {}
+    for package in packages:
+        data = subprocess.run(["dpkg-deb", "--fsys-tarfile", debs[package]], check=True, capture_output=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            for member in tar.getmembers():
+                name = member.name[2:] if member.name.startswith("./") else member.name
+                if not name or name.startswith(_SKIP_PREFIXES) or member.isdir():
+                    continue
+                if member.issym():
+                    files[name] = Symlink(member.linkname)
+                elif member.isfile() or member.islnk():
+                    files[name] = tar.extractfile(member).read()
+    return files
 
 
 def image(blobs, ref, files, entrypoint=None, cmd=None):
@@ -99,14 +156,25 @@ def write_archive(out, images):
     return [ref for ref, dummy, dummy in images]
 
 
-def control_plane(directory, registry=REGISTRY):
+def iptables_files(cache_dir):
+    """Debian's iptables with the nft backend as the commands kube-proxy runs, and the libraries they load."""
+    files = debian_files(IPTABLES_PACKAGES, cache_dir)
+    files.update(("usr/sbin/" + command, Symlink("xtables-nft-multi")) for command in IPTABLES_COMMANDS)
+    return files
+
+
+def control_plane(directory, registry=REGISTRY, addons=False):
     """One archive per control-plane image, from the built binaries, in ``directory`` (``<name>-<tag>.tar``, as a site
-    would keep them apart to import only what a node needs); returns [(file name, [reference])]."""
+    would keep them apart to import only what a node needs); with ``addons``, kube-proxy's and CoreDNS's too. Returns
+    [(file name, [reference])]."""
     out = []
-    for name, (tag, binary, path, entrypoint) in CONTROL_PLANE.items():
+    images = dict(CONTROL_PLANE, **(ADDONS if addons else {}))
+    for name, (tag, binary, path, entrypoint) in images.items():
         with open(components.binary(binary), "rb") as fh:
             image_files = {path: fh.read()}
-        file_name = "%s-%s.tar" % (name, tag)
+        if name == "kube-proxy":
+            image_files.update(iptables_files(os.path.join(str(components.cache_root()), "debs", "kube-proxy")))
+        file_name = "%s-%s.tar" % (name.rsplit("/", 1)[-1], tag)
         out.append((file_name, write_archive(os.path.join(str(directory), file_name),
                                              [("%s/%s:%s" % (registry, name, tag), image_files, entrypoint)])))
     return out
@@ -115,9 +183,9 @@ def control_plane(directory, registry=REGISTRY):
 def main(argv):
     if len(argv) == 4 and argv[1] == "--file":
         refs = write_archive(argv[0], [(argv[2], {"onprem-mesh.txt": argv[3].encode() + b"\n"}, ["/onprem-mesh.txt"])])
-    elif len(argv) == 1:
+    elif len(argv) == 1 or (len(argv) == 2 and argv[1] == "--cluster"):
         os.makedirs(argv[0], exist_ok=True)
-        refs = [ref for dummy, archive_refs in control_plane(argv[0]) for ref in archive_refs]
+        refs = [ref for dummy, archive_refs in control_plane(argv[0], addons=len(argv) == 2) for ref in archive_refs]
     else:
         sys.stderr.write(__doc__)
         return 2

@@ -358,6 +358,31 @@ def test_image_archives_are_downloaded_checked_with_the_other_artifacts(tmp_path
     assert not (tmp_path / "cache2" / ("images-" + archive["file"])).exists()
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or ARCH != "amd64", reason="chroot needs root; the images are amd64")
+def test_kube_proxy_s_iptables_from_debian_s_packages_runs_in_the_image_root(tmp_path):
+    """kube-proxy runs iptables-restore and iptables-save in its own image: lab/oci_images.py puts Debian 12's iptables
+    (nft backend) and every library it loads into the layer, and the commands kube-proxy calls as links to
+    xtables-nft-multi. The layer, unpacked as containerd unpacks it, runs them on their own (chroot)."""
+    oci_images = artifact_mirror.oci_images
+    archive = tmp_path / "iptables.tar"
+    files = oci_images.iptables_files(os.path.join(str(oci_images.components.cache_root()), "debs", "kube-proxy"))
+    oci_images.write_archive(archive, [("onprem.test/iptables:1", files, None)])
+    root = tmp_path / "root"
+    with tarfile.open(archive) as outer:
+        index = json.load(outer.extractfile("index.json"))
+        manifest = json.load(outer.extractfile("blobs/sha256/" + index["manifests"][0]["digest"].split(":", 1)[1]))
+        layer = outer.extractfile("blobs/sha256/" + manifest["layers"][0]["digest"].split(":", 1)[1])
+        with tarfile.open(fileobj=layer) as inner:
+            inner.extractall(root, filter="tar")
+    for command in oci_images.IPTABLES_COMMANDS:
+        assert os.readlink(root / "usr" / "sbin" / command) == "xtables-nft-multi"
+        proc = subprocess.run(["chroot", str(root), "/usr/sbin/" + command, "--version"], capture_output=True, text=True,
+                              timeout=30, check=False)
+        assert proc.returncode == 0 and "(nf_tables)" in proc.stdout, (command, proc.stdout, proc.stderr)
+    assert (root / "etc" / "protocols").is_file(), "iptables resolves -p tcp through /etc/protocols (netbase)"
+    assert not list(root.glob("usr/share/doc/*")), "documentation is left out"
+
+
 def test_unreachable_mirror_names_the_mirror_variable(tmp_path):
     variables = dict(kubernetes_mirror_url=f"http://127.0.0.1:{free_port()}", kubernetes_download_dir=str(tmp_path / "cache"),
                      kubernetes_download_timeout=5)
@@ -451,6 +476,7 @@ def test_render_single_control_plane_defaults(tmp_path):
     assert cluster["networking"] == {"podSubnet": "10.244.0.0/16", "serviceSubnet": "10.96.0.0/12", "dnsDomain": "cluster.local"}
     assert cluster["etcd"] == {"local": {"dataDir": "/var/lib/etcd"}} and cluster["imageRepository"] == "registry.k8s.io"
     assert node["kubeadm"]["KubeProxyConfiguration"]["mode"] == "iptables"
+    assert "timeouts" not in node["kubeadm"]["InitConfiguration"], "kubeadm's own timeouts unless set"
     assert node["containerd"]["root"].endswith("/root/var/lib/containerd")
     assert node["containerd"]["plugins"]["io.containerd.grpc.v1.cri"]["sandbox_image"] == "registry.k8s.io/pause:3.10.1"
     # Istio defaults: telemetry on, a small trace sampling, sidecar requests, no limits, revision from the version.
@@ -496,6 +522,8 @@ def test_render_air_gapped_site(tmp_path):
         assert cluster["apiServer"]["certSANs"] == ["10.10.0.11"], "the extra configuration merges, it does not replace"
         assert kubeadm["KubeletConfiguration"]["maxPods"] == 150 and kubeadm["KubeletConfiguration"]["cgroupDriver"] == "systemd"
         assert kubeadm["KubeProxyConfiguration"]["mode"] == "ipvs"
+        assert kubeadm["InitConfiguration"]["timeouts"] == {"controlPlaneComponentHealthCheck": "10m0s",
+                                                            "kubernetesAPICall": "3m0s"}
         cri = node["containerd"]["plugins"]["io.containerd.grpc.v1.cri"]
         assert cri["sandbox_image"] == "registry.airgap.internal:5000/k8s/pause:3.10.1"
         docker = tomllib.loads((node["dir"] / "containerd" / "certs.d" / "docker.io" / "hosts.toml").read_text())

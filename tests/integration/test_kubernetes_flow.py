@@ -17,11 +17,12 @@ TARGET = os.path.join(ROOT, "tests", "integration", "targets", "kubeadm_flow")
 VENV_BIN = os.path.dirname(sys.executable)
 TOKEN = "abcdef.0123456789abcdef"
 CERT_KEY = "e" * 64
+ADMIN_KEY = "QURNSU4gS0VZIG9mIHRoZSBjbHVzdGVy"
 NODES = {"cp1": ("kube_control_plane", "192.0.2.11"), "cp2": ("kube_control_plane", "192.0.2.12"),
          "w1": ("kube_node", "192.0.2.21")}
 
 
-def cluster(tmp_path):
+def cluster(tmp_path, **extra_vars):
     """An inventory of three localhost aliases, each with its own configuration directory, and the fake kubeadm."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -31,12 +32,14 @@ def cluster(tmp_path):
     groups = {"kube_control_plane": {"hosts": {}}, "kube_node": {"hosts": {}}}
     for name, (group, address) in NODES.items():
         conf = tmp_path / name / "etc-kubernetes"
-        conf.mkdir(parents=True)
+        if group == "kube_control_plane":
+            conf.mkdir(parents=True)   # kubeadm's package or a previous run made it; a new worker has none
         groups[group]["hosts"][name] = {"kubernetes_config_dir": str(conf), "kubernetes_advertise_address": address,
                                         "kubernetes_kubeadm_config_file": str(conf / "kubeadm-config.yaml")}
     inventory = tmp_path / "inventory.yml"
     inventory.write_text(yaml.safe_dump({"all": {"children": groups, "vars": {
-        "kubernetes_bin_dir": str(bin_dir), "kubernetes_control_plane_endpoint": "k8s-api.lab.internal:6443"}}}))
+        "kubernetes_bin_dir": str(bin_dir), "kubernetes_control_plane_endpoint": "k8s-api.lab.internal:6443",
+        "kubernetes_admin_kubeconfig_dest": str(tmp_path / "controller" / "admin.conf"), **extra_vars}}}))
     (tmp_path / "state").mkdir()
     return inventory
 
@@ -81,9 +84,29 @@ def test_init_once_join_with_run_time_secrets_then_nothing(tmp_path):
     assert "controlPlane" not in joins["w1"][0]
     init_config = list(yaml.safe_load_all([c for c in calls if c["argv"][0] == "init" and "phase" not in c["argv"]][0]["config"]))
     assert init_config[1]["controlPlaneEndpoint"] == "k8s-api.lab.internal:6443"
+    # the admin kubeconfig of the first control plane, on the controller as kubeadm wrote it, 0600, never printed
+    controller = tmp_path / "controller" / "admin.conf"
+    assert controller.read_bytes() == (tmp_path / "cp1" / "etc-kubernetes" / "admin.conf").read_bytes()
+    assert controller.stat().st_mode & 0o777 == 0o600 and (tmp_path / "controller").stat().st_mode & 0o777 == 0o700
+    assert ADMIN_KEY not in out
     # Every node is a member now: the second run asks kubeadm nothing and changes nothing.
     rc, out, calls = run(tmp_path, inventory)
     assert rc == 0 and calls == [] and total_changed(out) == 0, (calls, out)
+
+
+def test_the_controller_s_kubeconfig_names_the_api_as_the_controller_reaches_it(tmp_path):
+    """kubernetes_admin_kubeconfig_server: the controller's copy points at a forwarded port (or a load balancer's public
+    name); the rest is kubeadm's file, the nodes' copy is left alone, and a second run changes nothing."""
+    inventory = cluster(tmp_path, kubernetes_admin_kubeconfig_server="https://127.0.0.1:16443")
+    rc, out, dummy = run(tmp_path, inventory)
+    assert rc == 0, out
+    node_copy = (tmp_path / "cp1" / "etc-kubernetes" / "admin.conf").read_text()
+    controller = (tmp_path / "controller" / "admin.conf").read_text()
+    assert "    server: https://192.0.2.11:6443\n" in node_copy
+    assert controller == node_copy.replace("https://192.0.2.11:6443", "https://127.0.0.1:16443")
+    assert ADMIN_KEY not in out
+    rc, out, dummy = run(tmp_path, inventory)
+    assert rc == 0 and total_changed(out) == 0, out
 
 
 def test_a_new_worker_joins_without_touching_the_members(tmp_path):

@@ -20,7 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import components as c  # noqa: E402  pylint: disable=wrong-import-position
 
-ORDER = ["etcd", "kwok", "kubernetes", "istio", "kubernetes-node", "cri-tools", "cni-plugins", "pause"]
+ORDER = ["etcd", "kwok", "kubernetes", "istio", "kubernetes-node", "cri-tools", "cni-plugins", "pause",
+         "kube-proxy", "coredns"]
 
 
 def log(msg):
@@ -91,7 +92,8 @@ def main(argv):
             state = "built" if c.is_built(name) else "missing"
             print(f"{name:<15} {c.COMPONENTS[name]['version']:<22} {state:<8} {c.component_dir(name)}")
         return 0
-    names = [a for a in argv if not a.startswith("-")] or ORDER
+    # with no names, what `make setup` needs: the components marked on_demand are built only when named
+    names = [a for a in argv if not a.startswith("-")] or [n for n in ORDER if not c.COMPONENTS[n].get("on_demand")]
     unknown = sorted(set(names) - set(ORDER))
     if unknown:
         raise SystemExit(f"controlplane: unknown component(s) {unknown}; choose from {ORDER}")

@@ -28,6 +28,7 @@ ISTIO_RELEASE = "1.30.3"
 CRI_TOOLS_VERSION = "v1.34.0"
 CNI_PLUGINS_VERSION = "v1.8.0"
 PAUSE_VERSION = "3.10.1"   # the tag kubeadm 1.35 and the container_runtime role expect of registry.k8s.io/pause
+COREDNS_VERSION = "v1.13.1"  # kubeadm 1.35's CoreDNSVersion (cmd/kubeadm/app/constants)
 
 _K8S_VERSION_PKGS = ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version")
 
@@ -108,6 +109,23 @@ COMPONENTS = {
         },
         "tags": [],
         "ldflags": [f"-X github.com/containernetworking/plugins/pkg/utils/buildversion.BuildVersion={CNI_PLUGINS_VERSION}"],
+    },
+    # Only for the cluster that kubeadm makes in the QEMU guests (`make molecule-cluster`): built when named
+    # (build.py kube-proxy coredns), not by `make setup`, so that CI's cold build does not wait for them.
+    "kube-proxy": {
+        "version": KUBERNETES_VERSION,
+        "module": "kubernetes",
+        "binaries": {"kube-proxy": "k8s.io/kubernetes/cmd/kube-proxy"},
+        "tags": ["selinux", "notest"],
+        "ldflags": _k8s_ldflags(KUBERNETES_VERSION),
+        "on_demand": True,
+    },
+    "coredns": {
+        "version": COREDNS_VERSION,
+        "binaries": {"coredns": "github.com/coredns/coredns"},
+        "tags": [],
+        "ldflags": [],
+        "on_demand": True,
     },
     # the pod sandbox of the air-gapped control-plane images (its source is in the wrapper module itself)
     "pause": {

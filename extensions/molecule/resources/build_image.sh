@@ -66,7 +66,7 @@ printf '127.0.0.1 localhost\n' >"$root/etc/hosts"
 mkdir -p "$root/etc/systemd/network"
 cat >"$root/etc/systemd/network/10-user.network" <<'EOF'
 [Match]
-Name=en* eth*
+MACAddress=52:54:00:12:34:56
 [Network]
 Address=10.0.2.15/24
 Gateway=10.0.2.2
@@ -96,13 +96,42 @@ ExecStart=/usr/local/sbin/onprem-ssh-key
 [Install]
 WantedBy=multi-user.target
 EOF
+# The guests' private network (guest.sh: a platform's `lan` address): onprem.lan=ADDRESS/PREFIX and
+# onprem.lanmac=MAC on the kernel command line configure the second NIC before systemd-networkd starts.
+cat >"$root/usr/local/sbin/onprem-lan" <<'EOF'
+#!/bin/sh
+lan="" mac=""
+for word in $(cat /proc/cmdline); do
+  case "$word" in
+    onprem.lan=*) lan=${word#onprem.lan=} ;;
+    onprem.lanmac=*) mac=${word#onprem.lanmac=} ;;
+  esac
+done
+[ -n "$lan" ] && [ -n "$mac" ] || exit 0
+mkdir -p /run/systemd/network
+printf '[Match]\nMACAddress=%s\n[Network]\nAddress=%s\nLinkLocalAddressing=no\nIPv6AcceptRA=no\n' "$mac" "$lan" \
+  >/run/systemd/network/05-lan.network
+EOF
+chmod 0755 "$root/usr/local/sbin/onprem-lan"
+cat >"$root/etc/systemd/system/onprem-lan.service" <<'EOF'
+[Unit]
+Description=Configure the guests' private network from the kernel command line
+DefaultDependencies=no
+Before=systemd-networkd.service
+After=local-fs.target
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/onprem-lan
+[Install]
+WantedBy=multi-user.target
+EOF
 cat >"$root/etc/ssh/sshd_config.d/onprem.conf" <<'EOF'
 PermitRootLogin prohibit-password
 PasswordAuthentication no
 UseDNS no
 EOF
 {
-  chroot "$root" systemctl enable onprem-ssh-key.service systemd-networkd.service ssh.service
+  chroot "$root" systemctl enable onprem-ssh-key.service onprem-lan.service systemd-networkd.service ssh.service
   chroot "$root" systemctl mask systemd-networkd-wait-online.service apt-daily.timer apt-daily-upgrade.timer \
     e2scrub_all.timer fstrim.timer
   chroot "$root" systemctl set-default multi-user.target

@@ -8,6 +8,11 @@
 #       600 s) and prints {"port": P, "boot_seconds": S}. Console log: DIR/NAME/console.log.
 #       With ONPREM_MESH_GUEST_MIRROR=MIRROR_DIR set, the guest also reaches http://10.0.2.100/ (and nothing else):
 #       QEMU runs stdio_http.py MIRROR_DIR for each connection to it, the air-gapped site's artifact mirror.
+#       With ONPREM_MESH_GUEST_LAN=ADDRESS/PREFIX, a second NIC joins the guests' private network (a QEMU socket
+#       network on 127.0.0.1: the first such guest of DIR listens, the others connect) with that address: how
+#       the guests reach each other (a node joining the control plane). With ONPREM_MESH_GUEST_FORWARDS="6443 ...",
+#       each of those guest ports is forwarded from a free loopback port; the JSON then has "forwards":
+#       {"6443": P, ...}.
 #   guest.sh reboot DIR NAME [reverse]
 #       Powers the guest off from inside (sync, poweroff; killed after 120 s) and boots it again on the same
 #       disks and port; with `reverse`, the NVMe controllers are attached in the opposite order, so the
@@ -38,15 +43,27 @@ boot() {  # launch QEMU from DIR/NAME/params and DIR/NAME/disks, wait for SSH, p
   if [ -s "$gdir/mirror" ]; then
     net="$net,guestfwd=tcp:10.0.2.100:80-cmd:python3 $(dirname "$(readlink -f "$0")")/stdio_http.py $(cat "$gdir/mirror")"
   fi
+  local forwards="" hostport guestport
+  while read -r hostport guestport; do
+    net="$net,hostfwd=tcp:127.0.0.1:$hostport-:$guestport"
+    forwards="$forwards${forwards:+, }\"$guestport\": $hostport"
+  done <"$gdir/forwards"
+  local lan=() append=""
+  if [ -s "$gdir/lan" ]; then
+    local address mac mode
+    read -r address mac mode <"$gdir/lan"
+    lan=(-netdev "socket,id=lan0,$mode" -device "virtio-net-pci,netdev=lan0,mac=$mac")
+    append=" onprem.lan=$address onprem.lanmac=$mac"
+  fi
   start=$(date +%s.%N)
   qemu-system-x86_64 -name "$name" -machine q35 -accel tcg,thread=multi,tb-size=256 -cpu max \
     -smp "$cpus" -m "$memory" -display none -monitor none -serial "file:$gdir/console.log" \
     -daemonize -pidfile "$pidfile" \
     -kernel "$image/vmlinuz" -initrd "$image/initrd.img" \
-    -append "root=/dev/vda rw console=ttyS0 quiet systemd.hostname=$name onprem.sshkey=$(base64 -w0 "$pubkey")" \
+    -append "root=/dev/vda rw console=ttyS0 quiet systemd.hostname=$name onprem.sshkey=$(base64 -w0 "$pubkey")$append" \
     -drive "file=$gdir/root.qcow2,if=virtio,format=qcow2,cache=unsafe" \
     "${disks[@]}" \
-    -netdev "$net" -device virtio-net-pci,netdev=net0 \
+    -netdev "$net" -device virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56 "${lan[@]}" \
     -device virtio-rng-pci
   deadline=$((SECONDS + ${ONPREM_MESH_BOOT_TIMEOUT:-600}))
   until guest_ssh true 2>/dev/null; do
@@ -58,8 +75,12 @@ boot() {  # launch QEMU from DIR/NAME/params and DIR/NAME/disks, wait for SSH, p
     fi
     sleep 2
   done
-  awk -v port="$port" -v start="$start" -v now="$(date +%s.%N)" \
-    'BEGIN { printf "{\"port\": %d, \"boot_seconds\": %.1f}\n", port, now - start }'
+  awk -v port="$port" -v start="$start" -v now="$(date +%s.%N)" -v forwards="$forwards" \
+    'BEGIN { printf "{\"port\": %d, \"boot_seconds\": %.1f, \"forwards\": {%s}}\n", port, now - start, forwards }'
+}
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
 guest_ssh() {
@@ -83,8 +104,17 @@ start)
     echo "$i ${spec%%:*}" >>"$gdir/disks"
     i=$((i + 1))
   done
-  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  port=$(free_port)
   echo "$port" >"$gdir/port"
+  : >"$gdir/forwards"
+  for guestport in ${ONPREM_MESH_GUEST_FORWARDS:-}; do echo "$(free_port) $guestport" >>"$gdir/forwards"; done
+  if [ -n "${ONPREM_MESH_GUEST_LAN:-}" ]; then
+    # a MAC of the guest's own address on the private network (52:54:00 is QEMU's prefix)
+    mac=$(echo "${ONPREM_MESH_GUEST_LAN%/*}" | awk -F. '{ printf "52:54:00:%02x:%02x:%02x", $2, $3, $4 }')
+    if [ -s "$dir/lan.port" ]; then mode="connect=127.0.0.1:$(cat "$dir/lan.port")"
+    else free_port >"$dir/lan.port"; mode="listen=127.0.0.1:$(cat "$dir/lan.port")"; fi
+    echo "$ONPREM_MESH_GUEST_LAN $mac $mode" >"$gdir/lan"
+  fi
   echo "$image $pubkey $memory $cpus $port" >"$gdir/params"
   if [ -n "${ONPREM_MESH_GUEST_MIRROR:-}" ]; then
     case $ONPREM_MESH_GUEST_MIRROR in *[,\ ]*) echo "ONPREM_MESH_GUEST_MIRROR must not contain a comma or a space" >&2; exit 2 ;; esac

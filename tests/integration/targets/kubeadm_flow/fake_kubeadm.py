@@ -10,12 +10,34 @@ import sys
 TOKEN = "abcdef.0123456789abcdef"
 CA_HASH = "sha256:" + "c" * 64
 CERT_KEY = "e" * 64
+ADMIN_KEY = "QURNSU4gS0VZIG9mIHRoZSBjbHVzdGVy"   # base64 of the admin client key admin.conf carries
 STATE = os.environ["FAKE_KUBEADM_DIR"]
 
 
 def record(entry):
     with open(os.path.join(STATE, "calls.jsonl"), "a", encoding="utf-8") as log:
         log.write(json.dumps(entry) + "\n")
+
+# what kubeadm writes as admin.conf (the cluster-admin's key included, which must never be printed)
+ADMIN_CONF = """apiVersion: v1
+clusters:
+- cluster:
+    certificate-authority-data: Q0EgZGF0YQ==
+    server: https://192.0.2.11:6443
+  name: onprem-mesh
+contexts:
+- context:
+    cluster: onprem-mesh
+    user: kubernetes-admin
+  name: kubernetes-admin@onprem-mesh
+current-context: kubernetes-admin@onprem-mesh
+kind: Config
+users:
+- name: kubernetes-admin
+  user:
+    client-certificate-data: Q0VSVCBkYXRh
+    client-key-data: %s
+""" % ADMIN_KEY
 
 
 def main(argv):
@@ -24,7 +46,7 @@ def main(argv):
         config = argv[argv.index("--config") + 1]
         entry["config"] = open(config, encoding="utf-8").read()
         with open(os.path.join(os.path.dirname(config), "admin.conf"), "w", encoding="utf-8") as handle:
-            handle.write("apiVersion: v1\nkind: Config\n")
+            handle.write(ADMIN_CONF)
         print("Your Kubernetes control-plane has initialized successfully!")
         print(f"  kubeadm join 192.0.2.10:6443 --token {TOKEN} --discovery-token-ca-cert-hash {CA_HASH} "
               f"--control-plane --certificate-key {CERT_KEY}")
@@ -49,7 +71,7 @@ def main(argv):
                              f"find a JWS signature in the cluster-info ConfigMap for token ID \"{TOKEN.split('.', 1)[0]}\"\n")
             sys.exit(1)
         with open(os.path.join(os.path.dirname(config), "kubelet.conf"), "w", encoding="utf-8") as handle:
-            handle.write("apiVersion: v1\nkind: Config\n")
+            handle.write(ADMIN_CONF)
         print("This node has joined the cluster")
         return
     else:
