@@ -2,6 +2,7 @@
 on each node. Every image a pod runs is one of the mirror's archives (the guests reach no registry)."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -44,7 +45,7 @@ def archive_image_ids():
     """{reference: config digest} of every image archive on the mirror: the IDs containerd gives what it imported."""
     ids = {}
     directory = os.path.join(MIRROR, "images")
-    for name in os.listdir(directory):
+    for name in (n for n in os.listdir(directory) if n.endswith(".tar")):
         with tarfile.open(os.path.join(directory, name)) as tar:
             index = json.load(tar.extractfile("index.json"))
             for desc in index["manifests"]:
@@ -120,7 +121,7 @@ s.sendto(struct.pack(">HHHHHH", 0x4d45, 0x0100, 1, 0, 0, 0) + name + struct.pack
 data = s.recv(512)
 print(socket.inet_ntoa(data[-4:]) if struct.unpack(">H", data[6:8])[0] else "no answer")
 '''
-    answer = wait_for("CoreDNS's answer", lambda: host.run("python3 -c %s" % json.dumps(query)).stdout.strip() == "10.96.0.1", 300)
+    answer = wait_for("CoreDNS's answer", lambda: host.run("python3 -c " + shlex.quote(query)).stdout.strip() == "10.96.0.1", 300)
     assert answer
 
 
