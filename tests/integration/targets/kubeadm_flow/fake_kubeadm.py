@@ -18,6 +18,7 @@ def record(entry):
     with open(os.path.join(STATE, "calls.jsonl"), "a", encoding="utf-8") as log:
         log.write(json.dumps(entry) + "\n")
 
+
 # what kubeadm writes as admin.conf (the cluster-admin's key included, which must never be printed)
 ADMIN_CONF = """apiVersion: v1
 clusters:
