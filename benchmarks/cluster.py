@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,16 +34,16 @@ PROBE = "import time; t = time.perf_counter(); sum(i * i for i in range(2000000)
 
 
 def profile(out):
-    """[{task: seconds}] per playbook run, in order (profile_tasks prints one block at the end of each)."""
-    blocks, current = [], {}
+    """[{task: seconds}] per playbook run, in order: profile_tasks prints each run's tasks after its PLAY RECAP."""
+    blocks = []
     for line in out.splitlines():
+        if "PLAY RECAP" in line:
+            blocks.append({})
+            continue
         m = PROFILE.match(line)
-        if m:
+        if m and blocks:
             task = m.group(1).strip()
-            current[task] = current.get(task, 0.0) + float(m.group(2))
-        elif current and "GUEST-TIME" in line:
-            blocks.append(current)
-            current = {}
+            blocks[-1][task] = blocks[-1].get(task, 0.0) + float(m.group(2))
     return blocks
 
 
@@ -68,11 +69,17 @@ def main():
                COLUMNS="400", PROFILE_TASKS_TASK_OUTPUT_LIMIT="all")
     subprocess.run([sys.executable, os.path.join(ROOT, "tools", "controlplane", "build.py"), "kube-proxy", "coredns"],
                    check=True, env=env)
+    # `molecule test --destroy never` skips the first destroy too: a cluster left by an earlier run is destroyed here
+    subprocess.run(["molecule", "destroy", "-s", "cluster"], cwd=ROOT, env=env, capture_output=True, check=False)
     start = time.monotonic()
     proc = subprocess.run(["molecule", "test", "-s", "cluster", "--destroy", "never"], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
     total = time.monotonic() - start
     out = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout)
+    log = os.path.join(tempfile.gettempdir(), "onprem-mesh-cluster-benchmark.log")
+    with open(log, "w", encoding="utf-8") as fh:
+        fh.write(out)
+    print(f"molecule's output: {log}")
     ratio = float("nan")
     try:
         ephemeral = re.search(r"(/\S+/molecule\.\w+\.cluster)\b", out).group(1)

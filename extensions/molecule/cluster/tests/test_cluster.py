@@ -26,13 +26,23 @@ def kubectl(*args):
     return out.stdout
 
 
+def kubectl_json(*args):
+    """kubectl's JSON answer, or None while the API does not answer (under TCG the API server restarts when its probes
+    time out): for the polls below, which fail with kubectl's last error only at their deadline."""
+    try:
+        return json.loads(kubectl(*args, "-o", "json"))
+    except AssertionError as exc:
+        kubectl_json.last_error = str(exc)
+        return None
+
+
 def wait_for(what, check, seconds):
     """Poll ``check`` (returns a falsy value while not yet) every 5 s for at most ``seconds``; returns its last value."""
     deadline = time.monotonic() + seconds
     while True:
         value = check()
         if value or time.monotonic() > deadline:
-            assert value, f"{what}: not after {seconds} s"
+            assert value, f"{what}: not after {seconds} s ({getattr(kubectl_json, 'last_error', '')})"
             return value
         time.sleep(5)
 
@@ -57,7 +67,7 @@ def archive_image_ids():
 @pytest.fixture(name="nodes", scope="module")
 def ready_nodes():
     def both_ready():
-        items = json.loads(kubectl("get", "nodes", "-o", "json"))["items"]
+        items = (kubectl_json("get", "nodes") or {}).get("items", [])
         return items if len(items) == len(NODES) and all(ready(n) for n in items) else None
     return wait_for("both nodes Ready", both_ready, 900)
 
@@ -86,7 +96,7 @@ def test_every_pod_runs_an_image_of_the_mirror(nodes):
     ids = archive_image_ids()
 
     def all_running():
-        pods = json.loads(kubectl("get", "pods", "-n", "kube-system", "-o", "json"))["items"]
+        pods = (kubectl_json("get", "pods", "-n", "kube-system") or {}).get("items", [])
         if not pods or not all(p["status"].get("phase") == "Running" and ready(p) for p in pods):
             return None
         return pods
