@@ -140,6 +140,8 @@ stop)
     if kill -0 "$pid" 2>/dev/null; then kill -9 "$pid"; fi
     echo "stopped guest $name (pid $pid)" >&2
   fi
+  # the private network's port goes with the guest that listened on it: the next start listens anew
+  if [ -s "$gdir/lan" ] && grep -q " listen=" "$gdir/lan"; then rm -f "$dir/lan.port"; fi
   rm -rf "$gdir"
   ;;
 *)
