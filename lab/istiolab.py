@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools", "controlplane"))
 import components  # noqa: E402  pylint: disable=wrong-import-position
 
 import procs  # noqa: E402  pylint: disable=wrong-import-position
-from artifact_mirror import Mirror, istioctl as istioctl_tarball  # noqa: E402  pylint: disable=wrong-import-position
+import artifact_mirror  # noqa: E402  pylint: disable=wrong-import-position
 from controlplane import write_kubeconfig  # noqa: E402  pylint: disable=wrong-import-position
 
 VENV_BIN = os.path.dirname(sys.executable)
@@ -108,8 +108,8 @@ class IstioLab:
         os.makedirs(self.run_dir, exist_ok=True)
         mirror_dir = os.path.join(self.run_dir, "mirror")
         shutil.rmtree(mirror_dir, ignore_errors=True)
-        sha = istioctl_tarball(mirror_dir, self.version)
-        self.mirror = Mirror(mirror_dir)
+        sha = artifact_mirror.istioctl(mirror_dir, self.version)
+        self.mirror = artifact_mirror.Mirror(mirror_dir)
         try:
             self._install(self.vars_for(sha, self.mirror.url))
         finally:

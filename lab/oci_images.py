@@ -94,18 +94,21 @@ def debian_files(packages, cache_dir):
     """{path: bytes or Symlink} of the files of Debian ``packages`` (documentation left out), downloaded once into
     ``cache_dir`` with this machine's apt (``apt-get download``: nothing is installed)."""
     os.makedirs(cache_dir, exist_ok=True)
-    debs = {}
-    for name in os.listdir(cache_dir):
-        if name.endswith(".deb"):
-            debs[name.split("_", 1)[0]] = os.path.join(cache_dir, name)
-    missing = [p for p in packages if p not in debs]
+
+    def cached():
+        return dict((name.split("_", 1)[0], os.path.join(cache_dir, name)) for name in os.listdir(cache_dir)
+                    if name.endswith(".deb"))
+    missing = [p for p in packages if p not in cached()]
     if missing:
         try:
             subprocess.run(["apt-get", "download"] + missing, cwd=cache_dir, check=True, capture_output=True, text=True)
         except (OSError, subprocess.CalledProcessError) as exc:
             raise SystemExit("oci_images: cannot download the Debian packages %s for the kube-proxy image (apt-get "
                              "download, in %s): %s" % (" ".join(missing), cache_dir, getattr(exc, "stderr", exc))) from exc
-        return debian_files(packages, cache_dir)
+    debs = cached()
+    if any(p not in debs for p in packages):
+        raise SystemExit("oci_images: apt-get download left no .deb in %s for %s" % (
+            cache_dir, " ".join(p for p in packages if p not in debs)))
     files = {}
     for package in packages:
         data = subprocess.run(["dpkg-deb", "--fsys-tarfile", debs[package]], check=True, capture_output=True).stdout
@@ -156,9 +159,23 @@ def write_archive(out, images):
     return [ref for ref, dummy, dummy in images]
 
 
-def iptables_files(cache_dir):
-    """Debian's iptables with the nft backend as the commands kube-proxy runs, and the libraries they load."""
-    files = debian_files(IPTABLES_PACKAGES, cache_dir)
+def read_manifests(tar):
+    """[(reference, manifest)] of an open OCI archive (tarfile) as write_archive writes it; ``blob(tar, digest)`` reads
+    a layer or config."""
+    index = json.load(tar.extractfile("index.json"))
+    return [(desc["annotations"]["io.containerd.image.name"], json.load(blob(tar, desc["digest"])))
+            for desc in index["manifests"]]
+
+
+def blob(tar, digest):
+    """The file object of the blob ``sha256:<hex>`` in an open OCI archive."""
+    return tar.extractfile("blobs/sha256/" + digest.split(":", 1)[1])
+
+
+def iptables_files(cache_dir=None):
+    """Debian's iptables with the nft backend as the commands kube-proxy runs, and the libraries they load (the
+    packages kept in ``cache_dir``, by default <cache>/debs/kube-proxy)."""
+    files = debian_files(IPTABLES_PACKAGES, cache_dir or os.path.join(str(components.cache_root()), "debs", "kube-proxy"))
     files.update(("usr/sbin/" + command, Symlink("xtables-nft-multi")) for command in IPTABLES_COMMANDS)
     return files
 
@@ -173,7 +190,7 @@ def control_plane(directory, registry=REGISTRY, addons=False):
         with open(components.binary(binary), "rb") as fh:
             image_files = {path: fh.read()}
         if name == "kube-proxy":
-            image_files.update(iptables_files(os.path.join(str(components.cache_root()), "debs", "kube-proxy")))
+            image_files.update(iptables_files())
         file_name = "%s-%s.tar" % (name.rsplit("/", 1)[-1], tag)
         out.append((file_name, write_archive(os.path.join(str(directory), file_name),
                                              [("%s/%s:%s" % (registry, name, tag), image_files, entrypoint)])))

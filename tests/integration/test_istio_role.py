@@ -2,7 +2,7 @@
 
 This module starts a control plane of its own without Istio (LabCluster(istio=False): etcd, kube-apiserver 1.35,
 controller-manager, scheduler, KWOK nodes; run dir under pytest's tmp) and an artifact mirror on 127.0.0.1 holding the
-istioctl built from Istio 1.30 packed as the release tarball (lab/istiolab.py: istioctl_tarball, Mirror), with the lab's
+istioctl built from Istio 1.30 packed as the release tarball (lab/artifact_mirror.py: istioctl, Mirror), with the lab's
 variables (IstioLab.vars_for: profile minimal, telemetry off). The role downloads and checks the tarball, installs
 istioctl side by side, renders the IstioOperator and runs `istioctl install` and `istioctl tag set` for real. Proven:
 install only when the revision's istiod is missing or the IstioOperator changed (a second run changes and writes
@@ -31,6 +31,7 @@ import yaml
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
+import artifact_mirror  # pylint: disable=import-error
 import istiolab  # pylint: disable=import-error
 from cluster import LabCluster  # pylint: disable=import-error
 
@@ -61,8 +62,8 @@ def lab(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("istio-role-lab"))
     with LabCluster(run_dir, istio=False) as cluster:
         mirror_dir = os.path.join(run_dir, "mirror")
-        sha = istiolab.istioctl_tarball(mirror_dir, VERSION)
-        mirror = istiolab.Mirror(mirror_dir)
+        sha = artifact_mirror.istioctl(mirror_dir, VERSION)
+        mirror = artifact_mirror.Mirror(mirror_dir)
         try:
             yield Lab(cluster, istiolab.IstioLab(cluster.cp, run_dir, cluster.launcher).vars_for(sha, mirror.url))
         finally:

@@ -5,9 +5,7 @@ ansible-playbook (connection local, a temporary prefix), get_url against an HTTP
 starts, the sha256 checks, the install steps, and the kubeadm/containerd/IstioOperator files rendered from inventories
 and parsed back as documents.
 """
-import functools
 import hashlib
-import http.server
 import io
 import json
 import os
@@ -17,7 +15,6 @@ import socket
 import subprocess
 import sys
 import tarfile
-import threading
 import tomllib
 from pathlib import Path
 
@@ -40,33 +37,17 @@ pytestmark = pytest.mark.skipif(ARCH not in ("amd64", "arm64"), reason=f"no arti
 
 # --- the local mirror ---------------------------------------------------------------------------------------------
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format, *args):  # pylint: disable=redefined-builtin
-        self.server.log.append(self.path)
-
-
-class Mirror:
-    """A static HTTP mirror on 127.0.0.1 serving a directory; records the paths asked for."""
+class Mirror(artifact_mirror.Mirror):
+    """lab/artifact_mirror.py's mirror over a directory of test files (``put``); ``log``: the paths asked for."""
 
     def __init__(self, root):
+        root.mkdir(parents=True, exist_ok=True)
+        super().__init__(root)
         self.root = root
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
-        self.server.log = []
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
 
     @property
     def log(self):
-        return self.server.log
+        return self.requests
 
     def put(self, rel, data):
         path = self.root / rel
@@ -93,7 +74,6 @@ def tarball(members):
 @pytest.fixture
 def mirror(tmp_path):
     with Mirror(tmp_path / "mirror") as m:
-        (tmp_path / "mirror").mkdir(exist_ok=True)
         yield m
 
 
@@ -365,14 +345,11 @@ def test_kube_proxy_s_iptables_from_debian_s_packages_runs_in_the_image_root(tmp
     xtables-nft-multi. The layer, unpacked as containerd unpacks it, runs them on their own (chroot)."""
     oci_images = artifact_mirror.oci_images
     archive = tmp_path / "iptables.tar"
-    files = oci_images.iptables_files(os.path.join(str(oci_images.components.cache_root()), "debs", "kube-proxy"))
-    oci_images.write_archive(archive, [("onprem.test/iptables:1", files, None)])
+    oci_images.write_archive(archive, [("onprem.test/iptables:1", oci_images.iptables_files(), None)])
     root = tmp_path / "root"
     with tarfile.open(archive) as outer:
-        index = json.load(outer.extractfile("index.json"))
-        manifest = json.load(outer.extractfile("blobs/sha256/" + index["manifests"][0]["digest"].split(":", 1)[1]))
-        layer = outer.extractfile("blobs/sha256/" + manifest["layers"][0]["digest"].split(":", 1)[1])
-        with tarfile.open(fileobj=layer) as inner:
+        [(dummy, manifest)] = oci_images.read_manifests(outer)
+        with tarfile.open(fileobj=oci_images.blob(outer, manifest["layers"][0]["digest"])) as inner:
             inner.extractall(root, filter="tar")
     for command in oci_images.IPTABLES_COMMANDS:
         assert os.readlink(root / "usr" / "sbin" / command) == "xtables-nft-multi"

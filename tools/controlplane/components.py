@@ -60,6 +60,13 @@ def _istio_ldflags():
     ]
 
 
+def _kubernetes(binaries, **extra):
+    """A component of k8s.io/kubernetes' binaries: one wrapper module, its build tags and version ldflags."""
+    # as hack/lib/golang.sh builds them
+    return dict({"version": KUBERNETES_VERSION, "binaries": binaries, "tags": ["selinux", "notest"],
+                 "ldflags": _k8s_ldflags(KUBERNETES_VERSION)}, **extra)
+
+
 # name -> how to build it. "binaries" maps an output file name to its Go package; every package of
 # one component is built by one `go build` so that shared packages compile once.
 COMPONENTS = {
@@ -69,30 +76,18 @@ COMPONENTS = {
         "tags": [],
         "ldflags": [],
     },
-    "kubernetes": {
-        "version": KUBERNETES_VERSION,
-        "binaries": {
-            "kube-apiserver": "k8s.io/kubernetes/cmd/kube-apiserver",
-            "kube-controller-manager": "k8s.io/kubernetes/cmd/kube-controller-manager",
-            "kube-scheduler": "k8s.io/kubernetes/cmd/kube-scheduler",
-            "kubectl": "k8s.io/kubernetes/cmd/kubectl",
-        },
-        # as hack/lib/golang.sh builds them
-        "tags": ["selinux", "notest"],
-        "ldflags": _k8s_ldflags(KUBERNETES_VERSION),
-    },
+    "kubernetes": _kubernetes({
+        "kube-apiserver": "k8s.io/kubernetes/cmd/kube-apiserver",
+        "kube-controller-manager": "k8s.io/kubernetes/cmd/kube-controller-manager",
+        "kube-scheduler": "k8s.io/kubernetes/cmd/kube-scheduler",
+        "kubectl": "k8s.io/kubernetes/cmd/kubectl",
+    }),
     # kubeadm and kubelet, from the same wrapper module as the control plane, built apart so that the lab's
     # components do not wait for them (the node binaries the kubernetes role installs, with kubectl above).
-    "kubernetes-node": {
-        "version": KUBERNETES_VERSION,
-        "module": "kubernetes",
-        "binaries": {
-            "kubeadm": "k8s.io/kubernetes/cmd/kubeadm",
-            "kubelet": "k8s.io/kubernetes/cmd/kubelet",
-        },
-        "tags": ["selinux", "notest"],
-        "ldflags": _k8s_ldflags(KUBERNETES_VERSION),
-    },
+    "kubernetes-node": _kubernetes({
+        "kubeadm": "k8s.io/kubernetes/cmd/kubeadm",
+        "kubelet": "k8s.io/kubernetes/cmd/kubelet",
+    }, module="kubernetes"),
     "cri-tools": {
         "version": CRI_TOOLS_VERSION,
         "binaries": {"crictl": "sigs.k8s.io/cri-tools/cmd/crictl"},
@@ -112,14 +107,7 @@ COMPONENTS = {
     },
     # Only for the cluster that kubeadm makes in the QEMU guests (`make molecule-cluster`): built when named
     # (build.py kube-proxy coredns), not by `make setup`, so that CI's cold build does not wait for them.
-    "kube-proxy": {
-        "version": KUBERNETES_VERSION,
-        "module": "kubernetes",
-        "binaries": {"kube-proxy": "k8s.io/kubernetes/cmd/kube-proxy"},
-        "tags": ["selinux", "notest"],
-        "ldflags": _k8s_ldflags(KUBERNETES_VERSION),
-        "on_demand": True,
-    },
+    "kube-proxy": _kubernetes({"kube-proxy": "k8s.io/kubernetes/cmd/kube-proxy"}, module="kubernetes", on_demand=True),
     "coredns": {
         "version": COREDNS_VERSION,
         "binaries": {"coredns": "github.com/coredns/coredns"},

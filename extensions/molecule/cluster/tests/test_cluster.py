@@ -16,7 +16,9 @@ KUBECONFIG = os.path.join(EPHEMERAL, "onprem-mesh-admin.conf")
 MIRROR = os.path.join(EPHEMERAL, "mirror")
 NODES = {"mesh-cp-1": "192.168.77.11", "mesh-wk-1": "192.168.77.12"}
 sys.path.insert(0, os.path.join(PROJECT, "tools", "controlplane"))
+sys.path.insert(0, os.path.join(PROJECT, "lab"))
 import components  # noqa: E402  pylint: disable=wrong-import-position,import-error
+import oci_images  # noqa: E402  pylint: disable=wrong-import-position,import-error
 
 
 def kubectl(*args):
@@ -57,10 +59,7 @@ def archive_image_ids():
     directory = os.path.join(MIRROR, "images")
     for name in (n for n in os.listdir(directory) if n.endswith(".tar")):
         with tarfile.open(os.path.join(directory, name)) as tar:
-            index = json.load(tar.extractfile("index.json"))
-            for desc in index["manifests"]:
-                manifest = json.load(tar.extractfile("blobs/sha256/" + desc["digest"].split(":", 1)[1]))
-                ids[desc["annotations"]["io.containerd.image.name"]] = manifest["config"]["digest"]
+            ids.update((ref, manifest["config"]["digest"]) for ref, manifest in oci_images.read_manifests(tar))
     return ids
 
 
