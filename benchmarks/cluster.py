@@ -29,6 +29,9 @@ STEPS = {  # a step of the table: the start of the task names profile_tasks prin
     "images import": "onprem.mesh.container_runtime : Import each archive",
     "kubeadm init": "onprem.mesh.kubernetes : Run kubeadm init",
     "kubeadm join": "onprem.mesh.kubernetes : Run kubeadm join",
+    "istioctl install (istiod Ready)": "onprem.mesh.istio : Install the control plane revision",
+    "istiod Available": "onprem.mesh.istio : Wait until istiod",
+    "mesh_namespace restart to 2/2": "onprem.mesh.mesh_namespace : Restart each Deployment",
 }
 PROBE = "import time; t = time.perf_counter(); sum(i * i for i in range(2000000)); print(time.perf_counter() - t)"
 
@@ -86,7 +89,8 @@ def main():
         ratio = guest_ratio(ephemeral, "mesh-cp-1")
     except (AttributeError, OSError, ValueError, subprocess.SubprocessError) as exc:
         print(f"(no TCG slowdown measured: {exc})")
-    subprocess.run(["molecule", "destroy", "-s", "cluster"], cwd=ROOT, env=env, capture_output=True, check=False)
+    if proc.returncode == 0:   # a failed run keeps its guests to be looked at (molecule login / destroy -s cluster)
+        subprocess.run(["molecule", "destroy", "-s", "cluster"], cwd=ROOT, env=env, capture_output=True, check=False)
     image = IMAGE.search(out)
     print(f"cluster: exit {proc.returncode}, {total:.0f} s in all, image: {image.group(1) if image else '?'}")
     if proc.returncode:
@@ -111,7 +115,7 @@ def main():
         print(f"{label:<40} {seconds:8.1f} {step(rerun, prefix):8.1f} {projected:>18}")
     verify = re.search(r"(\d+) passed.* in ([\d.]+)s", out)
     if verify:
-        print(f"verify: {verify.group(1)} tests in {verify.group(2)} s (both nodes Ready, every kube-system pod, DNS)")
+        print(f"verify: {verify.group(1)} tests in {verify.group(2)} s (both nodes Ready, every kube-system pod, DNS, istiod, a 2/2 pod)")
     print(f"\nload average now: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (times under TCG scale with it)")
     return proc.returncode
 
