@@ -83,8 +83,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def playbook(playbook_path, tmp_path, inventory=None, **variables):
-    """Run ansible-playbook with the variables as a JSON extra-vars file; return (rc, output)."""
+def playbook(playbook_path, tmp_path, inventory=None, check=False, **variables):
+    """Run ansible-playbook with the variables as a JSON extra-vars file (``check``: with --check --diff); return
+    (rc, output)."""
     vars_file = tmp_path / f"vars-{len(list(tmp_path.glob('vars-*')))}.json"
     vars_file.write_text(json.dumps(variables))
     env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"), ANSIBLE_NOCOLOR="1",
@@ -93,6 +94,8 @@ def playbook(playbook_path, tmp_path, inventory=None, **variables):
     cmd = [os.path.join(VENV_BIN, "ansible-playbook"), playbook_path, "-e", f"@{vars_file}"]
     if inventory:
         cmd += ["-i", inventory]
+    if check:
+        cmd += ["--check", "--diff"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=600, check=False)
     return proc.returncode, proc.stdout
@@ -336,6 +339,20 @@ def test_image_archives_are_downloaded_checked_with_the_other_artifacts(tmp_path
         rc, out = steps(tmp_path, "container_runtime", ["download.yml"], container_runtime_mirror_url=served.url, **again)
     assert rc != 0 and "Checksum mismatch" in out and "container_runtime_image_archives[0].sha256" in out, out
     assert not (tmp_path / "cache2" / ("images-" + archive["file"])).exists()
+
+
+def test_check_mode_on_a_node_without_containerd_reports_every_archive_as_to_import(tmp_path):
+    """--check before the first run: containerd (and its ctr) is not installed yet, so no image is there and each
+    archive would be imported; a real run without ctr still fails."""
+    variables = dict(container_runtime_bin_dir=str(tmp_path / "no-containerd"), container_runtime_image_archives=[
+        {"file": "pause-3.10.1.tar", "sha256": "0" * 64, "images": ["registry.k8s.io/pause:3.10.1"]},
+        {"file": "etcd-3.6.17-0.tar", "sha256": "1" * 64, "images": ["registry.k8s.io/etcd:3.6.17-0"]}])
+    rc, out = steps(tmp_path, "container_runtime", ["images.yml"], check=True, **variables)
+    assert rc == 0 and recap_changed(out) == 1, out
+    assert "would import pause-3.10.1.tar (registry.k8s.io/pause:3.10.1)" in out
+    assert "would import etcd-3.6.17-0.tar (registry.k8s.io/etcd:3.6.17-0)" in out
+    rc, out = steps(tmp_path, "container_runtime", ["images.yml"], **variables)
+    assert rc != 0 and "no-containerd/ctr" in out, out
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or ARCH != "amd64", reason="chroot needs root; the images are amd64")
