@@ -40,7 +40,7 @@ molecule: setup
 ## The kubeadm cluster on two QEMU guests from the air-gapped mirror (extensions/molecule/cluster): about an hour under
 ## TCG, so not part of `make test`. Builds kube-proxy and CoreDNS first (they are not in make setup).
 molecule-cluster: setup
-	$(PY) tools/controlplane/build.py kube-proxy coredns istio-proxy
+	$(PY) tools/controlplane/build.py kube-proxy coredns
 	ONPREM_MESH_MOLECULE_CLUSTER=1 $(PY) -m pytest -s tests/layers/test_molecule.py $(PYTEST_ARGS)
 
 ## Mutation testing of the canary engine against tests/unit (tools/mutation/run.py): the score per file and the

@@ -173,7 +173,7 @@ def main(argv=None):
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--cluster", action="store_true",
                         help="add kube-proxy's, CoreDNS's, istiod's and the sidecar's images "
-                        "(tools/controlplane/build.py kube-proxy coredns istio-proxy)")
+                        "(tools/controlplane/build.py kube-proxy coredns)")
     args = parser.parse_args(argv)
     pins = build(args.directory, ("kubernetes", "cni", "crictl", "istioctl", "cluster-images" if args.cluster else "images")
                  + (("istio-images",) if args.cluster else ()))

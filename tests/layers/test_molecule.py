@@ -14,7 +14,7 @@ from layer_tools import ROOT, run  # pylint: disable=import-error
 
 SCENARIOS = ("host_roles", "data_safety", "container_runtime")
 # The kubeadm cluster on two guests: longer than CI's budget under TCG, run by `make molecule-cluster`
-# (ONPREM_MESH_MOLECULE_CLUSTER=1), which also builds kube-proxy, CoreDNS and pilot-agent first.
+# (ONPREM_MESH_MOLECULE_CLUSTER=1), which also builds kube-proxy and CoreDNS first.
 if os.environ.get("ONPREM_MESH_MOLECULE_CLUSTER") == "1":
     SCENARIOS = ("cluster",)
 GUEST_TIME = re.compile(r"GUEST-TIME playbook=(?P<playbook>\S+) host=(?P<host>\S+) seconds=(?P<seconds>[\d.]+) "

