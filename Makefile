@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PATH := $(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: setup test demo units integration static molecule molecule-cluster sanity lint mutation clean
+.PHONY: setup test demo units integration static molecule molecule-cluster molecule-cluster-istio sanity lint mutation clean
 
 setup:
 	@bash tools/bootstrap.sh
@@ -42,6 +42,10 @@ molecule: setup
 molecule-cluster: setup
 	$(PY) tools/controlplane/build.py kube-proxy coredns
 	ONPREM_MESH_MOLECULE_CLUSTER=1 $(PY) -m pytest -s tests/layers/test_molecule.py $(PYTEST_ARGS)
+
+## The same with Istio installed by the istio role and a namespace meshed by mesh_namespace (converge_istio.yml).
+molecule-cluster-istio:
+	ONPREM_MESH_CLUSTER_PLAYBOOK=converge_istio.yml $(MAKE) molecule-cluster
 
 ## Mutation testing of the canary engine against tests/unit (tools/mutation/run.py): the score per file and the
 ## surviving mutants. Not part of `make test`: about half an hour on 2 cores, at the lowest CPU priority.

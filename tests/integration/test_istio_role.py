@@ -158,6 +158,30 @@ def test_install_wait_tag_and_permissive_then_nothing_on_a_second_run(lab, tmp_p
     assert after["metadata"]["resourceVersion"] == pa["metadata"]["resourceVersion"]
 
 
+def test_an_install_that_did_not_finish_is_run_again(lab, tmp_path):  # pylint: disable=redefined-outer-name
+    """istioctl install timed out half way (seen under TCG: some of Istio's CRDs applied, istiod created): istiod
+    lacks the checksum the role writes on it after a complete install, so the next run installs again."""
+    apps = k8s.AppsV1Api(lab.cluster.api_client())
+    ext = k8s.ApiextensionsV1Api(lab.cluster.api_client())
+    annotation = "onprem.mesh/istio-operator-sha1"
+    checksum = apps.read_namespaced_deployment(f"istiod-{REVISION}", NS).metadata.annotations[annotation]
+    assert len(checksum) == 40
+    apps.patch_namespaced_deployment(f"istiod-{REVISION}", NS, {"metadata": {"annotations": {annotation: None}}})
+    ext.delete_custom_resource_definition("wasmplugins.extensions.istio.io")
+    lab.cluster.wait_for(lambda: "wasmplugins.extensions.istio.io" not in
+                         [c.metadata.name for c in ext.list_custom_resource_definition().items], "the CRD gone", timeout=WAIT)
+    rc, out = run(lab, tmp_path)
+    assert rc == 0, out
+    install = out[out.index("TASK [onprem.mesh.istio : Install the control plane revision from the IstioOperator file]"):]
+    assert install.split("\n", 1)[1].lstrip().startswith("changed: [localhost]"), install[:400]
+    assert ext.read_custom_resource_definition("wasmplugins.extensions.istio.io").metadata.name
+    assert apps.read_namespaced_deployment(f"istiod-{REVISION}", NS).metadata.annotations[annotation] == checksum
+    mark = lab.cluster.audit.mark()
+    rc, out = run(lab, tmp_path)
+    assert rc == 0 and changed(out) == 0, out
+    assert written(lab, mark) <= {("peerauthentications", "default")}, sorted(written(lab, mark))
+
+
 def test_a_run_stops_while_istiod_is_not_available(lab, tmp_path):  # pylint: disable=redefined-outer-name
     """istiod exists and the IstioOperator is unchanged, so nothing is installed: only the role's own wait stands
     between an unavailable control plane and moving tags to it."""
@@ -183,9 +207,12 @@ def test_a_run_stops_while_istiod_is_not_available(lab, tmp_path):  # pylint: di
 
 def test_changed_operator_file_reinstalls_the_revision(lab, tmp_path):  # pylint: disable=redefined-outer-name
     mark = lab.cluster.audit.mark()
-    rc, out = run(lab, tmp_path, istio_tracing_sampling=5.0)
+    rc, out = run(lab, tmp_path, istio_tracing_sampling=5.0, istio_kubeclient_timeout="47s")
     assert rc == 0, out
     assert ("deployments", f"istiod-{REVISION}") in written(lab, mark), "istiod exists: the changed file made istioctl run"
+    # istioctl's requests carry the role's client timeout (--kubeclient-timeout), which the API server applies too
+    assert any("timeout=47s" in e.get("requestURI", "") for e in lab.cluster.audit.events(since=mark, user=ADMIN)
+               if e["verb"] == "patch"), "istioctl ran with istio_kubeclient_timeout"
     dep = k8s.AppsV1Api(lab.cluster.api_client()).read_namespaced_deployment(f"istiod-{REVISION}", NS)
     env_vars = {e.name: e.value for e in dep.spec.template.spec.containers[0].env}
     assert env_vars["PILOT_TRACE_SAMPLING"] == "5"

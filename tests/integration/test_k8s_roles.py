@@ -366,8 +366,8 @@ def unpack(archive, root):
     return root
 
 
-def run_in(root, *argv):
-    proc = subprocess.run(["chroot", str(root), *argv], capture_output=True, text=True, timeout=60, check=False)
+def run_in(root, *argv, user=None):
+    proc = subprocess.run(["chroot"] + ([f"--userspec={user}"] if user else []) + [str(root), *argv], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, (argv, proc.stdout, proc.stderr)
     return proc.stdout
 
@@ -381,8 +381,13 @@ def test_istio_s_images_run_their_binaries_in_their_own_root(tmp_path):
     tag = artifact_mirror.components.ISTIO_VERSION
     assert images == {f"istio-pilot-{tag}.tar": [f"docker.io/istio/pilot:{tag}"],
                       f"istio-proxyv2-{tag}.tar": [f"docker.io/istio/proxyv2:{tag}"]}
+    with tarfile.open(tmp_path / f"istio-pilot-{tag}.tar") as tar:
+        [(dummy, manifest)] = artifact_mirror.oci_images.read_manifests(tar)
+        config = json.load(artifact_mirror.oci_images.blob(tar, manifest["config"]["digest"]))
+    assert config["config"]["User"] == "1337:1337", "istiod's Deployment has runAsNonRoot: the image names its user"
     pilot = unpack(tmp_path / f"istio-pilot-{tag}.tar", tmp_path / "pilot")
-    assert run_in(pilot, "/usr/local/bin/pilot-discovery", "version", "--short").splitlines()[-1].split() == ["client", "version:", tag]
+    assert run_in(pilot, "/usr/local/bin/pilot-discovery", "version", "--short", user="1337:1337").splitlines()[-1].split() == [
+        "client", "version:", tag]
     proxy = unpack(tmp_path / f"istio-proxyv2-{tag}.tar", tmp_path / "proxyv2")
     for root in (pilot, proxy):
         assert "xds-grpc" in (root / artifact_mirror.oci_images.ENVOY_BOOTSTRAP).read_text()  # istiod, as a cluster
@@ -455,6 +460,15 @@ def test_istio_unpinned_version_stops_at_preflight(mirror, tmp_path):
     variables["istio_version"] = "latest"
     rc, out = steps(tmp_path, "istio", ["preflight.yml", "download.yml"], **variables)
     assert rc != 0 and 'istio_version is "latest"' in out, out
+    assert not mirror.log
+
+
+@pytest.mark.parametrize("timeout", ["2 minutes", "120", "2m30"])
+def test_istio_client_timeout_istioctl_cannot_read_stops_at_preflight(mirror, tmp_path, timeout):
+    variables = istio_vars(mirror, tmp_path, "0" * 64)
+    variables["istio_kubeclient_timeout"] = timeout
+    rc, out = steps(tmp_path, "istio", ["preflight.yml", "download.yml"], **variables)
+    assert rc != 0 and f'istio_kubeclient_timeout is "{timeout}": set a Go duration' in out, out
     assert not mirror.log
 
 
