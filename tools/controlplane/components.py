@@ -63,7 +63,7 @@ def _istio_ldflags():
 def _kubernetes(binaries, **extra):
     """A component of k8s.io/kubernetes' binaries: one wrapper module, its build tags and version ldflags."""
     # as hack/lib/golang.sh builds them
-    return dict({"version": KUBERNETES_VERSION, "binaries": binaries, "tags": ["selinux", "notest"],
+    return dict({"version": KUBERNETES_VERSION, "module": "kubernetes", "binaries": binaries, "tags": ["selinux", "notest"],
                  "ldflags": _k8s_ldflags(KUBERNETES_VERSION)}, **extra)
 
 
@@ -94,7 +94,7 @@ COMPONENTS = {
     "kubernetes-node": _kubernetes({
         "kubeadm": "k8s.io/kubernetes/cmd/kubeadm",
         "kubelet": "k8s.io/kubernetes/cmd/kubelet",
-    }, module="kubernetes"),
+    }),
     "cri-tools": {
         "version": CRI_TOOLS_VERSION,
         "binaries": {"crictl": "sigs.k8s.io/cri-tools/cmd/crictl"},
@@ -114,7 +114,7 @@ COMPONENTS = {
     },
     # Only for the cluster that kubeadm makes in the QEMU guests (`make molecule-cluster`): built when named
     # (build.py kube-proxy coredns), not by `make setup`, so that CI's cold build does not wait for them.
-    "kube-proxy": _kubernetes({"kube-proxy": "k8s.io/kubernetes/cmd/kube-proxy"}, module="kubernetes", on_demand=True),
+    "kube-proxy": _kubernetes({"kube-proxy": "k8s.io/kubernetes/cmd/kube-proxy"}, on_demand=True),
     "coredns": {
         "version": COREDNS_VERSION,
         "binaries": {"coredns": "github.com/coredns/coredns"},
