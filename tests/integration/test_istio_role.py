@@ -6,8 +6,9 @@ istioctl built from Istio 1.30 packed as the release tarball (lab/artifact_mirro
 variables (IstioLab.vars_for: profile minimal, telemetry off). The role downloads and checks the tarball, installs
 istioctl side by side, renders the IstioOperator and runs `istioctl install` and `istioctl tag set` for real. Proven:
 install only when the revision's istiod is missing or was not completely installed from this IstioOperator (a second
-run changes and writes nothing; a half-done install is run again), istioctl's client timeout from the role, the wait for istiod to be Available (a run fails there while it is not), revision tags moved only when they
-point elsewhere and not for a control-plane canary, the mesh-wide PeerAuthentication PERMISSIVE; and, offline,
+run changes and writes nothing; a half-done install is run again), istioctl's client timeout from the role, the wait
+for istiod to be Available (a run fails there while it is not), revision tags moved only when they point elsewhere
+and not for a control-plane canary, the mesh-wide PeerAuthentication PERMISSIVE; and, offline,
 `istioctl manifest generate` accepts the IstioOperator rendered for each test inventory.
 
 istiod does not run in this module. KWOK runs its pod (without containers), so the Deployment becomes Available as a
