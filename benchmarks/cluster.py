@@ -13,6 +13,7 @@ only; tests/layers/test_molecule.py and the scenario's verify make the checks.
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -66,6 +67,30 @@ def guest_ratio(ephemeral, name):
     return guest / host
 
 
+def tb_flushes(ephemeral):
+    """{guest: how often TCG threw away all its translated code}, from `info jit` on each guest's monitor (guest.sh):
+    a count that grows means the guest's hot code outgrew the platform's tb_size and is translated again and again."""
+    counts = {}
+    guests = os.path.join(ephemeral, "guests")
+    for name in sorted(os.listdir(guests)):
+        path = os.path.join(guests, name, "monitor.sock")
+        if not os.path.exists(path):
+            continue
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(30)
+            sock.connect(path)
+            sock.sendall(b"info jit\n")
+            text = b""
+            while text.count(b"(qemu)") < 2:   # the banner's prompt, then the one after the answer
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                text += chunk
+        m = re.search(rb"TB flush count\s+(\d+)", text)
+        counts[name] = int(m.group(1)) if m else -1
+    return counts
+
+
 def main():
     env = dict(os.environ, PATH=os.path.join(ROOT, ".venv", "bin") + os.pathsep + os.environ.get("PATH", ""),
                ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"), NO_COLOR="1", PY_COLORS="0", ANSIBLE_NOCOLOR="1",
@@ -84,8 +109,10 @@ def main():
         fh.write(out)
     print(f"molecule's output: {log}")
     ratio = float("nan")
+    flushes = {}
     try:
         ephemeral = re.search(r"(/\S+/molecule\.\w+\.cluster)\b", out).group(1)
+        flushes = tb_flushes(ephemeral)
         ratio = guest_ratio(ephemeral, "mesh-cp-1")
     except (AttributeError, OSError, ValueError, subprocess.SubprocessError) as exc:
         print(f"(no TCG slowdown measured: {exc})")
@@ -108,6 +135,7 @@ def main():
         again = conv[1] if len(conv) > 1 else (float("nan"), -1)
         print(f"{host:<10} {float(boots.get(host, 'nan')):7.1f} {conv[0][0]:11.1f} {conv[0][1]:8d} {again[0]:8.1f} {again[1]:8d}")
     print(f"\nTCG slowdown of CPU-bound work on mesh-cp-1: x{ratio:.1f}")
+    print("TCG translated-code cache flushes: " + (", ".join(f"{g} {n}" for g, n in flushes.items()) or "?"))
     print(f"{'step (both guests)':<40} {'TCG s':>8} {'rerun s':>8} {'KVM s (projected)':>18}")
     for label, prefix in STEPS.items():
         seconds = step(first, prefix)

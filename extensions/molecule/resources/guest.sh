@@ -12,7 +12,9 @@
 #       network on 127.0.0.1: the first such guest of DIR listens, the others connect) with that address: how
 #       the guests reach each other (a node joining the control plane). With ONPREM_MESH_GUEST_FORWARDS="6443 ...",
 #       each of those guest ports is forwarded from a free loopback port; the JSON then has "forwards":
-#       {"6443": P, ...}.
+#       {"6443": P, ...}. ONPREM_MESH_GUEST_TB_SIZE: the MiB of TCG's translated-code cache (default 256); when
+#       the guest's hot code outgrows it, QEMU throws all of it away and translates again (`info jit` on the
+#       guest's monitor, DIR/NAME/monitor.sock, counts those flushes).
 #   guest.sh reboot DIR NAME [reverse]
 #       Powers the guest off from inside (sync, poweroff; killed after 120 s) and boots it again on the same
 #       disks and port; with `reverse`, the NVMe controllers are attached in the opposite order, so the
@@ -56,8 +58,9 @@ boot() {  # launch QEMU from DIR/NAME/params and DIR/NAME/disks, wait for SSH, p
     append=" onprem.lan=$address onprem.lanmac=$mac"
   fi
   start=$(date +%s.%N)
-  qemu-system-x86_64 -name "$name" -machine q35 -accel tcg,thread=multi,tb-size=256 -cpu max \
-    -smp "$cpus" -m "$memory" -display none -monitor none -serial "file:$gdir/console.log" \
+  qemu-system-x86_64 -name "$name" -machine q35 -accel "tcg,thread=multi,tb-size=$(cat "$gdir/tb_size")" -cpu max \
+    -smp "$cpus" -m "$memory" -display none -monitor "unix:$gdir/monitor.sock,server=on,wait=off" \
+    -serial "file:$gdir/console.log" \
     -daemonize -pidfile "$pidfile" \
     -kernel "$image/vmlinuz" -initrd "$image/initrd.img" \
     -append "root=/dev/vda rw console=ttyS0 quiet systemd.hostname=$name onprem.sshkey=$(base64 -w0 "$pubkey")$append" \
@@ -116,6 +119,7 @@ start)
     echo "$ONPREM_MESH_GUEST_LAN $mac $mode" >"$gdir/lan"
   fi
   echo "$image $pubkey $memory $cpus $port" >"$gdir/params"
+  echo "${ONPREM_MESH_GUEST_TB_SIZE:-256}" >"$gdir/tb_size"
   if [ -n "${ONPREM_MESH_GUEST_MIRROR:-}" ]; then
     case $ONPREM_MESH_GUEST_MIRROR in *[,\ ]*) echo "ONPREM_MESH_GUEST_MIRROR must not contain a comma or a space" >&2; exit 2 ;; esac
     mkdir -p "$ONPREM_MESH_GUEST_MIRROR"
