@@ -13,8 +13,8 @@
 #       the guests reach each other (a node joining the control plane). With ONPREM_MESH_GUEST_FORWARDS="6443 ...",
 #       each of those guest ports is forwarded from a free loopback port; the JSON then has "forwards":
 #       {"6443": P, ...}. ONPREM_MESH_GUEST_TB_SIZE: the MiB of TCG's translated-code cache (default 256); when
-#       the guest's hot code outgrows it, QEMU throws all of it away and translates again (`info jit` on the
-#       guest's monitor, DIR/NAME/monitor.sock, counts those flushes).
+#       it is full, QEMU throws all of it away and translates again (`info jit` on the guest's monitor,
+#       DIR/NAME/monitor.sock, counts those flushes).
 #   guest.sh reboot DIR NAME [reverse]
 #       Powers the guest off from inside (sync, poweroff; killed after 120 s) and boots it again on the same
 #       disks and port; with `reverse`, the NVMe controllers are attached in the opposite order, so the
@@ -98,6 +98,10 @@ start)
   image=$4 pubkey=$5 memory=$6 cpus=$7
   shift 7
   if ours; then echo "guest $name is already running" >&2; exit 1; fi
+  case ${ONPREM_MESH_GUEST_TB_SIZE:-256} in
+    *[!0-9]*) echo "ONPREM_MESH_GUEST_TB_SIZE (platform key tb_size) is MiB as a whole number, e.g. 1024, not $ONPREM_MESH_GUEST_TB_SIZE" >&2
+              exit 2 ;;
+  esac
   rm -rf "$gdir"; mkdir -p "$gdir"
   qemu-img create -q -f qcow2 -b "$image/base.qcow2" -F qcow2 "$gdir/root.qcow2"
   : >"$gdir/disks"
