@@ -57,6 +57,25 @@ options:
     description:
       - HTTP proxy URL for the API server connection. Can also be set with E(K8S_AUTH_PROXY).
     type: str
+  request_timeout:
+    description:
+      - Seconds after which one request to the API server is given up (connecting and waiting for the answer).
+      - A request that timed out counts as not answered and is retried as O(api_retries) says.
+    type: float
+    default: 30
+  api_retries:
+    description:
+      - How many times more a request is sent when the API server (or a load balancer in front of it) answers
+        HTTP 429, 500, 502, 503 or 504, or does not answer (connection refused or reset, O(request_timeout) passed).
+      - Between attempts the module waits the answer's C(Retry-After) (at most 10 seconds), or 0.5 seconds doubling
+        up to 4 seconds.
+      - Reads are always retried. A write is retried only when it is a JSON patch guarded by C(test) operations (every
+        write of these modules is): it applies to the object it was built for or not at all. When the answer to a
+        write was lost and a retry finds the object already changed, the object is read, and the write counts as done
+        when the object holds what it set.
+      - V(0) sends every request once. When the retries are used up, the error names each answer and this option.
+    type: int
+    default: 5
 requirements:
   - kubernetes >= 29.0.0 (Python library)
 """

@@ -33,6 +33,7 @@ import re
 import time
 
 from ansible.module_utils.common.text.converters import to_bytes, to_native, to_text
+from ansible_collections.onprem.mesh.plugins.module_utils.k8s_client import attempts_note
 from ansible_collections.onprem.mesh.plugins.module_utils.prometheus import (
     PrometheusClient,
     PrometheusError,
@@ -453,9 +454,9 @@ class K8sWorkloadReader:
                 reason = json.loads(e.body).get("message") or reason
             except Exception:  # pylint: disable=broad-except
                 pass
-            raise K8sReadError("%s: Kubernetes API answered %s: %s" % (what, e.status, reason), status=e.status)
+            raise K8sReadError("%s: Kubernetes API answered %s: %s%s" % (what, e.status, reason, attempts_note(self.api_client)), status=e.status)
         except Exception as e:  # pylint: disable=broad-except
-            raise K8sReadError("%s: Kubernetes API unreachable: %s" % (what, to_native(e)))
+            raise K8sReadError("%s: Kubernetes API unreachable: %s%s" % (what, to_native(e), attempts_note(self.api_client)))
         return self.api_client.sanitize_for_serialization(obj)
 
     def read_deployment(self, namespace, name):

@@ -10,6 +10,14 @@ The options mirror kubernetes.core's (``kubeconfig``, ``context``, ``host``, ``a
 ``IstioObjects`` is the small surface the canary modules need: read a VirtualService or
 DestinationRule, list DestinationRules, and send a JSON patch. Every call is counted
 (``calls``) so that benchmarks and the module results can say what a step cost.
+
+``RetryingPool`` sits under the client (at urllib3's pool manager, the layer every version of the
+``kubernetes`` library calls the same way): every request gives up after ``request_timeout``, and an
+answer that says "try again" (429, 500, 502, 503, 504, or none: connection refused or reset, a timeout) is
+sent again up to ``api_retries`` more times. The library's own ``client_go_retries`` (kubernetes >= 37)
+retries only GET and HEAD and only answers with a Retry-After header; load balancers in front of the API
+answer 502/503/504 without one, and the canary modules' writes are JSON patches guarded by ``test``
+operations, which are safe to send again (see ``RetryingPool``).
 """
 
 from __future__ import absolute_import, division, print_function
@@ -17,6 +25,8 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import json
+import threading
+import time
 import traceback
 
 from ansible.module_utils.basic import env_fallback
@@ -48,7 +58,18 @@ K8S_AUTH_ARGSPEC = dict(
     client_cert=dict(type="path", aliases=["cert_file"], fallback=(env_fallback, ["K8S_AUTH_CERT_FILE"])),
     client_key=dict(type="path", aliases=["key_file"], no_log=False, fallback=(env_fallback, ["K8S_AUTH_KEY_FILE"])),
     proxy=dict(type="str", fallback=(env_fallback, ["K8S_AUTH_PROXY"])),
+    request_timeout=dict(type="float", default=30.0),
+    api_retries=dict(type="int", default=5),
 )
+
+# answers that mean "try again": throttled (429, kube-apiserver's priority and fairness), etcd or a webhook timed out
+# (500, 504), no healthy backend behind a load balancer (502, 503)
+TRANSIENT_STATUSES = (429, 500, 502, 503, 504)
+# answers given before the request was handled: a write answered so was not applied
+NOT_HANDLED_STATUSES = (429, 503)
+RETRY_AFTER_MAX = 10.0
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 4.0
 
 
 class K8sError(Exception):
@@ -103,11 +124,16 @@ def resource_name(resource, group=None):
     return "%s.%s" % (resource, group) if group else resource
 
 
-def api_error(exc, what, verb=None, resource=None, namespace=None, guarded=False, group=None):
-    """Turn an ApiException into a K8sError whose message says what failed and what to do."""
+def api_error(exc, what, verb=None, resource=None, namespace=None, guarded=False, group=None, note=""):
+    """Turn an ApiException into a K8sError whose message says what failed and what to do (``note``: how many
+    times it was sent, from ``attempts_note``)."""
     body, message = _server_message(exc)
     status = getattr(exc, "status", None)
     hint = ""
+    if status in TRANSIENT_STATUSES:
+        hint = (" The API server (or a load balancer in front of it) could not serve the request%s; retry later, or raise api_retries"
+                " (and request_timeout) to wait longer." % (note or " now"))
+        note = ""
     if status == 401:
         hint = " Check the credentials: api_key, client_cert/client_key or the kubeconfig user."
     elif status == 403:
@@ -120,7 +146,7 @@ def api_error(exc, what, verb=None, resource=None, namespace=None, guarded=False
                     " collection's README (section RBAC) on this resource.")
     elif status == 404:
         hint = " Check the name and namespace (and that the Istio CRDs are installed)."
-    return K8sError("%s: HTTP %s %s.%s" % (what, status, message, hint), status=status, reason=getattr(exc, "reason", None), body=body,
+    return K8sError("%s: HTTP %s %s%s.%s" % (what, status, message, note, hint), status=status, reason=getattr(exc, "reason", None), body=body,
                     verb=verb, resource=resource, namespace=namespace, guarded=guarded, group=group)
 
 
@@ -159,7 +185,200 @@ def build_api_client(params):
         configuration.key_file = params["client_key"]
     if params.get("proxy"):
         configuration.proxy = params["proxy"]
-    return k8s_client_lib.ApiClient(configuration)
+    timeout = params.get("request_timeout")
+    timeout = 30.0 if timeout is None else timeout
+    retries = params.get("api_retries")
+    retries = 5 if retries is None else retries
+    if not timeout > 0:
+        raise K8sError("request_timeout: seconds that an API request may take, more than 0, got %s; set request_timeout (default 30)" % timeout)
+    if retries < 0:
+        raise K8sError("api_retries: how many times a request answered 429, 5xx or not at all is sent again, 0 or more, got %s;"
+                       " set api_retries (default 5)" % retries)
+    api_client = k8s_client_lib.ApiClient(configuration)
+    api_client.rest_client.pool_manager = RetryingPool(api_client.rest_client.pool_manager, timeout=timeout, retries=retries)
+    return api_client
+
+
+def _is_guarded_patch(method, headers, body):
+    """A JSON patch whose operations include ``test``: sent again, it applies only to the object it was built for."""
+    if method != "PATCH" or "json-patch" not in str((headers or {}).get("Content-Type", "")):
+        return False
+    try:
+        ops = json.loads(body) if isinstance(body, (str, bytes)) else body
+    except ValueError:
+        return False
+    return isinstance(ops, list) and any(isinstance(op, dict) and op.get("op") == "test" for op in ops)
+
+
+_MISSING = object()
+
+
+def _pointer_value(doc, pointer):
+    """The value at JSON pointer ``pointer`` in ``doc``, or ``_MISSING``."""
+    for raw in pointer.split("/")[1:]:
+        key = raw.replace("~1", "/").replace("~0", "~")
+        if isinstance(doc, dict):
+            if key not in doc:
+                return _MISSING
+            doc = doc[key]
+        elif isinstance(doc, list):
+            if key == "-" or not key.isdigit() or int(key) >= len(doc):
+                return _MISSING
+            doc = doc[int(key)]
+        else:
+            return _MISSING
+    return doc
+
+
+def patch_landed(ops, obj):
+    """True when ``obj`` already holds what the JSON patch ``ops`` sets: every ``add`` or ``replace`` value is in
+    place and every key that ``remove`` takes out of a map is gone. A patch applies whole or not at all, so this is
+    how a write whose answer was lost is known to have landed. False when the patch sets nothing it can be checked
+    by (only removals from lists, ``move`` or ``copy``)."""
+    checked = False
+    for op in ops or []:
+        kind, path = op.get("op"), op.get("path", "")
+        if kind == "test":
+            continue
+        if kind in ("add", "replace"):
+            if _pointer_value(obj, path) != op.get("value"):
+                return False
+            checked = True
+        elif kind == "remove":
+            parent = _pointer_value(obj, path.rsplit("/", 1)[0])
+            if isinstance(parent, dict):
+                if _pointer_value(obj, path) is not _MISSING:
+                    return False
+                checked = True
+            elif parent is _MISSING:
+                return False
+        else:
+            return False
+    return checked
+
+
+class RetryingPool:
+    """urllib3's pool manager under the ``kubernetes`` client, with a timeout on every request and bounded retries
+    of the answers that mean "try again".
+
+    Retried: HTTP 429, 500, 502, 503 and 504, and no answer at all (connection refused or reset, a timeout);
+    at most ``retries`` times more, waiting the answer's Retry-After (at most 10 s) or 0.5 s doubling up to 4 s.
+    Reads (GET, HEAD) are always retried; a write only when it is a JSON patch guarded by ``test`` operations,
+    which applies to the object it was built for or not at all. When an earlier attempt of such a write may have
+    landed (no answer after it was sent, or 500, 502 or 504) and a later one is answered as a conflict (409, or 422
+    for a failed ``test``), the object is read: if it already holds what the patch sets, the write landed and that
+    read is the answer; otherwise the conflict goes to the caller, which reads again and rebuilds its write.
+    Every other answer goes to the caller as it came. ``last`` (per thread) says how the last request went:
+    attempts, and the status or error of each retried one.
+    """
+
+    def __init__(self, pool, timeout=30.0, retries=5, sleep=None):
+        self.pool = pool
+        self.timeout = timeout
+        self.retries = retries
+        self.sleep = sleep or time.sleep
+        self.retried = []  # (method, url, status or error) of every attempt that was sent again
+        self._local = threading.local()
+
+    def __getattr__(self, name):  # clear(), connection_pool_kw, ... of the pool manager under it
+        return getattr(self.pool, name)
+
+    @property
+    def last(self):
+        return getattr(self._local, "last", None) or dict(attempts=0, failures=[])
+
+    def _send(self, method, url, kwargs):
+        args = dict(kwargs)
+        args["headers"] = dict(kwargs.get("headers") or {})
+        if args.get("timeout") is None:
+            args["timeout"] = self.timeout
+        args["retries"] = False  # this class retries; urllib3's own retries would multiply the timeout
+        return self.pool.request(method, url, **args)
+
+    @staticmethod
+    def _delay(response, attempt):
+        value = response.headers.get("Retry-After") if response is not None else None
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            seconds = None
+        if seconds is not None and seconds >= 0:
+            return min(seconds, RETRY_AFTER_MAX)
+        return min(BACKOFF_FIRST * 2 ** (attempt - 1), BACKOFF_MAX)
+
+    @staticmethod
+    def _body(response):
+        try:
+            return json.loads(response.data or b"{}")
+        except ValueError:
+            return {}
+
+    def _landed(self, url, kwargs):
+        try:
+            response = self._send("GET", url, dict(headers=kwargs.get("headers"), timeout=kwargs.get("timeout"), preload_content=False))
+            if response.status == 200 and patch_landed(json.loads(kwargs.get("body") or "[]"), self._body(response)):
+                return response
+        except Exception:  # pylint: disable=broad-except  # no answer: the conflict goes to the caller
+            pass
+        return None
+
+    def request(self, method, url, **kwargs):
+        guarded = _is_guarded_patch(method, kwargs.get("headers"), kwargs.get("body"))
+        retriable = method in ("GET", "HEAD") or guarded
+        self._local.last = last = dict(attempts=0, failures=[])
+        maybe_landed = False
+        while True:
+            last["attempts"] += 1
+            response = None
+            try:
+                response = self._send(method, url, kwargs)
+            except Exception as exc:  # urllib3's errors: refused, reset, timed out (an SSL error is no retry matter)
+                last["failures"].append(_short(exc))
+                if not retriable or last["attempts"] > self.retries or _is_ssl_error(exc):
+                    raise
+                maybe_landed = maybe_landed or not _not_sent(exc)
+            else:
+                status = response.status
+                if maybe_landed and guarded and (status == 409 or (status == 422 and not _lists_causes(self._body(response)))):
+                    landed = self._landed(url, kwargs)
+                    if landed is not None:
+                        return landed
+                if status not in TRANSIENT_STATUSES:
+                    return response
+                last["failures"].append("HTTP %d" % status)
+                if not retriable or last["attempts"] > self.retries:
+                    return response
+                maybe_landed = maybe_landed or status not in NOT_HANDLED_STATUSES
+                response.drain_conn()
+            self.retried.append((method, url, last["failures"][-1]))
+            self.sleep(self._delay(response, last["attempts"]))
+
+
+def _lists_causes(body):
+    return bool(isinstance(body, dict) and (body.get("details") or {}).get("causes"))
+
+
+def _is_ssl_error(exc):
+    return "SSL" in type(exc).__name__
+
+
+def _not_sent(exc):
+    """A connection that was never made carries no request: refused, or the connect timed out."""
+    return any(name in ("NewConnectionError", "ConnectTimeoutError", "ConnectionRefusedError") for name in (c.__name__ for c in type(exc).__mro__))
+
+
+def attempts_note(api_client):
+    """`` after N attempts (HTTP 503, HTTP 503, ...; api_retries R, request_timeout T s)`` for the last request of
+    this thread when it was sent more than once, else ``""``."""
+    pool = getattr(getattr(api_client, "rest_client", None), "pool_manager", None)
+    if not isinstance(pool, RetryingPool) or pool.last["attempts"] <= 1:
+        return ""
+    last = pool.last
+    return " after %d attempts (%s; api_retries %d, request_timeout %g s)" % (last["attempts"], ", ".join(last["failures"]), pool.retries, pool.timeout)
+
+
+def _short(exc):
+    return "%s: %s" % (type(exc).__name__, exc)
 
 
 def json_pointer(*parts):
@@ -185,8 +404,12 @@ class IstioObjects:
         except K8sError:
             raise
         except Exception as exc:  # ApiException; or connection refused, TLS failure, timeout
+            note = attempts_note(self.api_client)
             if isinstance(exc, ApiException) and getattr(exc, "status", None):
-                raise api_error(exc, what, **request)
+                raise api_error(exc, what, note=note, **request)
+            if note:
+                raise K8sError("%s: the API server did not answer%s. Check that it is up and reachable (host/kubeconfig, proxy); on a slow"
+                               " or busy API server raise request_timeout or api_retries." % (what, note), **request)
             raise K8sError("%s: the API server could not be reached: %s. Check host/kubeconfig and validate_certs/ca_cert." % (what, exc),
                            **request)
 
