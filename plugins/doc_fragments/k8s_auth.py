@@ -69,10 +69,10 @@ options:
         HTTP 429, 500, 502, 503 or 504, or does not answer (connection refused or reset, O(request_timeout) passed).
       - Between attempts the module waits the answer's C(Retry-After) (at most 10 seconds), or 0.5 seconds doubling
         up to 4 seconds.
-      - Reads are always retried. A write is retried only when it is a JSON patch guarded by C(test) operations (every
-        write of these modules is): it applies to the object it was built for or not at all. When the answer to a
-        write was lost and a retry finds the object already changed, the object is read, and the write counts as done
-        when the object holds what it set.
+      - Reads are always retried. A write is retried only when it is a JSON patch guarded by C(test) operations, as every
+        write of these modules is, because such a patch applies to the object it was built for or not at all. When the
+        answer to a write was lost and a retry finds the object already changed, the object is read, and the write counts
+        as done when the object holds what it set.
       - V(0) sends every request once. When the retries are used up, the error names each answer and this option.
     type: int
     default: 5

@@ -189,7 +189,7 @@ def build_api_client(params):
     timeout = 30.0 if timeout is None else timeout
     retries = params.get("api_retries")
     retries = 5 if retries is None else retries
-    if not timeout > 0:
+    if timeout <= 0 or timeout != timeout:  # NaN too
         raise K8sError("request_timeout: seconds that an API request may take, more than 0, got %s; set request_timeout (default 30)" % timeout)
     if retries < 0:
         raise K8sError("api_retries: how many times a request answered 429, 5xx or not at all is sent again, 0 or more, got %s;"

@@ -66,7 +66,7 @@ class FakeAPI:
         self.requests.append(dict(method=method, path=path, timeout=timeout, retries=kwargs.get("retries"), headers=dict(headers or {})))
         fault = self.faults.pop(0) if self.faults else None
         if isinstance(fault, BaseException):
-            raise fault
+            raise fault  # pylint: disable=raising-bad-type
         if isinstance(fault, tuple) and fault[0] == "retry-after":
             return response(fault[1], {"kind": "Status", "code": fault[1], "message": "too many requests"}, {"Retry-After": fault[2]})
         if isinstance(fault, int):
@@ -386,6 +386,7 @@ def test_which_writes_are_guarded(method, headers, body, guarded):
 @pytest.mark.parametrize("params, message", [
     (dict(request_timeout=0), "request_timeout: seconds that an API request may take, more than 0, got 0; set request_timeout (default 30)"),
     (dict(request_timeout=-1.5), "request_timeout: seconds that an API request may take, more than 0, got -1.5"),
+    (dict(request_timeout=float("nan")), "request_timeout: seconds that an API request may take, more than 0, got nan"),
     (dict(api_retries=-1), "api_retries: how many times a request answered 429, 5xx or not at all is sent again, 0 or more, got -1;"
                            " set api_retries (default 5)"),
 ])
