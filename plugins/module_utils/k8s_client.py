@@ -25,6 +25,7 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import json
+import math
 import threading
 import time
 import traceback
@@ -189,7 +190,7 @@ def build_api_client(params):
     timeout = 30.0 if timeout is None else timeout
     retries = params.get("api_retries")
     retries = 5 if retries is None else retries
-    if timeout <= 0 or timeout != timeout:  # NaN too
+    if timeout <= 0 or math.isnan(timeout):
         raise K8sError("request_timeout: seconds that an API request may take, more than 0, got %s; set request_timeout (default 30)" % timeout)
     if retries < 0:
         raise K8sError("api_retries: how many times a request answered 429, 5xx or not at all is sent again, 0 or more, got %s;"
@@ -374,7 +375,18 @@ def attempts_note(api_client):
     if not isinstance(pool, RetryingPool) or pool.last["attempts"] <= 1:
         return ""
     last = pool.last
-    return " after %d attempts (%s; api_retries %d, request_timeout %g s)" % (last["attempts"], ", ".join(last["failures"]), pool.retries, pool.timeout)
+    return " after %d attempts (%s; api_retries %d, request_timeout %g s)" % (last["attempts"], _tally(last["failures"]), pool.retries, pool.timeout)
+
+
+def _tally(failures):
+    """``HTTP 503 x3``, ``HTTP 503, ReadTimeoutError: ... x2``: each run of the same failure once, with its count."""
+    runs = []
+    for failure in failures:
+        if runs and runs[-1][0] == failure:
+            runs[-1][1] += 1
+        else:
+            runs.append([failure, 1])
+    return ", ".join(failure if count == 1 else "%s x%d" % (failure, count) for failure, count in runs)
 
 
 def _short(exc):

@@ -313,6 +313,16 @@ def probe_checks(check_params):
     return params
 
 
+def next_beat(scheduled, every, now):
+    """The first time after ``scheduled`` on its grid of ``every`` seconds that is later than ``now``. A look or a
+    probe that took longer than ``every`` (a slow or retried API request, a slow Prometheus) skips the beats it
+    overran instead of making them up back to back."""
+    scheduled += every
+    if scheduled <= now:
+        scheduled += (int((now - scheduled) // every) + 1) * every
+    return scheduled
+
+
 def _fmt(number):
     return "%d" % number if float(number).is_integer() else "%s" % number
 
@@ -776,19 +786,19 @@ class Rollout:
             wake = [deadline] + [t for t in (next_probe, next_look) if t is not None and t < deadline]
             if self.tick:
                 wake.append(now + self.tick)
-            self.sleep(min(wake) - now)
+            self.sleep(max(0.0, min(wake) - now))  # a beat can be overdue: the look or probe before it took longer
             self._check_alive()
             now = self.now()
             if now >= deadline:
                 return None
             if next_look is not None and now >= next_look:
-                next_look += self.command_every
                 command = self._look()
+                next_look = next_beat(next_look, self.command_every, self.now())
                 if command is not None:
                     return command
             if next_probe is not None and now >= next_probe:
-                next_probe += self.probe_every
                 early = self.probe.evaluate(None)
+                next_probe = next_beat(next_probe, self.probe_every, self.now())
                 if early.get("verdict") == "fail":
                     return early
 
@@ -854,12 +864,12 @@ class Rollout:
                 reason = "paused for longer than pause_timeout (%ss) at step %d (%s), without resume, abort or promote" % (
                     _fmt(self.pause_timeout), index + 1, describe_step(self.steps[index]))
                 return self._fail(base, index, failures, reason, interval, policy="hold")
-            self.sleep(min([next_look, deadline] + ([now + self.tick] if self.tick else [])) - now)
+            self.sleep(max(0.0, min([next_look, deadline] + ([now + self.tick] if self.tick else [])) - now))
             self._check_alive()
             if self.now() < next_look:
                 continue
-            next_look += every
             command = self._look()
+            next_look = next_beat(next_look, every, self.now())
             if command is None:
                 continue
             entry = dict(step=index + 1, weight=self.steps[index]["weight"], weights=self.weights(self.steps[index]["weight"]), started=iso(now))

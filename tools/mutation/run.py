@@ -11,7 +11,7 @@ A mutant is killed when the unit tests fail (or time out) with it, survived when
 listed in tools/mutation/equivalents.yml (no test can tell them from the original; each with the reason)
 are left out of the score: score = killed / (mutants - equivalent).
 
-    python tools/mutation/run.py                       # the three engine files, one after the other
+    python tools/mutation/run.py                       # the four engine files, one after the other
     python tools/mutation/run.py rollout.py            # one file
     python tools/mutation/run.py --survivors-only      # retest only the last run's survivors (quick loop)
     python tools/mutation/run.py --jobs 2 --resume     # two at once; go on after an interruption
@@ -41,7 +41,7 @@ from parso.python.tree import Keyword
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-ENGINE = ("rollout.py", "traffic.py", "canary_checks.py")
+ENGINE = ("rollout.py", "traffic.py", "canary_checks.py", "k8s_client.py")
 ENGINE_DIR = os.path.join("plugins", "module_utils")
 WORK = os.path.join(ROOT, ".build", "mutation")
 EQUIVALENTS = os.path.join(HERE, "equivalents.yml")

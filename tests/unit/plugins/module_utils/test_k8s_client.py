@@ -180,7 +180,7 @@ def test_when_the_retries_are_used_up_the_error_names_each_answer_and_the_option
     assert api.count("GET") == 3 and sleeps == [0.5, 1.0] and err.value.status == 503
     assert str(err.value) == (
         "reading VirtualService shop/payment: HTTP 503 the server is currently unable to handle the request. The API server (or a load"
-        " balancer in front of it) could not serve the request after 3 attempts (HTTP 503, HTTP 503, HTTP 503; api_retries 2,"
+        " balancer in front of it) could not serve the request after 3 attempts (HTTP 503 x3; api_retries 2,"
         " request_timeout 7.5 s); retry later, or raise api_retries (and request_timeout) to wait longer.")
 
 
@@ -416,10 +416,19 @@ def test_a_workload_read_names_the_attempts():
     with pytest.raises(K8sReadError) as err:
         K8sWorkloadReader(api_client).read_deployment("shop", "payment-v2")
     assert str(err.value) == ("reading Deployment shop/payment-v2: Kubernetes API answered 503: the server is currently unable to handle the"
-                              " request after 2 attempts (HTTP 503, HTTP 503; api_retries 1, request_timeout 30 s)")
+                              " request after 2 attempts (HTTP 503 x2; api_retries 1, request_timeout 30 s)")
     api.faults = [refused(), refused()]
     with pytest.raises(K8sReadError, match=r"Kubernetes API unreachable: .*Connection refused after 2 attempts \(NewConnectionError: "):
         K8sWorkloadReader(api_client).read_deployment("shop", "payment-v2")
+
+
+def test_the_note_counts_each_run_of_the_same_failure_once():
+    api = FakeAPI(faults=[503, read_timeout(), read_timeout(), 503, 503])
+    api_client, _pool, _sleeps = client(api, retries=4)
+    with pytest.raises(kc.K8sError) as err:
+        kc.IstioObjects(api_client).get("virtualservices", "shop", "payment")
+    assert ("after 5 attempts (HTTP 503, ReadTimeoutError: None: Read timed out. (read timeout=30) x2, HTTP 503 x2; api_retries 4,"
+            in str(err.value))
 
 
 def test_attempts_note_is_empty_for_one_attempt_or_another_pool():

@@ -13,7 +13,7 @@ import pytest
 from ansible_collections.onprem.mesh.plugins.module_utils import rollout as ro
 from ansible_collections.onprem.mesh.plugins.module_utils.traffic import WeightChange, current_weights
 from ansible_collections.onprem.mesh.tests.unit.plugins.module_utils.fake_istio import FakeIstio
-from ansible_collections.onprem.mesh.tests.unit.plugins.module_utils.test_rollout import Clock, Gate, annotations, objects, state
+from ansible_collections.onprem.mesh.tests.unit.plugins.module_utils.test_rollout import Clock, Gate, Probe, annotations, objects, state
 
 START = 1_700_000_000.0
 
@@ -813,3 +813,68 @@ def test_a_command_for_a_rollout_that_ends_while_it_is_posted_is_not_posted():
     with pytest.raises(ro.RolloutError, match=r"command: the rollout on VirtualService shop/payment ended while the command was being posted"):
         ro.operator_command(change, "promote", wait=False, now=lambda: START)
     assert ro.COMMAND_ANNOTATION not in annotations(store)
+
+
+# -- looks and probes that take longer than their interval (a slow or retried API request, a slow Prometheus) --------
+
+def slow(clock, func, seconds, seen):
+    def call(*args, **kwargs):
+        seen.append(clock.t - START)
+        clock.t += seconds
+        return func(*args, **kwargs)
+    return call
+
+
+def test_a_look_that_outlasts_command_every_skips_the_beats_it_overran():
+    looks = []
+    store, _gate, clock, rollout = make(steps=(5, 10), command_every=5)
+    rollout._look = slow(clock, rollout._look, 7, looks)  # pylint: disable=protected-access
+    result = rollout.run()
+    assert result["result"] == "promoted" and weights(store) == {"v1": 0, "v2": 100}
+    assert min(clock.slept) >= 0
+    # step 1 from 0 s to 30 s: looks at 5 (until 12), 15 (until 22), 25 (until 32, past the step's end); never back to back
+    assert [t for t in looks if t < 30] == [5, 15, 25]
+
+
+def test_a_look_that_outlasts_several_beats_waits_for_the_next_one_ahead():
+    looks = []
+    store, _gate, clock, rollout = make(steps=(5, 10), command_every=5, interval="60s")
+    rollout._look = slow(clock, rollout._look, 11, looks)  # pylint: disable=protected-access
+    assert rollout.run()["result"] == "promoted" and min(clock.slept) >= 0
+    assert [t for t in looks if t < 60] == [5, 20, 35, 50]   # 5 -> 16: beats 10 and 15 overrun, the next is 20
+
+
+def test_a_look_then_a_slow_probe_past_the_next_look_looks_at_once():
+    looks = []
+    clock_box = {}
+    store, _gate, clock, rollout = make(steps=(5, 10), command_every=10)
+    probe = Probe(clock, ["pass"] * 20)
+    rollout.probe, rollout.probe_every = probe, 10
+    probe.evaluate = slow(clock, probe.evaluate, 12, clock_box.setdefault("probes", []))
+    rollout._look = slow(clock, rollout._look, 0, looks)  # pylint: disable=protected-access
+    assert rollout.run()["result"] == "promoted" and min(clock.slept) >= 0
+    # at 10: the look (instant), then the probe until 22; the look due at 20 is made at once (22), the probe's next
+    # beat ahead of 22 is 30, the step's end
+    assert [t for t in looks if t < 30] == [10, 22] and [t for t in clock_box["probes"] if t < 30] == [10]
+    assert 0 in clock.slept
+
+
+def test_a_paused_rollout_whose_looks_outlast_command_every_skips_the_beats_it_overran():
+    store = None
+    looks = []
+
+    def pause():
+        ro.operator_command(WeightChange(store, "shop", "payment", route_name="primary"), "pause", wait=False, now=clock.now)
+
+    store, _gate, clock, rollout = make({12: pause}, command_every=5, pause_timeout=40)
+    rollout._look = slow(clock, rollout._look, 7, looks)  # pylint: disable=protected-access
+    result = rollout.run()
+    assert result["result"] == "held" and min(clock.slept) >= 0
+    # the look at 15 finds the pause (until 22); paused looks on the grid from 22: 27 (until 34), 37, 47, 57 (until 64 > 62)
+    assert [t for t in looks if t > 15] == [27, 37, 47, 57]
+
+
+@pytest.mark.parametrize("scheduled, every, now, beat", [(10, 5, 12, 15), (10, 5, 14.9, 15), (10, 5, 15, 20), (10, 5, 27, 30),
+                                                         (10, 5, 30, 35), (10, 5, 3, 15), (0, 2.5, 9, 10)])
+def test_next_beat(scheduled, every, now, beat):
+    assert ro.next_beat(scheduled, every, now) == beat
