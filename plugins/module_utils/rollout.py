@@ -318,8 +318,8 @@ def next_beat(scheduled, every, now):
     probe that took longer than ``every`` (a slow or retried API request, a slow Prometheus) skips the beats it
     overran instead of making them up back to back."""
     scheduled += every
-    if scheduled <= now:
-        scheduled += (int((now - scheduled) // every) + 1) * every
+    while scheduled <= now:  # every > 0: command_interval and probe_interval are checked before a rollout starts
+        scheduled += every
     return scheduled
 
 

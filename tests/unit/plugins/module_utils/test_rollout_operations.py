@@ -874,6 +874,33 @@ def test_a_paused_rollout_whose_looks_outlast_command_every_skips_the_beats_it_o
     assert [t for t in looks if t > 15] == [27, 37, 47, 57]
 
 
+def test_a_paused_rollout_whose_acknowledgement_outlasts_command_every_looks_at_once():
+    store = None
+    looks = []
+
+    def pause():
+        ro.operator_command(WeightChange(store, "shop", "payment", route_name="primary"), "pause", wait=False, now=clock.now)
+
+    def pause_again():   # posted straight on the object (canary_command says "already paused" and posts nothing)
+        annotations(store)[ro.COMMAND_ANNOTATION] = json.dumps({"command": "pause", "id": "c-2", "by": "bob"})
+
+    store, _gate, clock, rollout = make({12: pause, 21: pause_again}, command_every=5, pause_timeout=40)
+    rollout._look = slow(clock, rollout._look, 0, looks)  # pylint: disable=protected-access
+    patch = store.json_patch
+
+    def slow_patch(*args, **kwargs):   # the API takes 7 s over each write while paused
+        if looks and looks[-1] > 15:
+            clock.t += 7
+        return patch(*args, **kwargs)
+
+    store.json_patch = slow_patch
+    result = rollout.run()
+    assert result["result"] == "held" and min(clock.slept) >= 0
+    # paused at 15; the look at 25 finds the second pause, whose acknowledgement ends at 32: the look due at 30 is made
+    # at once, then the beats ahead
+    assert [t for t in looks if 15 < t < 40] == [20, 25, 32, 35]
+
+
 @pytest.mark.parametrize("scheduled, every, now, beat", [(10, 5, 12, 15), (10, 5, 14.9, 15), (10, 5, 15, 20), (10, 5, 27, 30),
                                                          (10, 5, 30, 35), (10, 5, 3, 15), (0, 2.5, 9, 10)])
 def test_next_beat(scheduled, every, now, beat):
