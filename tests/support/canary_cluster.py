@@ -113,6 +113,19 @@ _HOP_HEADERS = {"connection", "keep-alive", "proxy-connection", "transfer-encodi
                 "content-length"}
 
 
+def kubeconfig_with_server(source, path, server):
+    """A copy of kubeconfig `source` (its user and namespace) at `path` whose clusters all point at `server` (plain
+    HTTP on 127.0.0.1: a relay or proxy in front of kube-apiserver)."""
+    with open(source, encoding="utf-8") as fh:
+        doc = yaml.safe_load(fh)
+    for item in doc["clusters"]:
+        item["cluster"] = {"server": server}
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(doc, fh)
+    os.chmod(path, 0o600)
+    return str(path)
+
+
 class ApiRelay:
     """Plain HTTP on 127.0.0.1 in front of the lab's kube-apiserver (TLS, verified against the lab CA).
 
@@ -152,14 +165,7 @@ class ApiRelay:
 
     def kubeconfig(self, source, path):
         """A copy of kubeconfig `source` (its user and namespace) whose server is this relay."""
-        with open(source, encoding="utf-8") as fh:
-            doc = yaml.safe_load(fh)
-        for item in doc["clusters"]:
-            item["cluster"] = {"server": self.url}
-        with open(path, "w", encoding="utf-8") as fh:
-            yaml.safe_dump(doc, fh)
-        os.chmod(path, 0o600)
-        return str(path)
+        return kubeconfig_with_server(source, path, self.url)
 
     def _due(self, method, path):
         path = path.split("?", 1)[0]

@@ -58,7 +58,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if os.path.join(ROOT, "lab") not in sys.path:
@@ -66,6 +65,7 @@ if os.path.join(ROOT, "lab") not in sys.path:
 
 import procs  # noqa: E402  pylint: disable=wrong-import-position,import-error
 from controlplane import free_port  # noqa: E402  pylint: disable=wrong-import-position,import-error
+from canary_cluster import kubeconfig_with_server  # noqa: E402  pylint: disable=wrong-import-position,import-error
 
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 STAT_PREFIX = "kubeapi"
@@ -221,14 +221,7 @@ class EnvoyFaultProxy:
 
     def kubeconfig(self, source, path):
         """A copy of kubeconfig `source` (its user and namespace) whose server is this proxy."""
-        with open(source, encoding="utf-8") as fh:
-            doc = yaml.safe_load(fh)
-        for item in doc["clusters"]:
-            item["cluster"] = {"server": self.url}
-        with open(path, "w", encoding="utf-8") as fh:
-            yaml.safe_dump(doc, fh)
-        os.chmod(path, 0o600)
-        return str(path)
+        return kubeconfig_with_server(source, path, self.url)
 
     # -- faults -------------------------------------------------------------------------------------------------------
     def runtime(self, **values):
