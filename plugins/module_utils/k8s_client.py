@@ -316,7 +316,7 @@ class RetryingPool:
 
     def _landed(self, url, kwargs):
         try:
-            response = self._send("GET", url, dict(headers=kwargs.get("headers"), timeout=kwargs.get("timeout"), preload_content=False))
+            response = self._send("GET", url, dict(headers=kwargs.get("headers"), timeout=kwargs.get("timeout")))
             if response.status == 200 and patch_landed(json.loads(kwargs.get("body") or "[]"), self._body(response)):
                 return response
         except Exception:  # pylint: disable=broad-except  # no answer: the conflict goes to the caller
@@ -413,8 +413,6 @@ class IstioObjects:
         self.calls[kind] += 1
         try:
             return func(*args, **kwargs)
-        except K8sError:
-            raise
         except Exception as exc:  # ApiException; or connection refused, TLS failure, timeout
             note = attempts_note(self.api_client)
             if isinstance(exc, ApiException) and getattr(exc, "status", None):

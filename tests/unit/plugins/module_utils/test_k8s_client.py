@@ -164,7 +164,8 @@ def test_the_wait_doubles_up_to_four_seconds():
     assert sleeps == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0, 4.0]
 
 
-@pytest.mark.parametrize("value, wait", [("2", 2.0), ("0", 0.0), ("1.5", 1.5), ("60", 10.0), ("Wed, 21 Oct 2026 07:28:00 GMT", 0.5), ("-3", 0.5)])
+@pytest.mark.parametrize("value, wait", [("2", 2.0), ("0", 0.0), ("1.5", 1.5), ("60", 10.0), ("Wed, 21 Oct 2026 07:28:00 GMT", 0.5), ("-3", 0.5),
+                                         ("-0.5", 0.5)])
 def test_retry_after_is_honoured_up_to_ten_seconds(value, wait):
     api = FakeAPI(faults=[("retry-after", 429, value)])
     api_client, _pool, sleeps = client(api)
@@ -360,6 +361,7 @@ OBJ = {"metadata": {"annotations": {"a/b": "1", "x": "y"}}, "spec": {"http": [{"
     ([{"op": "test", "path": "/spec/http/1/weight", "value": 5}], False),
     ([{"op": "move", "from": "/spec/http/0", "path": "/spec/http/1"}], False),
     ([{"op": "replace", "path": "/spec/http/7/weight", "value": None}], False),
+    ([{"op": "replace", "path": "/spec/http/2", "value": None}], False),
     ([{"op": "replace", "path": "/spec/http/x", "value": None}], False),
     ([{"op": "replace", "path": "/metadata/annotations/x/deeper", "value": None}], False),
     ([], False),
@@ -437,3 +439,150 @@ def test_attempts_note_is_empty_for_one_attempt_or_another_pool():
     kc.IstioObjects(api_client).get("virtualservices", "shop", "payment")
     assert kc.attempts_note(api_client) == ""
     assert kc.attempts_note(object()) == ""
+
+
+# -- the rest of the connection: errors, options, IstioObjects -------------------------------------------------------
+
+class Answer(Exception):
+    """An ApiException's shape: status, reason, body."""
+
+    def __init__(self, status, reason=None, body=None):
+        super(Answer, self).__init__("(%s) Reason: %s" % (status, reason))
+        self.status, self.reason, self.body = status, reason, body
+
+
+@pytest.mark.parametrize("status, hint", [
+    (401, " Check the credentials: api_key, client_cert/client_key or the kubeconfig user."),
+    (404, " Check the name and namespace (and that the Istio CRDs are installed)."),
+    (400, ""), (402, ""), (403, " The identity used lacks RBAC permission for this; grant the verbs listed in the collection's README"
+                                " (section RBAC) on this resource."), (405, ""),
+])
+def test_each_refusal_gets_its_hint(status, hint):
+    err = kc.api_error(Answer(status, "Why", json.dumps({"message": "no"})), "reading X")
+    assert str(err) == "reading X: HTTP %d no.%s" % (status, hint) and err.status == status and err.reason == "Why"
+
+
+@pytest.mark.parametrize("verb, resource, rbac", [("patch", "virtualservices", True), ("patch", None, False), (None, "pods", False)])
+def test_a_403_names_verb_and_resource_only_when_both_are_known(verb, resource, rbac):
+    err = kc.api_error(Answer(403, "Forbidden", "{}"), "x", verb=verb, resource=resource, namespace="shop", group="networking.istio.io")
+    expected = "lacks RBAC permission to patch virtualservices.networking.istio.io in namespace shop; grant that verb"
+    assert (expected in str(err)) is rbac and "lacks RBAC permission" in str(err)
+
+
+@pytest.mark.parametrize("body, reason, message", [
+    (json.dumps({"message": "from the server"}), "R", "from the server"),
+    (json.dumps({"kind": "Status"}), "Gone", "Gone"),
+    ("not json", "R", "not json"),
+    (json.dumps(["a", "list"]), "R", "['a', 'list']"),
+    (12, "R", "12"),
+    (None, None, "(500) Reason: None"),
+])
+def test_the_server_message_is_found_whatever_the_body(body, reason, message):
+    assert str(kc.api_error(Answer(500, reason, body), "w")).startswith("w: HTTP 500 %s." % message)
+
+
+def test_a_422_without_causes_is_a_conflict_only_on_a_guarded_patch():
+    body = json.dumps(TEST_FAILED)
+    assert not kc.api_error(Answer(422, "Invalid", body), "w").is_conflict
+    assert kc.api_error(Answer(422, "Invalid", body), "w", guarded=True).is_conflict
+    assert not kc.K8sError("m", status=422, body=TEST_FAILED).is_conflict and kc.K8sError("m", status=409).is_conflict
+    api = FakeAPI()
+    api.answer = lambda method, path, body: response(422, TEST_FAILED)
+    api_client, _pool, _sleeps = client(api)
+    with pytest.raises(kc.K8sError) as err:   # no test op: a refused patch of another kind, not a conflict
+        kc.IstioObjects(api_client).json_patch("virtualservices", "shop", "payment", GUARDED[1:])
+    assert not err.value.guarded and not err.value.is_conflict
+
+
+def test_a_conflict_409_after_a_lost_answer_is_read_for_landing():
+    api = FakeAPI(faults=[("lost", read_timeout()), 409])
+    api_client, _pool, _sleeps = client(api)
+    vs = kc.IstioObjects(api_client).json_patch("virtualservices", "shop", "payment", GUARDED)
+    assert weights(vs) == {"v1": 90, "v2": 10} and api.count("GET") == 1
+
+
+def test_a_conflict_whose_body_is_not_json_is_read_for_landing():
+    api = FakeAPI(faults=[("lost", read_timeout())])
+    api_client, _pool, _sleeps = client(api)
+    answer = api.answer
+    api.answer = lambda method, path, body: (response(422, text="<html>proxy</html>") if method == "PATCH" and api.applied
+                                             else answer(method, path, body))
+    vs = kc.IstioObjects(api_client).json_patch("virtualservices", "shop", "payment", GUARDED)
+    assert weights(vs) == {"v1": 90, "v2": 10} and api.count("GET") == 1
+
+
+def test_each_retry_is_recorded_with_its_own_failure():
+    api = FakeAPI(faults=[503, ("retry-after", 429, "0")])
+    api_client, pool, _sleeps = client(api)
+    kc.IstioObjects(api_client).get("virtualservices", "shop", "payment")
+    url = "https://127.0.0.1:6443" + VS_PATH
+    assert pool.retried == [("GET", url, "HTTP 503"), ("GET", url, "HTTP 429")]
+
+
+def test_a_fresh_pool_and_its_defaults():
+    api = FakeAPI(faults=[503])
+    pool = kc.RetryingPool(api)
+    assert pool.last == dict(attempts=0, failures=[]) and pool.sleep is kc.time.sleep and (pool.timeout, pool.retries) == (30.0, 5)
+    pool.sleep = [].append
+    assert pool.request("GET", "https://127.0.0.1:6443" + VS_PATH).status == 200   # no headers given: none sent
+    assert api.requests[0]["headers"] == {} and api.requests[0]["timeout"] == 30.0
+
+
+def test_istio_objects_count_their_calls_and_name_the_kind():
+    api = FakeAPI()
+    api_client, _pool, _sleeps = client(api)
+    store = kc.IstioObjects(api_client)
+    assert store.calls == {"read": 0, "write": 0}
+    store.get("virtualservices", "shop", "payment")
+    store.list("destinationrules", "shop")
+    store.json_patch("virtualservices", "shop", "payment", GUARDED)
+    assert store.calls == {"read": 2, "write": 1}
+    for plural, kind in (("destinationrules", "DestinationRule"), ("gateways", "gateways"), ("virtualservices", "VirtualService")):
+        with pytest.raises(kc.K8sError, match=r"^reading %s shop/other: HTTP 404 " % kind):
+            store.get(plural, "shop", "other")
+
+
+@pytest.mark.parametrize("status, exists", [(200, True), (404, False), (403, None), (503, None)])
+def test_namespace_exists(status, exists):
+    api = FakeAPI(faults=[status] if status != 200 else [])
+    api.answer = lambda method, path, body: response(200, {"kind": "Namespace"}) if path == "/api/v1/namespaces/shop" else None
+    api_client, _pool, _sleeps = client(api, retries=0)
+    assert kc.IstioObjects(api_client).namespace_exists("shop") is exists
+
+
+def test_without_the_kubernetes_library_the_error_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(kc, "HAS_K8S", False)
+    with pytest.raises(kc.K8sError, match=r"^the kubernetes Python library is required \(pip install kubernetes\)$"):
+        kc.build_api_client(dict(host="https://127.0.0.1:6443"))
+
+
+def test_with_host_tls_is_verified_unless_told_otherwise():
+    assert kc.build_api_client(dict(host="https://127.0.0.1:6443")).configuration.verify_ssl is True
+    assert kc.build_api_client(dict(host="https://127.0.0.1:6443", validate_certs=False)).configuration.verify_ssl is False
+
+
+KUBECONFIG = {"apiVersion": "v1", "kind": "Config", "current-context": "c",
+              "clusters": [{"name": "k", "cluster": {"server": "https://10.1.2.3:6443", "insecure-skip-tls-verify": True}}],
+              "users": [{"name": "u", "user": {"token": "abc"}}], "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}]}
+
+
+def test_a_kubeconfig_as_a_dictionary_or_a_file(tmp_path):
+    assert kc.build_api_client(dict(kubeconfig=KUBECONFIG)).configuration.host == "https://10.1.2.3:6443"
+    path = tmp_path / "config"
+    path.write_text(json.dumps(KUBECONFIG))
+    assert kc.build_api_client(dict(kubeconfig=str(path))).configuration.host == "https://10.1.2.3:6443"
+
+
+def test_a_kubeconfig_that_cannot_be_loaded_is_named(tmp_path, monkeypatch):
+    with pytest.raises(kc.K8sError, match=r"^could not load the kubeconfig %s: .*Set kubeconfig \(or K8S_AUTH_KUBECONFIG\), or host and api_key\.$"
+                       % (tmp_path / "missing")):
+        kc.build_api_client(dict(kubeconfig=str(tmp_path / "missing")))
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(kc.K8sError, match=r"^could not load the kubeconfig \(default\): "):
+        kc.build_api_client({})
+
+
+def test_the_token_is_never_logged():
+    assert kc.K8S_AUTH_ARGSPEC["api_key"]["no_log"] is True
+    assert kc.K8S_AUTH_ARGSPEC["client_key"]["no_log"] is False   # a path, not the key: said so, or Ansible warns about it
