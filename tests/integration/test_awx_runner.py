@@ -206,6 +206,10 @@ BAD_ANSWERS = [
     pytest.param({"canary_min_success_rate": 150}, "canary_min_success_rate", id="success-rate-over-100"),
     pytest.param({"canary_on_failure": "retry"}, "canary_on_failure", id="on-failure-not-a-choice"),
     pytest.param({"canary_wait_for_mesh": "maybe"}, "canary_wait_for_mesh", id="wait-for-mesh-not-bool"),
+    pytest.param({"canary_api_retries": -1}, "canary_api_retries", id="api-retries-negative"),
+    pytest.param({"canary_api_retries": "many"}, "canary_api_retries", id="api-retries-not-int"),
+    pytest.param({"canary_request_timeout": 0}, "canary_request_timeout", id="request-timeout-zero"),
+    pytest.param({"canary_request_timeout": "slow"}, "canary_request_timeout", id="request-timeout-not-float"),
 ]
 
 
